@@ -1,0 +1,21 @@
+# Two commands do all setup from a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## extract SRT features of the bundled photos on a local Ray instance (CPU)
+	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr
+
+test: $(STAMP)  ## the whole test suite (CI runs exactly this)
+	$(PYTHON) -m pytest
+
+bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.md
+	$(PYTHON) -m bench.bench_srt

@@ -1,0 +1,77 @@
+"""Shared bench plumbing: median timing, peak-memory probes, and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def median_seconds(run: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `run` after `warmup` untimed calls; CUDA is synchronized around each call."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        run()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_rss_delta_mb(run: Callable[[], object]) -> float:
+    """Peak resident memory that `run` adds, in MB (Linux: resets VmHWM through /proc/self/clear_refs).
+
+    Call it in a fresh process per variant: freed memory the allocator keeps would blur a second probe.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    run()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def _status_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    assert match, f"{field} not in /proc/self/status"
+    return int(match.group(1))
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{device}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def write_section(name: str, title: str, body: str) -> None:
+    """Replace (or append) the section `name` of RESULTS.md, stamped with the command that made it."""
+    script = Path(sys.argv[0]).resolve().relative_to(RESULTS.parent.parent).with_suffix("")
+    command = " ".join(["python -m", ".".join(script.parts), *sys.argv[1:]])
+    block = (
+        f"<!-- bench:{name} -->\n## {title}\n\nReproduce: `{command}`  \nMachine: {machine()}\n\n"
+        f"{body.strip()}\n<!-- /bench:{name} -->"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the bench that produced it.\n"
+    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+    print(block)
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,333 @@
+"""Stochastic Resonance Transformer features: sub-token shift ensembles, aggregated exactly.
+
+Pure torch: no Ray, no I/O. See shared SRT.md for the method. Conventions:
+
+- A shift d = (dy, dx) moves content by +d: view_d[u] = image[u - d]; |dy|, |dx| < patch.
+- Pixel u of the original lies in token floor((u + d) / p) of view d. Mapping a view's token
+  grid back to the original, and average-pooling to output stride s, is per axis the matrix
+  W_d[i, t] = (1/s) * #{u in cell i : floor((u + d) / p) = t}, so one view contributes
+  W_dy @ G_d @ W_dx^T, and the full-resolution field is never built (unless s = 1).
+- Boundaries: "reflect" fills the strip a shift uncovers by reflection and divides each
+  output cell by the weight it received (count-normalized); "zeros" fills with 0 and divides
+  by the number of views (the reference code's behaviour).
+
+Everything is a sum over views until `finalize`, so a shift set can be cut into parts,
+computed anywhere (`SRT.partial`), and added back in a fixed order (`combine`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pipeline.models import ViT
+
+Shift = tuple[int, int]
+Boundary = Literal["reflect", "zeros"]
+BOUNDARIES: tuple[Boundary, ...] = ("reflect", "zeros")
+DEFAULT_GRID_RADIUS = 2
+DEFAULT_BATCH_SIZE = 16
+
+# A tokenizer maps a batch of views [N, 3, H, W] to {key: (grid [N, C, h, w], prefix [N, P, C])}.
+Tokenizer = Callable[[torch.Tensor], Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]]]
+
+
+# ---------------------------------------------------------------------------- shift sets
+
+
+def grid_shifts(n: int) -> list[Shift]:
+    """The (2n+1)^2 shifts {-n..n}^2, row-major."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"grid radius must be a non-negative int, got {n!r}")
+    return [(dy, dx) for dy in range(-n, n + 1) for dx in range(-n, n + 1)]
+
+
+def random_shifts(k: int, patch: int, seed: int = 0) -> list[Shift]:
+    """k distinct shifts drawn uniformly (seeded) from the sub-token lattice {-(p-1)..p-1}^2."""
+    side = 2 * patch - 1
+    if not isinstance(k, int) or not 1 <= k <= side * side:
+        raise ValueError(f"random shift count must be in 1..{side * side} for patch size {patch}, got {k!r}")
+    picks = np.random.default_rng(seed).choice(side * side, size=k, replace=False)
+    return [(int(i) // side - (patch - 1), int(i) % side - (patch - 1)) for i in picks]
+
+
+def validate_shifts(shifts: Iterable[Sequence[int]], patch: int) -> tuple[Shift, ...]:
+    """Shifts as int pairs, each sub-token (|dy|, |dx| < patch); duplicates are kept on purpose."""
+    checked = []
+    for shift in shifts:
+        if len(shift) != 2 or not all(isinstance(v, (int, np.integer)) for v in shift):
+            raise ValueError(f"a shift is a pair of ints (dy, dx), got {shift!r}")
+        dy, dx = int(shift[0]), int(shift[1])
+        if abs(dy) >= patch or abs(dx) >= patch:
+            raise ValueError(
+                f"shift {(dy, dx)} is not sub-token: |dy| and |dx| must be < the patch size {patch} "
+                f"(grid radius at most {patch - 1})"
+            )
+        checked.append((dy, dx))
+    if not checked:
+        raise ValueError("the shift set is empty: give at least one shift, e.g. [(0, 0)]")
+    return tuple(checked)
+
+
+def split_shifts(shifts: Sequence[Shift], parts: int) -> list[tuple[Shift, ...]]:
+    """Cut a shift set into `parts` contiguous, non-empty, near-equal batches (order kept)."""
+    if not 1 <= parts <= len(shifts):
+        raise ValueError(f"cannot split {len(shifts)} shifts into {parts} batches")
+    bounds = np.linspace(0, len(shifts), parts + 1).round().astype(int)
+    return [tuple(shifts[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def validate_stride(stride: int, patch: int) -> int:
+    if not isinstance(stride, int) or stride < 1 or patch % stride:
+        divisors = [s for s in range(1, patch + 1) if patch % s == 0]
+        raise ValueError(f"stride {stride!r} must divide the patch size {patch}: use one of {divisors}")
+    return stride
+
+
+def validate_boundary(boundary: str) -> Boundary:
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+    return boundary  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- the math
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_weights_cpu(length: int, patch: int, stride: int, shift: int) -> torch.Tensor:
+    pixel = torch.arange(length)
+    token = torch.div(pixel + shift, patch, rounding_mode="floor")
+    tokens = length // patch
+    covered = (token >= 0) & (token < tokens)
+    weights = torch.zeros(length, tokens)
+    weights[pixel[covered], token[covered]] = 1.0
+    return weights.reshape(length // stride, stride, tokens).mean(dim=1)
+
+
+def axis_weights(length: int, patch: int, stride: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
+    """W_d along one axis: [length/stride, length/patch], entry = share of cell i that token t covers."""
+    return _axis_weights_cpu(length, patch, stride, shift).to(device)
+
+
+def translate(padded: torch.Tensor, pad: int, shift: Shift, size: tuple[int, int]) -> torch.Tensor:
+    """View T_d x cut from an image padded by `pad` on every side: view[u] = image[u - d]."""
+    dy, dx = shift
+    height, width = size
+    return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+
+
+def pad_for_shifts(images: torch.Tensor, shifts: Sequence[Shift], boundary: Boundary) -> tuple[torch.Tensor, int]:
+    """Pad once so every view is a slice; reflect, or 0 (the mean colour in normalized space)."""
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in shifts)
+    mode = "reflect" if boundary == "reflect" else "constant"
+    return (F.pad(images, (pad,) * 4, mode=mode) if pad else images), pad
+
+
+def add_aligned(
+    out: torch.Tensor, grids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, owners: Sequence[int]
+) -> None:
+    """out[b] += sum over views n of image b of rows[n] @ grids[n] @ cols[n]^T, in fp32.
+
+    grids [N, C, h, w]; rows [N, Ho, h]; cols [N, Wo, w]; owners[n] = image of view n.
+    The second product runs once per image over all its views stacked along w, so the sum over
+    views happens inside one matmul and per-view [C, Ho, Wo] maps are never kept.
+    """
+    channels, width = grids.shape[1], grids.shape[3]
+    left = torch.matmul(rows.unsqueeze(1), grids.float())  # [N, C, Ho, w]
+    start = 0
+    for owner, group in itertools.groupby(owners):
+        count = len(list(group))
+        part = left[start : start + count].permute(1, 2, 0, 3).reshape(channels, -1, count * width)
+        right = cols[start : start + count].transpose(1, 2).reshape(count * width, -1)
+        out[owner] += part @ right
+        start += count
+
+
+# ---------------------------------------------------------------------------- sums and results
+
+
+@dataclass
+class PartialSum:
+    """Unnormalized SRT over some views: sums that add up exactly across any partition of a shift set."""
+
+    dense: dict[Hashable, torch.Tensor]  # [B, C, Ho, Wo] fp32, sum over views of the aligned maps
+    prefix: dict[Hashable, torch.Tensor]  # [B, P, C] fp32, sum over views
+    coverage: torch.Tensor  # [Ho, Wo] fp32, sum over views of the weight each cell received
+    n_views: int
+
+    def __add__(self, other: PartialSum) -> PartialSum:
+        if self.dense.keys() != other.dense.keys() or self.coverage.shape != other.coverage.shape:
+            raise ValueError("partial sums of different taps or image sizes cannot be combined")
+        return PartialSum(
+            dense={k: v + other.dense[k].to(v.device) for k, v in self.dense.items()},
+            prefix={k: v + other.prefix[k].to(v.device) for k, v in self.prefix.items()},
+            coverage=self.coverage + other.coverage.to(self.coverage.device),
+            n_views=self.n_views + other.n_views,
+        )
+
+    def to(self, device: str | torch.device) -> PartialSum:
+        return PartialSum(
+            dense={k: v.to(device) for k, v in self.dense.items()},
+            prefix={k: v.to(device) for k, v in self.prefix.items()},
+            coverage=self.coverage.to(device),
+            n_views=self.n_views,
+        )
+
+
+def combine(parts: Sequence[PartialSum]) -> PartialSum:
+    """Add partial sums in the given order (a fixed order keeps results bit-reproducible)."""
+    if not parts:
+        raise ValueError("nothing to combine")
+    return functools.reduce(PartialSum.__add__, parts)
+
+
+@dataclass
+class SRTOutput:
+    """Per tap: the dense SRT map, the prefix tokens averaged over views, and a pooled descriptor."""
+
+    dense: dict[Hashable, torch.Tensor]  # [B, C, H/s, W/s]
+    prefix: dict[Hashable, torch.Tensor]  # [B, P, C]
+    pooled: dict[Hashable, torch.Tensor]  # [B, C], mean of the dense map
+    n_views: int
+
+
+def finalize(partial: PartialSum, boundary: Boundary) -> SRTOutput:
+    """Normalize sums into means: by received weight ("reflect") or by view count ("zeros").
+
+    With "reflect", a cell that no view covers (possible only for lopsided shift sets) is 0.
+    """
+    if boundary == "reflect":
+        coverage = partial.coverage
+        scale = torch.where(coverage > 0, 1.0 / coverage.clamp_min(1e-12), torch.zeros_like(coverage))
+    else:
+        scale = torch.full_like(partial.coverage, 1.0 / partial.n_views)
+    dense = {k: v * scale for k, v in partial.dense.items()}
+    return SRTOutput(
+        dense=dense,
+        prefix={k: v / partial.n_views for k, v in partial.prefix.items()},
+        pooled={k: v.mean(dim=(2, 3)) for k, v in dense.items()},
+        n_views=partial.n_views,
+    )
+
+
+def shift_ensemble(
+    images: torch.Tensor,
+    tokenize: Tokenizer,
+    shifts: Sequence[Shift],
+    *,
+    patch: int,
+    stride: int,
+    boundary: Boundary,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> PartialSum:
+    """Sum the aligned token grids of every (image, shift) view, `batch_size` views per forward.
+
+    Views are ordered image-major, so a micro-batch holds few images and memory is bounded by
+    batch_size views whatever the number of shifts.
+    """
+    batch, _, height, width = images.shape
+    out_h, out_w = height // stride, width // stride
+    padded, pad = pad_for_shifts(images, shifts, boundary)
+    device = images.device
+    row_weights = {dy: axis_weights(height, patch, stride, dy, device) for dy in {s[0] for s in shifts}}
+    col_weights = {dx: axis_weights(width, patch, stride, dx, device) for dx in {s[1] for s in shifts}}
+    coverage = sum(torch.outer(row_weights[dy].sum(1), col_weights[dx].sum(1)) for dy, dx in shifts)
+
+    dense: dict[Hashable, torch.Tensor] = {}
+    prefix: dict[Hashable, torch.Tensor] = {}
+    views = [(b, shift) for b in range(batch) for shift in shifts]
+    for start in range(0, len(views), batch_size):
+        chunk = views[start : start + batch_size]
+        stacked = torch.stack([translate(padded[b], pad, shift, (height, width)) for b, shift in chunk])
+        owners = [b for b, _ in chunk]
+        rows = torch.stack([row_weights[shift[0]] for _, shift in chunk])
+        cols = torch.stack([col_weights[shift[1]] for _, shift in chunk])
+        for key, (grid, tokens) in tokenize(stacked).items():
+            if key not in dense:
+                dense[key] = grid.new_zeros(batch, grid.shape[1], out_h, out_w, dtype=torch.float32)
+                prefix[key] = tokens.new_zeros(batch, *tokens.shape[1:], dtype=torch.float32)
+            add_aligned(dense[key], grid, rows, cols, owners)
+            prefix[key].index_add_(0, torch.tensor(owners, device=tokens.device), tokens.float())
+    return PartialSum(dense=dense, prefix=prefix, coverage=coverage, n_views=len(shifts))
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+class SRT:
+    """SRT features of a frozen ViT: `SRT(vit, layers=(-1,), shifts=grid_shifts(2), stride=4)(images)`.
+
+    Calling it on normalized images [B, 3, H, W] returns {requested layer: [B, C, H/s, W/s]}.
+    `run` gives every output (dense, prefix, pooled, for block outputs and attention keys);
+    `partial` and `finalize` split the work over shift subsets.
+    """
+
+    def __init__(
+        self,
+        vit: ViT,
+        *,
+        layers: Sequence[int] = (-1,),
+        keys: Sequence[int] = (),
+        shifts: Sequence[Sequence[int]] | None = None,
+        stride: int | None = None,
+        boundary: str = "reflect",
+        norm: bool = True,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        self.vit = vit
+        self.patch = vit.patch_size
+        self.layers = tuple(layers)
+        self.taps = vit.taps(self.layers, keys)
+        self.shifts = validate_shifts(grid_shifts(DEFAULT_GRID_RADIUS) if shifts is None else shifts, self.patch)
+        self.stride = validate_stride(self.patch if stride is None else stride, self.patch)
+        self.boundary = validate_boundary(boundary)
+        self.norm = norm
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size (views per forward pass) must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
+
+    def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        dense = self.run(images).dense
+        return {layer: dense[self.vit.taps([layer])[0]] for layer in self.layers}
+
+    def run(self, images: torch.Tensor) -> SRTOutput:
+        return self.finalize(self.partial(images))
+
+    def finalize(self, partial: PartialSum) -> SRTOutput:
+        return finalize(partial, self.boundary)
+
+    @torch.no_grad()
+    def partial(self, images: torch.Tensor, shifts: Sequence[Sequence[int]] | None = None) -> PartialSum:
+        """Sums over `shifts` (default: the whole set); add parts with `combine`, then `finalize`."""
+        self.vit.check_input(images)
+        subset = self.shifts if shifts is None else validate_shifts(shifts, self.patch)
+        images = images.to(device=self.vit.device, dtype=self.vit.dtype)
+        return shift_ensemble(
+            images,
+            self._tokenize,
+            subset,
+            patch=self.patch,
+            stride=self.stride,
+            boundary=self.boundary,
+            batch_size=self.batch_size,
+        )
+
+    def _tokenize(self, views: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
+        context = (
+            torch.autocast(device_type=views.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        )
+        with context:
+            return self.vit.forward_taps(views, self.taps, norm=self.norm)

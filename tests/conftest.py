@@ -1,0 +1,46 @@
+"""Shared fixtures: seeded random-init timm ViTs (no downloads), real sample photos."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.models import ViT, load_vit
+
+SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+# One model per family the engine must handle: CLS-only p16, registers + p14, p8.
+MODEL_NAMES = ("vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2", "vit_small_patch8_224")
+
+
+@functools.cache
+def cached_vit(name: str, seed: int = 0) -> ViT:
+    """Random init is deterministic per seed, so one instance per (name, seed) serves every test."""
+    return load_vit(name, seed=seed, device="cpu")
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def any_vit(request: pytest.FixtureRequest) -> ViT:
+    return cached_vit(request.param)
+
+
+@pytest.fixture
+def tiny_vit() -> ViT:
+    return cached_vit("vit_tiny_patch16_224")
+
+
+def random_images(vit: ViT, rows: int, cols: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Normalized-looking images whose sides are `rows` x `cols` patches."""
+    generator = torch.Generator().manual_seed(seed)
+    p = vit.patch_size
+    return torch.randn(batch, 3, rows * p, cols * p, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def sample_paths() -> list[Path]:
+    paths = sorted(SAMPLES.glob("*.jpg"))
+    assert len(paths) >= 4, f"sample photos missing under {SAMPLES}"
+    return paths
