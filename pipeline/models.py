@@ -49,6 +49,40 @@ class TokenMap(NamedTuple):
     prefix: torch.Tensor  # [B, P, C], P = 0 for models without prefix tokens
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the pipeline needs to know about a model before (or without) loading weights."""
+
+    name: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_prefix_tokens: int  # CLS + registers
+    num_registers: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, name: str, model: VisionTransformer) -> ModelFacts:
+        cfg = model.pretrained_cfg
+        return cls(
+            name=name,
+            patch_size=int(model.patch_embed.patch_size[0]),
+            embed_dim=int(model.embed_dim),
+            depth=len(model.blocks),
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            num_registers=int(getattr(model, "num_reg_tokens", 0)),
+            mean=tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)),
+            std=tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)),
+        )
+
+
+def describe_model(name: str) -> ModelFacts:
+    """Facts of timm model `name` without allocating or loading weights (built on the meta device)."""
+    with torch.device("meta"):
+        return ModelFacts.of(name, _create(name, pretrained=False, seed=0))
+
+
 @dataclass
 class ViT:
     """A frozen timm ViT with the facts the SRT engine needs about it."""
@@ -57,29 +91,32 @@ class ViT:
     name: str
     weights_id: str  # provenance: where the weights came from, content hash where there is one
 
+    def __post_init__(self) -> None:
+        self.facts = ModelFacts.of(self.name, self.model)
+
     @property
     def patch_size(self) -> int:
-        return int(self.model.patch_embed.patch_size[0])
+        return self.facts.patch_size
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.embed_dim)
+        return self.facts.embed_dim
 
     @property
     def depth(self) -> int:
-        return len(self.model.blocks)
+        return self.facts.depth
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
+        return self.facts.num_prefix_tokens
 
     @property
     def mean(self) -> tuple[float, float, float]:
-        return tuple(self.model.pretrained_cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
+        return self.facts.mean
 
     @property
     def std(self) -> tuple[float, float, float]:
-        return tuple(self.model.pretrained_cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
+        return self.facts.std
 
     @property
     def device(self) -> torch.device:
@@ -216,13 +253,36 @@ def load_vit(
     if weights:
         raw = _read_bytes(weights, storage_options)
         _load_state_dict(model, name, _parse_checkpoint(raw, weights))
-        weights_id = f"sha256:{hashlib.sha256(raw).hexdigest()}"
-    elif pretrained:
-        weights_id = f"timm:{model.pretrained_cfg.get('hf_hub_id') or model.pretrained_cfg.get('url') or name}"
+        identity = f"sha256:{hashlib.sha256(raw).hexdigest()}"
     else:
-        weights_id = f"random:seed={seed}"
+        identity = weights_id(name, pretrained=pretrained, seed=seed)
     model.eval().requires_grad_(False)
-    return ViT(model=model, name=name, weights_id=weights_id).to(device or default_device())
+    return ViT(model=model, name=name, weights_id=identity).to(device or default_device())
+
+
+def weights_id(
+    name: str,
+    *,
+    pretrained: bool = False,
+    weights: str | None = None,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """The provenance string `load_vit` records, computed without building the model.
+
+    A weights file is identified by the SHA-256 of its bytes (streamed), so a changed file at the
+    same URI is noticed; timm weights by their hub tag; random init by its seed.
+    """
+    if weights:
+        digest = hashlib.sha256()
+        with fsspec.open(weights, "rb", **(storage_options or {})) as handle:
+            while block := handle.read(1 << 24):
+                digest.update(block)
+        return f"sha256:{digest.hexdigest()}"
+    if pretrained:
+        cfg = timm.models.get_pretrained_cfg(name)
+        return f"timm:{cfg.architecture}.{cfg.tag}" if cfg else f"timm:{name}"
+    return f"random:seed={seed}"
 
 
 def _create(name: str, *, pretrained: bool, seed: int) -> VisionTransformer:

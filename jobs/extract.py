@@ -1,0 +1,46 @@
+"""Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
+
+    python jobs/extract.py --dataset data/samples --out out/samples.zarr --local
+    python jobs/extract.py --dataset s3://bucket/images --out s3://bucket/feats.zarr --pretrained
+
+A rerun against the same --out resumes: only shards without a manifest part are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or `ray job submit --working-dir .`
+
+from pipeline.config import ConfigError, add_arguments, from_args  # noqa: E402
+from pipeline.runner import run_local  # noqa: E402
+from pipeline.sources import SourceError  # noqa: E402
+from pipeline.store import StoreMismatchError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = from_args(args)
+    try:
+        summary = run_local(config)
+    except (ConfigError, SourceError, StoreMismatchError) as error:
+        parser.error(str(error))
+    print(summary.render())
+    print(f"features    {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The one typed job config: it generates the CLI, is validated before any work, and is stored.
+
+Every field is a flag (`layers` -> `--layers`) with the same default everywhere. `resolve`
+checks the flags against the model's facts (patch size, depth) without loading weights and
+returns a `ResolvedConfig`: what the stored provenance and the resume fingerprint are made of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import __version__
+from pipeline.models import ModelFacts, describe_model, weights_id
+from pipeline.srt import (
+    BOUNDARIES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GRID_RADIUS,
+    Shift,
+    grid_shifts,
+    random_shifts,
+    validate_shifts,
+    validate_stride,
+)
+from schemas import STORE_FORMAT_VERSION
+
+RESIZE_POLICIES = ("square", "aspect")
+STORE_DTYPES = ("float16", "float32")
+CODECS = ("zstd", "blosc", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A bad flag: the message starts with the flag's name."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def _flag(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str = field(default="", metadata=_flag("dataset URI: directory, glob, file list (.txt/.csv/.parquet), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://)", required=True))
+    out: str = field(default="", metadata=_flag("output Zarr store URI (resumed if it exists)", required=True))
+    model: str = field(default="vit_small_patch16_224.dino", metadata=_flag("timm ViT name"))
+    pretrained: bool = field(default=False, metadata=_flag("load timm's pretrained weights (needs the model hub)"))
+    weights: str | None = field(default=None, metadata=_flag("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)"))
+    seed: int = field(default=0, metadata=_flag("seed for random-init weights (neither --pretrained nor --weights)"))
+    layers: tuple[int, ...] = field(default=(-1,), metadata=_flag("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
+    radius: int | None = field(default=None, metadata=_flag(f"shift grid {{-n..n}}^2 (default {DEFAULT_GRID_RADIUS} when no other shift flag is given)"))
+    shifts: tuple[Shift, ...] | None = field(default=None, metadata=_flag("explicit shifts 'dy,dx;dy,dx;...' (duplicates allowed)", parse="shifts"))
+    random_shifts: int | None = field(default=None, metadata=_flag("K distinct random sub-token shifts (seeded by --shift-seed)"))
+    shift_seed: int = field(default=0, metadata=_flag("seed of --random-shifts"))
+    stride: int | None = field(default=None, metadata=_flag("output stride in pixels; must divide the patch size (default: half the patch size, or the patch size if odd)"))
+    boundary: str = field(default="reflect", metadata=_flag("fill of the strip a shift uncovers", choices=BOUNDARIES))
+    norm: bool = field(default=True, metadata=_flag("apply the model's final norm to every tap (--no-norm to skip)"))
+    image_size: int = field(default=224, metadata=_flag("model input: square side, or shorter side with --resize aspect; a multiple of the patch size"))
+    resize: str = field(default="square", metadata=_flag("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size", choices=RESIZE_POLICIES))
+    dtype: str = field(default="float16", metadata=_flag("stored feature dtype", choices=STORE_DTYPES))
+    codec: str = field(default="zstd", metadata=_flag("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
+    precision: str = field(default="fp32", metadata=_flag("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=_flag("views per forward pass (bounds accelerator memory)"))
+    shard_size: int = field(default=32, metadata=_flag("images per work shard = per Zarr shard = per manifest part"))
+    max_pixels: int = field(default=89_478_485, metadata=_flag("decompression-bomb limit: images with more pixels become error rows"))
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata=_flag("JSON of fsspec storage options (endpoint, credentials); never logged or stored", parse="json"))
+    overwrite: bool = field(default=False, metadata=_flag("delete an existing output instead of resuming it"))
+
+    @property
+    def flags(self) -> dict[str, str]:
+        return {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated config with everything made explicit: layers resolved, shifts listed, stride set."""
+
+    config: ExtractConfig
+    facts: ModelFacts
+    layers: tuple[int, ...]
+    shifts: tuple[Shift, ...]
+    stride: int
+    weights_id: str
+
+    def provenance(self) -> dict[str, Any]:
+        """What is stored in the group attributes: the fingerprint plus the package version."""
+        return {**self.fingerprint(), "package_version": __version__}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that decides the stored values and layout; a resumed run must match it.
+
+        Storage options are never part of it (credentials), nor is the batch size (speed only).
+        """
+        c = self.config
+        return {
+            "model": c.model,
+            "weights": self.weights_id,
+            "layers": list(self.layers),
+            "shifts": [list(s) for s in self.shifts],
+            "stride": self.stride,
+            "boundary": c.boundary,
+            "norm": c.norm,
+            "image_size": c.image_size,
+            "resize": c.resize,
+            "dtype": c.dtype,
+            "codec": c.codec,
+            "precision": c.precision,
+            "shard_size": c.shard_size,
+            "max_pixels": c.max_pixels,
+            "dataset": c.dataset,
+            "patch_size": self.facts.patch_size,
+            "embed_dim": self.facts.embed_dim,
+            "num_prefix_tokens": self.facts.num_prefix_tokens,
+            "num_registers": self.facts.num_registers,
+            "mean": list(self.facts.mean),
+            "std": list(self.facts.std),
+            "store_format": STORE_FORMAT_VERSION,
+        }
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints, e.g. "stride: stored 8, requested 4"."""
+    keys = sorted(stored.keys() | wanted.keys())
+    return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
+
+
+def default_stride(patch: int) -> int:
+    return patch // 2 if patch % 2 == 0 else patch
+
+
+def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedConfig:
+    """Validate every flag (naming it on error) and make the config explicit. Loads no weights."""
+    f = config.flags
+    for name in ("dataset", "out", "model"):
+        if not getattr(config, name):
+            raise ConfigError(f[name], "is required")
+    if config.pretrained and config.weights:
+        raise ConfigError(f["weights"], "give either --pretrained or --weights, not both")
+    for name in ("batch_size", "shard_size", "image_size", "max_pixels"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f[name], f"must be a positive integer, got {getattr(config, name)}")
+    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f[name], f"must be one of {allowed}, got {getattr(config, name)!r}")
+    if facts is None:
+        try:
+            facts = describe_model(config.model)
+        except ValueError as error:
+            raise ConfigError(f["model"], str(error)) from error
+    patch = facts.patch_size
+    if config.image_size % patch:
+        raise ConfigError(f["image_size"], f"{config.image_size} is not a multiple of the patch size {patch} of {config.model}")
+    layers = []
+    for layer in config.layers:
+        if not -facts.depth <= layer < facts.depth:
+            raise ConfigError(f["layers"], f"{layer} is out of range for {config.model}, which has {facts.depth} blocks")
+        layers.append(layer % facts.depth)
+    if not layers:
+        raise ConfigError(f["layers"], "give at least one block index")
+    shifts = _resolve_shifts(config, patch)
+    stride = default_stride(patch) if config.stride is None else config.stride
+    try:
+        validate_stride(stride, patch)
+    except ValueError as error:
+        raise ConfigError(f["stride"], str(error)) from error
+    try:
+        identity = weights_id(config.model, pretrained=config.pretrained, weights=config.weights, seed=config.seed, storage_options=config.storage_options)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f["weights"], f"cannot read {config.weights}: {error}") from error
+    return ResolvedConfig(config=config, facts=facts, layers=tuple(sorted(set(layers))), shifts=shifts, stride=stride, weights_id=identity)
+
+
+def _resolve_shifts(config: ExtractConfig, patch: int) -> tuple[Shift, ...]:
+    f = config.flags
+    given = [name for name in ("radius", "shifts", "random_shifts") if getattr(config, name) is not None]
+    if len(given) > 1:
+        raise ConfigError(f[given[1]], f"give only one of --radius, --shifts, --random-shifts (also got {f[given[0]]})")
+    name = given[0] if given else "radius"
+    try:
+        if name == "shifts":
+            return validate_shifts(config.shifts, patch)
+        if name == "random_shifts":
+            return tuple(random_shifts(config.random_shifts, patch, config.shift_seed))
+        radius = DEFAULT_GRID_RADIUS if config.radius is None else config.radius
+        return validate_shifts(grid_shifts(radius), patch)
+    except ValueError as error:
+        raise ConfigError(f[name], str(error)) from error
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parse_shifts(text: str) -> tuple[Shift, ...]:
+    try:
+        pairs = [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'dy,dx;dy,dx;...', got {text!r}") from None
+    if any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"every shift is 'dy,dx', got {text!r}")
+    return tuple(pairs)  # type: ignore[arg-type]
+
+
+def _parse_json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+_PARSERS = {"ints": _parse_ints, "shifts": _parse_shifts, "json": _parse_json}
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractConfig) -> None:
+    """One flag per config field, with the field's default and help."""
+    for f in dataclasses.fields(config_type):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        parse = meta.pop("parse", None)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if parse:
+            meta["type"] = _PARSERS[parse]
+        elif f.type in ("int", "int | None"):
+            meta["type"] = int
+        shown = "" if meta.get("required") or default in (None, {}, "") else f" (default: {_show(default)})"
+        parser.add_argument(flag, default=default, help=help_text + shown, **meta)
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def from_args(args: argparse.Namespace, config_type: type = ExtractConfig) -> ExtractConfig:
+    return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
+

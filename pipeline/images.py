@@ -1,0 +1,133 @@
+"""Decode, orient, convert, resize and normalize images, recording where the model input came from.
+
+Decoding failures raise `ImageError` with a short `kind`, which becomes the manifest's
+`error_kind`; the pipeline turns them into error rows and goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESAMPLE = Image.Resampling.BICUBIC
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as browsers show them
+
+
+class ImageError(Exception):
+    """An item that cannot become a model input; `kind` is a stable, groupable category."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How every image becomes a model input of the run."""
+
+    size: int  # square side, or shorter side with resize="aspect"; a multiple of `patch`
+    resize: str  # "square" or "aspect"
+    patch: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixels: int = 89_478_485
+
+
+@dataclass
+class Prepared:
+    """A model input [3, H, W] and the facts needed to map its features back to the original."""
+
+    tensor: torch.Tensor
+    height: int  # original size after EXIF orientation
+    width: int
+    region: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the original shown to the model
+    bucket: str | None  # "HxW" under the aspect policy, None when every input has one size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.tensor.shape[1]), int(self.tensor.shape[2])
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes -> upright RGB image; too large, unreadable or truncated input raises ImageError."""
+    if not data:
+        raise ImageError("empty", "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > max_pixels:
+                raise ImageError(
+                    "too_large",
+                    f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds --max-pixels "
+                    f"{max_pixels} (decompression-bomb limit)",
+                )
+            image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageError("too_large", f"{error} (decompression-bomb limit)") from error
+    except UnidentifiedImageError as error:
+        raise ImageError("decode", "not an image Pillow can read") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError("decode", f"corrupt image: {error}") from error
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: 16-bit scaled down, transparency composited onto white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray((values.clip(0, 65535) >> 8).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def input_geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """Model input size and the original region (y0, x0, y1, x1) it is resampled from."""
+    size, patch = policy.size, policy.patch
+    if policy.resize == "square":
+        side = min(height, width)
+        top, left = (height - side) / 2, (width - side) / 2
+        return (size, size), (top, left, top + side, left + side)
+    short, long = min(height, width), max(height, width)
+    long_out = max(patch, round(long * size / short / patch) * patch)
+    out = (size, long_out) if height <= width else (long_out, size)
+    return out, (0.0, 0.0, float(height), float(width))
+
+
+def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
+    """Bytes -> normalized model input with its geometry."""
+    image = decode(data, policy.max_pixels)
+    (out_h, out_w), (y0, x0, y1, x1) = input_geometry(image.height, image.width, policy)
+    resized = image.resize((out_w, out_h), RESAMPLE, box=(x0, y0, x1, y1))
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(policy.mean).view(3, 1, 1)
+    std = torch.tensor(policy.std).view(3, 1, 1)
+    return Prepared(
+        tensor=((pixels - mean) / std).contiguous(),
+        height=image.height,
+        width=image.width,
+        region=(y0, x0, y1, x1),
+        bucket=f"{out_h}x{out_w}" if policy.resize == "aspect" else None,
+    )
+
+
+def cell_to_pixel(
+    i: float, j: float, *, stride: int, input_size: tuple[int, int], region: tuple[float, float, float, float]
+) -> tuple[float, float]:
+    """Centre of feature cell (i, j) at `stride`, in original image pixels (y, x)."""
+    y0, x0, y1, x1 = region
+    return (
+        y0 + (i + 0.5) * stride * (y1 - y0) / input_size[0],
+        x0 + (j + 0.5) * stride * (x1 - x0) / input_size[1],
+    )

@@ -1,0 +1,68 @@
+"""Manifest parts: one Parquet file per committed shard under `<out>/manifest/`.
+
+A part is written once, after its shard's arrays, under a deterministic name; a shard without
+its part is uncommitted and safe to recompute. Parts are written to a temporary name and moved
+into place, so a reader never sees half a part.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from schemas import MANIFEST_SCHEMA
+
+PART_PATTERN = re.compile(r"part-(\d+)\.parquet$")
+
+
+def manifest_dir(out: str) -> str:
+    return out.rstrip("/") + "/manifest"
+
+
+def part_uri(out: str, shard: int) -> str:
+    return f"{manifest_dir(out)}/part-{shard:06d}.parquet"
+
+
+def write_part(out: str, shard: int, rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Commit a shard: its manifest rows become visible at once, under their final name."""
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    fs, path = fsspec.core.url_to_fs(part_uri(out, shard), **(storage_options or {}))
+    folder, name = path.rsplit("/", 1)
+    fs.makedirs(folder, exist_ok=True)
+    temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+    with fs.open(temporary, "wb") as handle:
+        pq.write_table(table, handle)
+    fs.mv(temporary, path)
+    return table
+
+
+def _manifest_fs(out: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The manifest folder with a fresh listing (object-store clients cache listings)."""
+    fs, path = fsspec.core.url_to_fs(manifest_dir(out), **(storage_options or {}))
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def committed_shards(out: str, storage_options: dict[str, Any] | None = None) -> set[int]:
+    fs, path = _manifest_fs(out, storage_options)
+    if not fs.exists(path):
+        return set()
+    return {int(m.group(1)) for p in fs.ls(path, detail=False) if (m := PART_PATTERN.search(p))}
+
+
+def read_manifest(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Every committed row, ordered by plan row."""
+    fs, path = _manifest_fs(out, storage_options)
+    if not fs.exists(path):
+        return MANIFEST_SCHEMA.empty_table()
+    files = sorted(p for p in fs.ls(path, detail=False) if PART_PATTERN.search(p))
+    if not files:
+        return MANIFEST_SCHEMA.empty_table()
+    table = pads.dataset(files, schema=MANIFEST_SCHEMA, format="parquet", filesystem=fs).to_table()
+    return table.sort_by("row")

@@ -1,0 +1,160 @@
+"""Driver-side orchestration shared by every runner, and the in-process runner.
+
+`plan_job` does everything before the first image: validate flags, check an existing output,
+list the dataset once into a saved plan, create the store, find the shards left to do.
+`run_local` then runs the shards in this process; the Ray runner distributes the same shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.config import ExtractConfig, ResolvedConfig, resolve
+from pipeline.manifest import committed_shards
+from pipeline.sources import SourceError, list_items, make_plan, prefetch, shard_rows
+from pipeline.store import check_existing, create_store
+from pipeline.worker import ShardStats, ShardWorker
+
+log = logging.getLogger("srt")
+
+
+@dataclass
+class Job:
+    resolved: ResolvedConfig
+    plan: pa.Table
+    pending: list[int]  # shards without a manifest part, in order
+    resumed: bool
+
+    @property
+    def shards(self) -> int:
+        return int(pc.max(self.plan.column("shard")).as_py()) + 1
+
+    def images_in(self, shards: Iterable[int]) -> int:
+        size, total = self.resolved.config.shard_size, len(self.plan)
+        return sum(min(size, total - s * size) for s in shards)
+
+
+def plan_uri(out: str) -> str:
+    return out.rstrip("/") + "/plan.parquet"
+
+
+def plan_job(config: ExtractConfig) -> Job:
+    """Everything before the first image; raises ConfigError, StoreMismatchError or SourceError."""
+    resolved = resolve(config)
+    if not (config.pretrained or config.weights):
+        log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
+    options = config.storage_options
+    resumed = check_existing(resolved)
+    if resumed:
+        with fsspec.open(plan_uri(config.out), "rb", **options) as handle:
+            plan = pq.read_table(handle)
+    else:
+        items = list_items(config.dataset, options)
+        if not items:
+            raise SourceError(f"--dataset {config.dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)")
+        plan = make_plan(items, config.shard_size)
+        fs, path = fsspec.core.url_to_fs(plan_uri(config.out), **options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as handle:
+            pq.write_table(plan, handle)
+        create_store(resolved, len(plan))
+    done = committed_shards(config.out, options)
+    job = Job(resolved=resolved, plan=plan, pending=[], resumed=resumed)
+    job.pending = [s for s in range(job.shards) if s not in done]
+    return job
+
+
+@dataclass
+class RunSummary:
+    images: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
+    views: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    shards_done: int = 0
+    shards_skipped: int = 0  # already committed by an earlier run
+    per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, stats: ShardStats, worker: str = "local") -> None:
+        self.ok += stats.ok
+        self.errors.update(stats.errors)
+        self.images += stats.ok + sum(stats.errors.values())
+        self.views += stats.views
+        self.bytes_written += stats.bytes_written
+        self.shards_done += 1
+        mine = self.per_worker.setdefault(worker, {"images": 0, "seconds": 0.0})
+        mine["images"] += stats.ok + sum(stats.errors.values())
+        mine["seconds"] += stats.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "ok": self.ok,
+            "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors.most_common()),
+            "views": self.views,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images / self.seconds, 3) if self.seconds else None,
+            "shards_done": self.shards_done,
+            "shards_skipped": self.shards_skipped,
+            "per_worker": {
+                name: {**v, "images_per_second": round(v["images"] / v["seconds"], 3) if v["seconds"] else None}
+                for name, v in self.per_worker.items()
+            },
+        }
+
+    def render(self) -> str:
+        d = self.as_dict()
+        lines = [
+            f"images      {d['images']} ({d['ok']} ok, {d['errors']} errors)" + (f"; {d['shards_skipped']} shards already done" if self.shards_skipped else ""),
+            f"time        {d['seconds']:.1f} s, {d['images_per_second'] or 0:.2f} images/s, {self.views / self.seconds if self.seconds else 0:.1f} views/s",
+            f"written     {self.bytes_written / 1e6:.1f} MB of features (before compression)",
+        ]
+        if self.errors:
+            lines.append("errors      " + ", ".join(f"{kind}: {n}" for kind, n in self.errors.most_common(5)))
+        for name, v in d["per_worker"].items():
+            lines.append(f"worker      {name}: {v['images']} images, {v['images_per_second'] or 0:.2f} images/s busy")
+        return "\n".join(lines)
+
+
+def write_summary(job: Job, summary: RunSummary) -> None:
+    config = job.resolved.config
+    with fsspec.open(config.out.rstrip("/") + "/summary.json", "w", **config.storage_options) as handle:
+        json.dump({"config": job.resolved.provenance(), "run": summary.as_dict()}, handle, indent=2)
+
+
+def progress(job: Job) -> tqdm:
+    return tqdm(total=job.images_in(job.pending), unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0)
+
+
+def run_local(config: ExtractConfig, *, device: str | None = None) -> RunSummary:
+    """Extract in this process: reads and decodes of the next shard overlap the model on this one."""
+    started = time.perf_counter()
+    job = plan_job(config)
+    summary = RunSummary(shards_skipped=job.shards - len(job.pending))
+    if job.pending:
+        worker = ShardWorker(job.resolved, device=device)
+        loads = prefetch((worker.load(s, shard_rows(job.plan, s)) for s in job.pending), depth=2)
+        with progress(job) as bar:
+            for loaded in loads:
+                stats = worker.process(loaded)
+                summary.add(stats)
+                bar.update(len(loaded.rows))
+                bar.set_postfix(views_per_s=f"{summary.views / (time.perf_counter() - started):.1f}", errors=sum(summary.errors.values()))
+    summary.seconds = time.perf_counter() - started
+    write_summary(job, summary)
+    return summary

@@ -1,0 +1,232 @@
+"""The Zarr v3 feature store: layout, creation with a provenance check, shard writes, the reader.
+
+Layout under the output URI (N = planned items, n = one image per chunk):
+
+    zarr.json                 group attributes: {"srt": provenance of the run, "plan_size": N}
+    plan.parquet              the work plan (pipeline.sources)
+    manifest/part-*.parquet   one part per committed shard (pipeline.manifest)
+    dense/L{L}                [N, C, H/s, W/s] SRT maps of block L  (aspect policy: dense/L{L}/{H}x{W})
+    cls/L{L}                  [N, C] class token averaged over views (models with a class token)
+    registers/L{L}            [N, R, C] register tokens averaged over views (models with registers)
+    pooled/L{L}               [N, C] mean of the dense map
+
+Every array has one image per chunk and one work shard per Zarr shard, so each Zarr shard has
+exactly one writer (two writers of one shard lose data). Arrays are sized from the plan up front
+and never resized. Rows of failed images keep the fill value 0 and cost no storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.errors import ContainsArrayError
+
+from pipeline.config import ResolvedConfig, differences
+from pipeline.manifest import read_manifest
+from schemas import STORE_FORMAT_VERSION
+
+ATTRIBUTE = "srt"
+KINDS = ("dense", "cls", "registers", "pooled")
+
+
+class StoreMismatchError(ValueError):
+    """An existing output was made with a different config."""
+
+
+def compressors(codec: str) -> Any:
+    return {"zstd": ZstdCodec(level=3), "blosc": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), "none": None}[codec]
+
+
+def layer_name(layer: int) -> str:
+    return f"L{layer}"
+
+
+def dense_path(layer: int, bucket: str | None) -> str:
+    return f"dense/{layer_name(layer)}" + (f"/{bucket}" if bucket else "")
+
+
+def _open_group(out: str, mode: str, storage_options: dict[str, Any] | None) -> zarr.Group:
+    return zarr.open_group(out, mode=mode, storage_options=storage_options or None)
+
+
+def stored_provenance(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The provenance of an existing store, or None when there is no store at `out`."""
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
+        return None
+    return dict(_open_group(out, "r", storage_options).attrs.get(ATTRIBUTE, {}))
+
+
+def check_existing(resolved: ResolvedConfig) -> bool:
+    """Whether `--out` holds a store to resume; it must come from the same config.
+
+    Raises StoreMismatchError naming every difference; `--overwrite` deletes the old output instead.
+    """
+    config = resolved.config
+    existing = stored_provenance(config.out, config.storage_options)
+    if existing is None:
+        return False
+    if config.overwrite:
+        fs, path = fsspec.core.url_to_fs(config.out, **config.storage_options)
+        fs.rm(path, recursive=True)
+        return False
+    stored = {k: v for k, v in existing.items() if k != "package_version"}
+    if diff := differences(stored, resolved.fingerprint()):
+        raise StoreMismatchError(
+            f"--out {config.out} was written with a different config; pass --overwrite to replace it, "
+            "or choose another --out. Differences: " + "; ".join(diff)
+        )
+    return True
+
+
+def create_store(resolved: ResolvedConfig, plan_size: int) -> zarr.Group:
+    """A new group with the run's provenance and every array whose shape the plan fixes."""
+    # "a", not "w": "w" would wipe the plan already saved beside it (check_existing ran before).
+    group = _open_group(resolved.config.out, "a", resolved.config.storage_options)
+    group.attrs.update({ATTRIBUTE: resolved.provenance(), "plan_size": plan_size})
+    for layer in resolved.layers:
+        for kind, shape in _fixed_shapes(resolved).items():
+            _create(group, f"{kind}/{layer_name(layer)}", (plan_size, *shape), resolved)
+    return group
+
+
+def _fixed_shapes(resolved: ResolvedConfig) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of the arrays known before any image is read."""
+    facts, c = resolved.facts, resolved.config
+    shapes: dict[str, tuple[int, ...]] = {"pooled": (facts.embed_dim,)}
+    if facts.num_prefix_tokens > facts.num_registers:
+        shapes["cls"] = (facts.embed_dim,)
+    if facts.num_registers:
+        shapes["registers"] = (facts.num_registers, facts.embed_dim)
+    if c.resize == "square":
+        side = c.image_size // resolved.stride
+        shapes["dense"] = (facts.embed_dim, side, side)
+    return shapes
+
+
+def _create(group: zarr.Group, path: str, shape: tuple[int, ...], resolved: ResolvedConfig) -> zarr.Array:
+    """One image per chunk, one work shard per Zarr shard; creating an existing array opens it."""
+    try:
+        return group.create_array(
+            path,
+            shape=shape,
+            chunks=(1, *shape[1:]),
+            shards=(resolved.config.shard_size, *shape[1:]),
+            dtype=resolved.config.dtype,
+            compressors=compressors(resolved.config.codec),
+            fill_value=0,
+        )
+    except ContainsArrayError:  # another worker created this size bucket first
+        return group[path]
+
+
+def write_shard(
+    group: zarr.Group,
+    resolved: ResolvedConfig,
+    shard: int,
+    arrays: dict[str, np.ndarray],
+) -> int:
+    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks.
+
+    Returns the bytes handed to the store (before compression).
+    """
+    start = shard * resolved.config.shard_size
+    written = 0
+    for path, block in arrays.items():
+        target = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), resolved)
+        target[start : start + len(block)] = block.astype(resolved.config.dtype, copy=False)
+        written += block.nbytes
+    return written
+
+
+# ---------------------------------------------------------------------------- reader
+
+
+class FeatureStore:
+    """Read a feature store: its config, its manifest, and features by `image_id`.
+
+    `FeatureStore.open("s3://bucket/feats.zarr", storage_options={...})`
+    """
+
+    def __init__(self, out: str, group: zarr.Group, manifest: pa.Table) -> None:
+        self.uri = out
+        self.group = group
+        self.config: dict[str, Any] = dict(group.attrs[ATTRIBUTE])
+        if self.config.get("store_format") != STORE_FORMAT_VERSION:
+            raise ValueError(f"{out}: store format {self.config.get('store_format')} is not {STORE_FORMAT_VERSION}")
+        self.manifest = manifest
+        self._rows = {image_id: i for i, image_id in enumerate(manifest.column("image_id").to_pylist())}
+
+    @classmethod
+    def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
+        if stored_provenance(out, storage_options) is None:
+            raise FileNotFoundError(f"no feature store at {out}")
+        return cls(out, _open_group(out, "r", storage_options), read_manifest(out, storage_options))
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.config["layers"])
+
+    def record(self, image_id: str) -> dict[str, Any]:
+        """The manifest row of one image."""
+        if image_id not in self._rows:
+            raise KeyError(f"image_id {image_id!r} is not in {self.uri}'s manifest")
+        return self.manifest.slice(self._rows[image_id], 1).to_pylist()[0]
+
+    def _ok_record(self, image_id: str) -> dict[str, Any]:
+        record = self.record(image_id)
+        if record["status"] != "ok":
+            raise KeyError(f"image_id {image_id!r} has no features: {record['error_kind']}: {record['error']}")
+        return record
+
+    def _layer(self, layer: int | None) -> int:
+        if layer is None:
+            if len(self.layers) > 1:
+                raise ValueError(f"this store holds layers {self.layers}: pass layer=")
+            return self.layers[0]
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} not stored; stored layers: {self.layers}")
+        return layer
+
+    def dense(self, image_id: str, layer: int | None = None) -> np.ndarray:
+        """[C, H/s, W/s] SRT map of one image."""
+        record = self._ok_record(image_id)
+        return self.group[dense_path(self._layer(layer), record["bucket"])][record["row"]]
+
+    def vector(self, kind: str, image_id: str, layer: int | None = None) -> np.ndarray:
+        """`kind` in cls, registers, pooled: the per-image vectors of one image."""
+        if kind not in KINDS[1:]:
+            raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
+        path = f"{kind}/{layer_name(self._layer(layer))}"
+        if path not in self.group:
+            raise KeyError(f"{self.uri} has no {kind} array (the model has none)")
+        return self.group[path][self._ok_record(image_id)["row"]]
+
+    def transform(self, image_id: str) -> dict[str, Any]:
+        """What maps feature cells back to original pixels (see images.cell_to_pixel)."""
+        record = self._ok_record(image_id)
+        return {
+            "height": record["height"],
+            "width": record["width"],
+            "input_size": (record["input_height"], record["input_width"]),
+            "region": tuple(record["region"]),
+            "stride": self.config["stride"],
+        }
+
+    def iter_batches(self, kind: str = "pooled", layer: int | None = None, batch_size: int = 1024) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(image_ids, [n, ...] vectors) over every ok image, in plan order, `batch_size` at a time."""
+        path = f"{kind}/{layer_name(self._layer(layer))}"
+        ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
+        ids, rows = ok.column("image_id").to_pylist(), ok.column("row").to_numpy()
+        array = self.group[path]
+        for start in range(0, len(ids), batch_size):
+            chunk = rows[start : start + batch_size]
+            lo, hi = int(chunk.min()), int(chunk.max()) + 1
+            yield ids[start : start + batch_size], array[lo:hi][chunk - lo]

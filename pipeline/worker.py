@@ -1,0 +1,162 @@
+"""One work shard through read -> decode -> SRT -> store -> manifest.
+
+`ShardWorker` holds a loaded model and an open store. The in-process runner calls it in a loop;
+Ray actors each own one. The steps are separate so shift batches of one shard can be computed
+on different workers (`compute` with a shift subset) and committed once (`commit`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.config import ResolvedConfig
+from pipeline.images import ImageError, ImagePolicy, Prepared, prepare
+from pipeline.manifest import write_part
+from pipeline.models import Tap, ViT, load_vit
+from pipeline.srt import SRT, PartialSum, Shift
+from pipeline.sources import read_bytes
+from pipeline.store import dense_path, layer_name, write_shard
+
+MAX_IMAGES_PER_CALL = 8
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedShard:
+    """A shard's plan rows and, for each, a model input or the reason there is none."""
+
+    shard: int
+    rows: list[dict[str, Any]]
+    inputs: list[Prepared | ImageError]
+
+    def groups(self, images_per_call: int) -> list[list[int]]:
+        """Indices of decoded inputs, grouped by input size, at most `images_per_call` a group."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(self.inputs):
+            if isinstance(item, Prepared):
+                by_size.setdefault(item.input_size, []).append(index)
+        return [members[i : i + images_per_call] for members in by_size.values() for i in range(0, len(members), images_per_call)]
+
+
+@dataclass
+class ShardStats:
+    """What a committed shard reports back: small enough to travel to a driver."""
+
+    shard: int
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)  # error_kind -> count
+    views: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+class ShardWorker:
+    def __init__(self, resolved: ResolvedConfig, *, vit: ViT | None = None, device: str | None = None) -> None:
+        c = resolved.config
+        self.resolved = resolved
+        self.vit = vit or load_vit(c.model, pretrained=c.pretrained, weights=c.weights, seed=c.seed, device=device, storage_options=c.storage_options)
+        if self.vit.weights_id != resolved.weights_id:
+            raise RuntimeError(f"weights changed since the run was planned: {self.vit.weights_id} != {resolved.weights_id}")
+        self.srt = SRT(
+            self.vit,
+            layers=resolved.layers,
+            shifts=resolved.shifts,
+            stride=resolved.stride,
+            boundary=c.boundary,
+            norm=c.norm,
+            batch_size=c.batch_size,
+            autocast=PRECISIONS[c.precision] if self.vit.device.type == "cuda" else None,
+        )
+        facts = resolved.facts
+        self.policy = ImagePolicy(c.image_size, c.resize, facts.patch_size, facts.mean, facts.std, c.max_pixels)
+        self.group = zarr.open_group(c.out, mode="r+", storage_options=c.storage_options or None)
+        # Enough images per SRT call that views fill whole micro-batches, bounded for memory.
+        views = len(resolved.shifts)
+        self.images_per_call = min(MAX_IMAGES_PER_CALL, math.lcm(c.batch_size, views) // views)
+
+    def load(self, shard: int, rows: list[dict[str, Any]]) -> LoadedShard:
+        """Read and decode every row of the shard; failures become ImageErrors, never exceptions."""
+        inputs: list[Prepared | ImageError] = []
+        for row, blob in zip(rows, read_bytes(rows, self.resolved.config.storage_options)):
+            if row["duplicate_of"] is not None:
+                inputs.append(ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}"))
+            elif isinstance(blob, Exception):
+                inputs.append(ImageError("read", f"{type(blob).__name__}: {blob}"))
+            else:
+                try:
+                    inputs.append(prepare(blob, self.policy))
+                except ImageError as error:
+                    inputs.append(error)
+        return LoadedShard(shard, rows, inputs)
+
+    def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None) -> list[PartialSum]:
+        """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, on CPU."""
+        partials = []
+        for members in loaded.groups(self.images_per_call):
+            images = torch.stack([loaded.inputs[i].tensor for i in members])
+            partials.append(self.srt.partial(images, shifts).to("cpu"))
+        return partials
+
+    def commit(self, loaded: LoadedShard, partials: list[PartialSum], started: float | None = None) -> ShardStats:
+        """Finalize, write the shard's arrays, then its manifest part (the commit point)."""
+        started = time.perf_counter() if started is None else started
+        count = len(loaded.rows)
+        blocks: dict[str, np.ndarray] = {}
+        stats = ShardStats(shard=loaded.shard)
+        for members, partial in zip(loaded.groups(self.images_per_call), partials):
+            output = self.srt.finalize(partial)
+            bucket = loaded.inputs[members[0]].bucket
+            for tap in self.srt.taps:
+                self._fill(blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap])
+            stats.views += output.n_views * len(members)
+        stats.bytes_written = write_shard(self.group, self.resolved, loaded.shard, blocks)
+        rows = [self._manifest_row(row, item) for row, item in zip(loaded.rows, loaded.inputs)]
+        write_part(self.resolved.config.out, loaded.shard, rows, self.resolved.config.storage_options)
+        for row in rows:
+            if row["status"] == "ok":
+                stats.ok += 1
+            else:
+                stats.errors[row["error_kind"]] += 1
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def process(self, loaded: LoadedShard) -> ShardStats:
+        started = time.perf_counter()
+        return self.commit(loaded, self.compute(loaded), started)
+
+    def _fill(self, blocks, tap: Tap, bucket, members, count, dense, prefix, pooled) -> None:
+        """Copy one group's outputs into the shard-sized blocks they belong to."""
+        facts = self.resolved.facts
+        name = layer_name(tap.layer)
+        per_image = {dense_path(tap.layer, bucket): dense, f"pooled/{name}": pooled}
+        if facts.num_prefix_tokens > facts.num_registers:
+            per_image[f"cls/{name}"] = prefix[:, 0]
+        if facts.num_registers:
+            per_image[f"registers/{name}"] = prefix[:, -facts.num_registers :]
+        for path, values in per_image.items():
+            block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=np.float32))
+            block[members] = values.numpy()
+
+    def _manifest_row(self, row: dict[str, Any], item: Prepared | ImageError) -> dict[str, Any]:
+        record = {"image_id": row["image_id"], "uri": row["uri"], "shard": row["shard"], "row": row["row"]}
+        if isinstance(item, ImageError):
+            return {**record, "status": "error", "error_kind": item.kind, "error": str(item)}
+        return {
+            **record,
+            "status": "ok",
+            "height": item.height,
+            "width": item.width,
+            "input_height": item.input_size[0],
+            "input_width": item.input_size[1],
+            "region": list(item.region),
+            "bucket": item.bucket,
+            "n_views": len(self.resolved.shifts),
+        }

@@ -1,0 +1,218 @@
+"""In-process extraction end to end: sources -> store + manifest, bad input, resume, S3."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.extract import main as extract_main
+from pipeline.config import ConfigError, ExtractConfig, resolve
+from pipeline.images import ImagePolicy, prepare
+from pipeline.runner import run_local
+from pipeline.srt import SRT
+from pipeline.store import FeatureStore, StoreMismatchError
+from tests.conftest import cached_vit
+from tests.images_factory import BOMB_LIMIT, bad_input_files, write_files
+
+MODEL = "vit_tiny_patch16_224"
+
+
+def config(dataset: str, out: str, **overrides) -> ExtractConfig:
+    """Small and fast: 32-pixel inputs, 9 shifts, stride 8, 2 images per shard."""
+    base = dict(dataset=dataset, out=out, model=MODEL, image_size=32, radius=1, stride=8, shard_size=2, batch_size=9, max_pixels=BOMB_LIMIT)
+    return ExtractConfig(**{**base, **overrides})
+
+
+def expected_features(data: bytes, cfg: ExtractConfig) -> dict[str, np.ndarray]:
+    """What the engine gives for one image, computed directly, independently of the store."""
+    resolved = resolve(cfg)
+    vit = cached_vit(MODEL)
+    prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels))
+    srt = SRT(vit, layers=resolved.layers, shifts=resolved.shifts, stride=resolved.stride, boundary=cfg.boundary)
+    out = srt.run(prepared.tensor[None])
+    tap = srt.taps[0]
+    return {"dense": out.dense[tap][0].numpy(), "cls": out.prefix[tap][0, 0].numpy(), "pooled": out.pooled[tap][0].numpy()}
+
+
+def assert_fp16_close(stored: np.ndarray, expected: np.ndarray) -> None:
+    assert stored.dtype == np.float16
+    np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def assert_store_matches_engine(store: FeatureStore, sources: dict[str, bytes], cfg: ExtractConfig) -> None:
+    for record in store.manifest.to_pylist():
+        if record["status"] != "ok":
+            continue
+        expected = expected_features(sources[record["uri"]], cfg)
+        assert_fp16_close(store.dense(record["image_id"]), expected["dense"])
+        assert_fp16_close(store.vector("cls", record["image_id"]), expected["cls"])
+        assert_fp16_close(store.vector("pooled", record["image_id"]), expected["pooled"])
+
+
+def test_directory_tar_and_parquet_sources_give_the_engine_features(tmp_path, sample_paths):
+    photos = {p.name: p.read_bytes() for p in sample_paths}
+    folder = tmp_path / "photos"
+    write_files(folder, photos)
+    with tarfile.open(tmp_path / "shard.tar", "w") as archive:
+        for name, data in photos.items():
+            info = tarfile.TarInfo(f"sample/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"id": list(photos), "image": list(photos.values())}), tmp_path / "bytes.parquet")
+
+    for dataset, uri_of in (
+        (str(folder), lambda n: str(folder / n)),
+        (str(tmp_path / "shard.tar"), lambda n: f"{tmp_path}/shard.tar#sample/{n}"),
+        (str(tmp_path / "bytes.parquet"), lambda n: f"{tmp_path}/bytes.parquet#{list(photos).index(n)}"),
+    ):
+        out = str(tmp_path / f"out-{dataset.rsplit('/', 1)[1]}.zarr")
+        cfg = config(dataset, out)
+        summary = run_local(cfg)
+        assert (summary.ok, sum(summary.errors.values()), summary.shards_done) == (4, 0, 2)
+        store = FeatureStore.open(out)
+        assert store.manifest.num_rows == 4 and set(store.manifest.column("status").to_pylist()) == {"ok"}
+        assert pads.dataset(out + "/manifest").to_table().num_rows == 4  # readable by plain pyarrow
+        assert_store_matches_engine(store, {uri_of(n): d for n, d in photos.items()}, cfg)
+
+
+def test_every_bad_input_is_accounted_for_and_the_rest_completes(tmp_path):
+    files = bad_input_files()
+    folder = tmp_path / "bad"
+    write_files(folder, {name: data for name, (data, _, _) in files.items()})
+    listing = [str(folder / n) for n in sorted(files)] + [str(folder / "missing.jpg"), str(folder / "good.jpg")]
+    (tmp_path / "list.txt").write_text("\n".join(listing))
+    out = str(tmp_path / "out.zarr")
+    cfg = config(str(tmp_path / "list.txt"), out)
+    summary = run_local(cfg)
+    store = FeatureStore.open(out)
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in store.manifest.to_pylist()}
+    assert store.manifest.num_rows == len(listing) == summary.images
+    assert len(set(store.manifest.column("image_id").to_pylist())) == len(listing)
+    for name, (_, kind, upright) in files.items():
+        record = rows[name] if name != "good.jpg" else next(r for r in store.manifest.to_pylist() if r["uri"].endswith("good.jpg") and r["status"] == "ok")
+        assert record["error_kind"] == kind, name
+        if kind is None:
+            assert (record["height"], record["width"]) == upright and record["n_views"] == 9
+    assert rows["missing.jpg"]["error_kind"] == "read" and "missing.jpg" in rows["missing.jpg"]["error"]
+    duplicates = [r for r in store.manifest.to_pylist() if r["error_kind"] == "duplicate"]
+    assert len(duplicates) == 1 and duplicates[0]["uri"].endswith("good.jpg")
+    assert summary.errors == {"decode": 2, "empty": 1, "too_large": 1, "read": 1, "duplicate": 1}
+    assert_store_matches_engine(store, {str(folder / n): d for n, (d, k, _) in files.items() if k is None}, cfg)
+
+
+def test_rerun_recomputes_only_uncommitted_shards(tmp_path, sample_paths):
+    out = tmp_path / "out.zarr"
+    cfg = config(str(sample_paths[0].parent), str(out), shard_size=1)
+    first = run_local(cfg)
+    assert first.shards_done == 4
+    before = {i: FeatureStore.open(str(out)).dense(i) for i in FeatureStore.open(str(out)).manifest.column("image_id").to_pylist()}
+    # A run that died after writing shard 2's arrays but before its manifest part, and before shard 3.
+    (out / "manifest" / "part-000002.parquet").unlink()
+    (out / "manifest" / "part-000003.parquet").unlink()
+    shutil.rmtree(out / "dense" / "L11" / "c" / "3")
+    second = run_local(cfg)
+    assert (second.shards_done, second.shards_skipped, second.images) == (2, 2, 2)
+    store = FeatureStore.open(str(out))
+    assert store.manifest.column("row").to_pylist() == [0, 1, 2, 3]
+    for image_id, dense in before.items():
+        np.testing.assert_array_equal(store.dense(image_id), dense)
+    assert run_local(cfg).shards_done == 0
+
+
+def test_rerun_with_a_different_config_is_refused_unless_overwrite(tmp_path, sample_paths):
+    out = str(tmp_path / "out.zarr")
+    run_local(config(str(sample_paths[0].parent), out))
+    with pytest.raises(StoreMismatchError, match=r"Differences: stride: stored 8, requested 4"):
+        run_local(config(str(sample_paths[0].parent), out, stride=4))
+    with pytest.raises(StoreMismatchError, match=r"boundary: stored 'reflect', requested 'zeros'.*shifts"):
+        run_local(config(str(sample_paths[0].parent), out, boundary="zeros", radius=2))
+    summary = run_local(config(str(sample_paths[0].parent), out, stride=4, overwrite=True))
+    assert summary.shards_done == 2 and FeatureStore.open(out).config["stride"] == 4
+
+
+def test_aspect_policy_stores_size_buckets_with_their_geometry(tmp_path, sample_paths):
+    out = str(tmp_path / "out.zarr")
+    cfg = config(str(sample_paths[0].parent), out, resize="aspect", image_size=32, shard_size=4)
+    run_local(cfg)
+    store = FeatureStore.open(out)
+    buckets = {r["uri"].rsplit("/", 1)[1]: r["bucket"] for r in store.manifest.to_pylist()}
+    assert buckets == {"astronaut.jpg": "32x32", "chelsea.jpg": "32x48", "coffee.jpg": "32x48", "rocket.jpg": "32x48"}
+    chelsea = next(r for r in store.manifest.to_pylist() if r["uri"].endswith("chelsea.jpg"))
+    assert store.dense(chelsea["image_id"]).shape == (192, 4, 6)
+    assert store.transform(chelsea["image_id"])["region"] == (0.0, 0.0, 300.0, 451.0)
+    assert_store_matches_engine(store, {str(p): p.read_bytes() for p in sample_paths}, cfg)
+
+
+def test_s3_dataset_and_store_on_a_loopback_server(tmp_path, sample_paths, s3_server):
+    fs = fsspec.filesystem("s3", **s3_server)
+    for path in sample_paths:
+        fs.pipe(f"bucket/images/{path.name}", path.read_bytes())
+    fs.pipe("bucket/lists/with-missing.txt", b"s3://bucket/images/coffee.jpg\ns3://bucket/images/no-such-key.jpg\n")
+    cfg = config("s3://bucket/images", "s3://bucket/feats.zarr", storage_options=s3_server)
+    assert run_local(cfg).ok == 4
+    store = FeatureStore.open("s3://bucket/feats.zarr", storage_options=s3_server)
+    assert_store_matches_engine(store, {f"s3://bucket/images/{p.name}": p.read_bytes() for p in sample_paths}, cfg)
+    assert "testing" not in fs.cat("bucket/feats.zarr/zarr.json").decode()  # credentials never stored
+
+    listed = config("s3://bucket/lists/with-missing.txt", "s3://bucket/feats2.zarr", storage_options=s3_server)
+    run_local(listed)
+    rows = FeatureStore.open("s3://bucket/feats2.zarr", storage_options=s3_server).manifest.to_pylist()
+    assert [(r["uri"].rsplit("/", 1)[1], r["status"], r["error_kind"]) for r in rows] == [
+        ("coffee.jpg", "ok", None),
+        ("no-such-key.jpg", "error", "read"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stride", "5"], "--stride: stride 5 must divide the patch size 16"),
+        (["--layers", "12"], "--layers: 12 is out of range"),
+        (["--radius", "16"], "--radius: shift .* is not sub-token"),
+        (["--radius", "1", "--random-shifts", "4"], "--random-shifts: give only one of"),
+        (["--image-size", "40"], "--image-size: 40 is not a multiple of the patch size 16"),
+        (["--model", "resnet18"], "--model: 'resnet18' is not a Vision Transformer"),
+        (["--shard-size", "0"], "--shard-size: must be a positive integer"),
+        (["--storage-options", "{not json"], "--storage-options: .*not valid JSON"),
+        (["--boundary", "wrap"], "--boundary: invalid choice"),
+        (["--weights", "/no/such/file.pt"], "--weights: cannot read /no/such/file.pt"),
+    ],
+)
+def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, sample_paths, capsys, argv, message):
+    out = tmp_path / "never.zarr"
+    with pytest.raises(SystemExit) as exited:
+        extract_main(["--dataset", str(sample_paths[0].parent), "--out", str(out), "--model", MODEL, "--local", *argv])
+    assert exited.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_empty_dataset_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="no images found"):
+        run_local(config(str(tmp_path / "empty"), str(tmp_path / "out.zarr")))
+
+
+def test_config_errors_carry_the_flag():
+    with pytest.raises(ConfigError) as caught:
+        resolve(ExtractConfig(dataset="x", out="y", model=MODEL, layers=(99,)))
+    assert caught.value.flag == "--layers"
+
+
+def test_features_dtype_float32_on_request(tmp_path, sample_paths):
+    out = str(tmp_path / "out.zarr")
+    run_local(config(str(sample_paths[0].parent), out, dtype="float32", codec="none"))
+    store = FeatureStore.open(out)
+    image_id = store.manifest.column("image_id")[0].as_py()
+    assert store.dense(image_id).dtype == np.float32
+    record = store.record(image_id)
+    expected = expected_features(open(record["uri"], "rb").read(), config("x", "y"))
+    np.testing.assert_allclose(store.dense(image_id), expected["dense"], atol=1e-5, rtol=1e-5)

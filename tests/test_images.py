@@ -1,0 +1,85 @@
+"""Decoding policy and geometry: every awkward input becomes RGB or a named error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.images import ImageError, ImagePolicy, cell_to_pixel, decode, input_geometry, prepare
+from tests.images_factory import BOMB_LIMIT, bad_input_files, encode
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.mark.parametrize("name", sorted(bad_input_files()))
+def test_each_awkward_input_decodes_to_rgb_or_a_named_error(name):
+    data, kind, upright = bad_input_files()[name]
+    if kind is None:
+        image = decode(data, BOMB_LIMIT)
+        assert image.mode == "RGB" and (image.height, image.width) == upright
+    else:
+        with pytest.raises(ImageError) as caught:
+            decode(data, BOMB_LIMIT)
+        assert caught.value.kind == kind
+
+
+def test_bomb_error_names_the_flag():
+    data = bad_input_files()["bomb.png"][0]
+    with pytest.raises(ImageError, match=r"1200x1000 = 1200000 pixels exceeds --max-pixels 1000000"):
+        decode(data, BOMB_LIMIT)
+    assert decode(data, 2_000_000).size == (1200, 1000)
+
+
+def test_sixteen_bit_keeps_its_range_and_transparency_goes_white():
+    sixteen = decode(encode(Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)), "PNG"), BOMB_LIMIT)
+    assert np.asarray(sixteen).min() == 255  # not clipped to a near-black 8-bit value
+    clear = decode(bad_input_files()["rgba.png"][0], BOMB_LIMIT)
+    assert np.asarray(clear).min() == 255
+
+
+def test_exif_orientation_is_applied_to_the_pixels():
+    upright = decode(bad_input_files()["rotated.jpg"][0], BOMB_LIMIT)
+    stored = Image.open(__import__("io").BytesIO(bad_input_files()["rotated.jpg"][0])).convert("RGB")
+    expected = stored.transpose(Image.Transpose.ROTATE_270)  # orientation 6 = rotate 90° clockwise
+    assert np.abs(np.asarray(upright, dtype=int) - np.asarray(expected, dtype=int)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("size", "expected_input", "expected_region"),
+    [
+        ((300, 450), (224, 224), (0.0, 75.0, 300.0, 375.0)),
+        ((450, 300), (224, 224), (75.0, 0.0, 375.0, 300.0)),
+        ((224, 224), (224, 224), (0.0, 0.0, 224.0, 224.0)),
+    ],
+)
+def test_square_policy_is_a_centre_crop_of_the_shorter_side(size, expected_input, expected_region):
+    policy = ImagePolicy(224, "square", 16, MEAN, STD)
+    assert input_geometry(*size, policy) == (expected_input, expected_region)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected_input"),
+    [((300, 450), (224, 336)), ((450, 300), (336, 224)), ((100, 1000), (224, 2240)), ((1, 1), (224, 224)), ((300, 461), (224, 352))],
+)
+def test_aspect_policy_rounds_the_longer_side_to_the_patch(size, expected_input):
+    policy = ImagePolicy(224, "aspect", 16, MEAN, STD)
+    out, region = input_geometry(*size, policy)
+    assert out == expected_input and region == (0.0, 0.0, float(size[0]), float(size[1]))
+    assert out[0] % 16 == 0 and out[1] % 16 == 0
+
+
+def test_prepare_normalizes_with_the_model_statistics():
+    white = encode(Image.new("RGB", (64, 48), (255, 255, 255)), "PNG")
+    prepared = prepare(white, ImagePolicy(32, "aspect", 16, MEAN, STD))
+    assert prepared.tensor.shape == (3, 32, 48) and prepared.bucket == "32x48"
+    torch.testing.assert_close(prepared.tensor, torch.full((3, 32, 48), (1 - 0.5) / 0.25))
+    assert (prepared.height, prepared.width, prepared.region) == (48, 64, (0.0, 0.0, 48.0, 64.0))
+
+
+def test_cell_to_pixel_maps_feature_cells_back_to_the_original():
+    # A 300x450 image, centre-cropped to its middle 300x300 and resized to 224: stride-8 cells.
+    region, size = (0.0, 75.0, 300.0, 375.0), (224, 224)
+    assert cell_to_pixel(0, 0, stride=8, input_size=size, region=region) == pytest.approx((4 * 300 / 224, 75 + 4 * 300 / 224))
+    assert cell_to_pixel(27, 27, stride=8, input_size=size, region=region) == pytest.approx((300 - 4 * 300 / 224, 375 - 4 * 300 / 224))

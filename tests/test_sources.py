@@ -1,0 +1,101 @@
+"""Listing and reading: directories, globs, file lists, tar shards, Parquet bytes; stable plans."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.sources import SourceError, list_items, make_plan, prefetch, read_bytes, shard_rows, uri_id
+
+
+def make_tar(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_directory_listing_is_recursive_sorted_and_skips_other_files(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.PNG", "a.jpg", "notes.txt", "b/1.webp"):
+        (tmp_path / name).write_bytes(name.encode())
+    items = list_items(str(tmp_path))
+    assert [i.uri for i in items] == [str(tmp_path / n) for n in ("a.jpg", "b/1.webp", "b/2.PNG")]
+    assert all(i.image_id == uri_id(i.uri) for i in items)
+    glob_items = list_items(str(tmp_path / "b" / "*.webp"))
+    assert [i.uri for i in glob_items] == [str(tmp_path / "b/1.webp")]
+    assert [row for row in read_bytes([dict(r, row=0) for r in make_plan(items, 2).to_pylist()])] == [b"a.jpg", b"b/1.webp", b"b/2.PNG"]
+
+
+def test_file_lists_resolve_relative_uris_and_keep_user_ids(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("# comment\nx.jpg\n\n" + str(tmp_path / "x.jpg") + "\n")
+    (tmp_path / "list.csv").write_text("id,url\ncat,x.jpg\ndog,missing.jpg\n")
+    txt = list_items(str(tmp_path / "list.txt"))
+    assert [i.uri for i in txt] == [str(tmp_path / "x.jpg")] * 2
+    assert txt[1].duplicate_of == txt[0].image_id and txt[1].image_id != txt[0].image_id
+    csv_items = list_items(str(tmp_path / "list.csv"))
+    assert [(i.image_id, i.uri) for i in csv_items] == [("cat", str(tmp_path / "x.jpg")), ("dog", str(tmp_path / "missing.jpg"))]
+    data = read_bytes(make_plan(csv_items, 10).to_pylist())
+    assert data[0] == b"x" and isinstance(data[1], Exception)
+    pq.write_table(pa.table({"path": ["x.jpg"], "key": ["k1"]}), tmp_path / "uris.parquet")
+    assert [(i.image_id, i.uri) for i in list_items(str(tmp_path / "uris.parquet"))] == [("k1", str(tmp_path / "x.jpg"))]
+
+
+def test_webdataset_tar_groups_members_by_key(tmp_path):
+    make_tar(tmp_path / "shard-0.tar", {"a/0001.jpg": b"img1", "a/0001.json": b"{}", "a/0002.png": b"img2", "a/0002.cls": b"3"})
+    make_tar(tmp_path / "shard-1.tar", {"0003.jpg": b"img3"})
+    items = list_items(str(tmp_path / "*.tar"))
+    assert [i.image_id for i in items] == ["a/0001", "a/0002", "0003"]
+    assert items[0].uri == f"{tmp_path}/shard-0.tar#a/0001.jpg" and items[0].source == "tar"
+    plan = make_plan(items, 2)
+    assert read_bytes(shard_rows(plan, 0)) == [b"img1", b"img2"]
+    assert read_bytes(shard_rows(plan, 1)) == [b"img3"]
+
+
+def test_parquet_of_image_bytes_reads_only_the_needed_row_groups(tmp_path):
+    images = [f"img{i}".encode() for i in range(10)]
+    table = pa.table({"key": [f"k{i}" for i in range(10)], "image": pa.array(images, pa.binary())})
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=3)
+    hf = pa.table({"image": pa.array([{"bytes": b"hf0", "path": "p"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))})
+    pq.write_table(hf, tmp_path / "hf.parquet")
+    items = list_items(str(tmp_path))
+    assert [i.image_id for i in items[:10]] == [f"k{i}" for i in range(10)] and items[10].uri.endswith("hf.parquet#0")
+    plan = make_plan(items, 4)
+    assert read_bytes(shard_rows(plan, 1)) == images[4:8]
+    assert read_bytes(shard_rows(plan, 2)) == images[8:] + [b"hf0"]
+
+
+def test_plan_is_deterministic_and_sharded(tmp_path):
+    for i in range(7):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+    first, second = make_plan(list_items(str(tmp_path)), 3), make_plan(list_items(str(tmp_path)), 3)
+    assert first.equals(second)
+    assert first.column("shard").to_pylist() == [0, 0, 0, 1, 1, 1, 2]
+    assert first.column("row").to_pylist() == list(range(7))
+
+
+def test_missing_dataset_and_list_without_uri_column_are_named(tmp_path):
+    with pytest.raises(SourceError, match="no such file or directory"):
+        list_items(str(tmp_path / "nope"))
+    (tmp_path / "bad.csv").write_text("name,size\na,1\n")
+    with pytest.raises(SourceError, match=r"no URI column; expected one of"):
+        list_items(str(tmp_path / "bad.csv"))
+
+
+def test_prefetch_keeps_order_and_reraises():
+    assert list(prefetch(iter(range(20)), depth=2)) == list(range(20))
+
+    def failing():
+        yield 1
+        raise RuntimeError("boom")
+
+    stream = prefetch(failing())
+    assert next(stream) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        next(stream)
