@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = from_args(args)
+    if not args.local:
+        parser.error("--local: the Ray runner is not built yet; pass --local to run in this process")
     try:
         summary = run_local(config)
     except (ConfigError, SourceError, StoreMismatchError) as error:

@@ -29,7 +29,7 @@ from schemas import STORE_FORMAT_VERSION
 
 RESIZE_POLICIES = ("square", "aspect")
 STORE_DTYPES = ("float16", "float32")
-CODECS = ("zstd", "blosc", "none")
+CODECS = ("blosc", "zstd", "none")  # blosc (zstd inside, byte shuffle) by measurement: bench/RESULTS.md
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -64,7 +64,7 @@ class ExtractConfig:
     image_size: int = field(default=224, metadata=_flag("model input: square side, or shorter side with --resize aspect; a multiple of the patch size"))
     resize: str = field(default="square", metadata=_flag("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size", choices=RESIZE_POLICIES))
     dtype: str = field(default="float16", metadata=_flag("stored feature dtype", choices=STORE_DTYPES))
-    codec: str = field(default="zstd", metadata=_flag("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
+    codec: str = field(default="blosc", metadata=_flag("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
     precision: str = field(default="fp32", metadata=_flag("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=_flag("views per forward pass (bounds accelerator memory)"))
     shard_size: int = field(default=32, metadata=_flag("images per work shard = per Zarr shard = per manifest part"))

@@ -1,0 +1,133 @@
+"""Store codecs and decode speed: what each codec costs and saves on real SRT features.
+
+    python -m bench.bench_store
+
+Features are SRT maps (ViT-S/16, stride 8, 224², grid radius 1, fp16) of the bundled photos and
+crops of them; weights are random init, since no pre-trained weights can be downloaded here
+(pass --weights to measure on real ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+
+from bench.results import table, write_section
+from pipeline.images import ImagePolicy, prepare
+from pipeline.models import load_vit
+from pipeline.srt import SRT, grid_shifts
+from pipeline.store import compressors
+
+SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+
+def sample_bytes(copies: int) -> list[bytes]:
+    """The bundled photos and `copies` re-encoded crops of each (distinct content, real statistics)."""
+    from PIL import Image
+    import io
+
+    out = []
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        out.append(path.read_bytes())
+        for k in range(copies):
+            w, h = image.size
+            box = (k * w // (4 * copies), k * h // (4 * copies), w - k * w // (5 * copies), h - k * h // (5 * copies))
+            buffer = io.BytesIO()
+            image.crop(box).save(buffer, format="JPEG", quality=90)
+            out.append(buffer.getvalue())
+    return out
+
+
+def features(vit, blobs: list[bytes]) -> dict[str, np.ndarray]:
+    policy = ImagePolicy(224, "square", vit.patch_size, vit.mean, vit.std)
+    images = torch.stack([prepare(b, policy).tensor for b in blobs])
+    out = SRT(vit, shifts=grid_shifts(1), stride=8).run(images)
+    tap = next(iter(out.dense))
+    return {
+        "dense": out.dense[tap].numpy().astype(np.float16),
+        "pooled": out.pooled[tap].numpy().astype(np.float16),
+    }
+
+
+def codec_rows(arrays: dict[str, np.ndarray], shard: int, repeats: int) -> list[list[object]]:
+    rows = []
+    count = len(arrays["dense"])
+    raw = sum(a.nbytes for a in arrays.values())
+    for codec in ("none", "zstd", "blosc"):
+        with tempfile.TemporaryDirectory() as folder:
+            group = zarr.open_group(folder, mode="w")
+            targets = {
+                name: group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), shards=(shard, *a.shape[1:]), dtype=a.dtype, compressors=compressors(codec), fill_value=0)
+                for name, a in arrays.items()
+            }
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for name, array in arrays.items():
+                    for lo in range(0, count, shard):
+                        targets[name][lo : lo + shard] = array[lo : lo + shard]
+            write_s = (time.perf_counter() - start) / repeats
+            start = time.perf_counter()
+            for name in arrays:
+                targets[name][:]
+            read_s = time.perf_counter() - start
+            on_disk = fsspec.filesystem("file").du(folder)
+        rows.append([codec, f"{on_disk / count / 1024:.1f}", f"{on_disk / raw:.3f}", f"{raw / write_s / 1e6:.0f}", f"{raw / read_s / 1e6:.0f}"])
+    return rows
+
+
+def decode_rows(blobs: list[bytes], repeats: int) -> list[list[object]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for policy in (ImagePolicy(224, "square", 16, (0.5,) * 3, (0.5,) * 3), ImagePolicy(448, "square", 16, (0.5,) * 3, (0.5,) * 3)):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for blob in blobs:
+                prepare(blob, policy)
+        seconds = time.perf_counter() - start
+        file_kib = np.mean([len(b) for b in blobs]) / 1024
+        rows.append([f"{policy.size}² {policy.resize}", len(blobs) * repeats, f"{file_kib:.0f}", f"{len(blobs) * repeats / seconds:.0f}"])
+    torch.set_num_threads(threads)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--copies", type=int, default=7, help="crops per bundled photo (32 images at 7)")
+    parser.add_argument("--shard-size", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    vit = load_vit(args.model, weights=args.weights, device="cpu")
+    blobs = sample_bytes(args.copies)
+    arrays = features(vit, blobs)
+    codecs = table(["codec", "KiB per image", "stored / raw", "write MB/s (raw)", "read MB/s (raw)"], codec_rows(arrays, args.shard_size, repeats=3))
+    decode = table(["policy", "images", "mean file KiB", "images/s on one core"], decode_rows(blobs, repeats=3))
+    write_section(
+        "store",
+        f"Store codecs and decoding: {args.model}, {'weights ' + args.weights if args.weights else 'random init'}",
+        f"""
+{len(blobs)} images (the bundled photos and crops of them); per image a dense SRT map
+[{', '.join(map(str, arrays['dense'].shape[1:]))}] and a pooled vector, fp16, one image per chunk,
+{args.shard_size} images per Zarr shard, written a shard at a time as the pipeline does, to local disk.
+
+{codecs}
+
+Decoding (read bytes already in memory; Pillow decode, EXIF, RGB, resize, normalize), one thread:
+
+{decode}
+""",
+    )
+
+
+if __name__ == "__main__":
+    main()
