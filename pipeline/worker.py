@@ -132,7 +132,17 @@ class ShardWorker:
         started = time.perf_counter()
         return self.commit(loaded, self.compute(loaded), started)
 
-    def _fill(self, blocks, tap: Tap, bucket, members, count, dense, prefix, pooled) -> None:
+    def _fill(
+        self,
+        blocks: dict[str, np.ndarray],
+        tap: Tap,
+        bucket: str | None,
+        members: list[int],
+        count: int,
+        dense: torch.Tensor,
+        prefix: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> None:
         """Copy one group's outputs into the shard-sized blocks they belong to."""
         facts = self.resolved.facts
         name = layer_name(tap.layer)

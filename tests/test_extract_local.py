@@ -83,6 +83,23 @@ def test_directory_tar_and_parquet_sources_give_the_engine_features(tmp_path, sa
         assert_store_matches_engine(store, {uri_of(n): d for n, d in photos.items()}, cfg)
 
 
+def test_batch_iteration_yields_ok_rows_in_plan_order(tmp_path, sample_paths):
+    folder = tmp_path / "mixed"
+    write_files(folder, {p.name: p.read_bytes() for p in sample_paths} | {"broken.jpg": b"not an image"})
+    out = str(tmp_path / "out.zarr")
+    run_local(config(str(folder), out, shard_size=2))
+    store = FeatureStore.open(out)
+    ok_ids = [r["image_id"] for r in store.manifest.to_pylist() if r["status"] == "ok"]
+    batches = list(store.iter_batches("pooled", batch_size=3))
+    assert [len(ids) for ids, _ in batches] == [3, 1]
+    assert [i for ids, _ in batches for i in ids] == ok_ids
+    stacked = np.concatenate([vectors for _, vectors in batches])
+    np.testing.assert_array_equal(stacked, np.stack([store.vector("pooled", i) for i in ok_ids]))
+    broken = next(r["image_id"] for r in store.manifest.to_pylist() if r["status"] == "error")
+    with pytest.raises(KeyError, match="has no features: decode"):
+        store.dense(broken)
+
+
 def test_every_bad_input_is_accounted_for_and_the_rest_completes(tmp_path):
     files = bad_input_files()
     folder = tmp_path / "bad"
