@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## extract SRT features of the bundled photos on a local Ray instance (CPU)
-	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr --model vit_small_patch16_224 --local
+	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr --model vit_small_patch16_224
 
 test: $(STAMP)  ## the whole test suite (CI runs exactly this)
 	$(PYTHON) -m pytest

@@ -1,7 +1,9 @@
 """Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
 
-    python jobs/extract.py --dataset data/samples --out out/samples.zarr --local
-    python jobs/extract.py --dataset s3://bucket/images --out s3://bucket/feats.zarr --pretrained
+    python jobs/extract.py --dataset data/samples --out out/samples.zarr      # local Ray instance
+    ray job submit --working-dir . -- python jobs/extract.py --dataset s3://bucket/images \
+        --out s3://bucket/feats.zarr --pretrained                                # a Ray cluster
+    python jobs/extract.py ... --local                                           # no Ray at all
 
 A rerun against the same --out resumes: only shards without a manifest part are computed.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or `ray job submit --working-dir .`
 
 from pipeline.config import ConfigError, add_arguments, from_args  # noqa: E402
+from pipeline.distributed import run_ray  # noqa: E402
 from pipeline.runner import run_local  # noqa: E402
 from pipeline.sources import SourceError  # noqa: E402
 from pipeline.store import StoreMismatchError  # noqa: E402
@@ -33,15 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = from_args(args)
-    if not args.local:
-        parser.error("--local: the Ray runner is not built yet; pass --local to run in this process")
     try:
-        summary = run_local(config)
+        summary = run_local(config) if args.local else run_ray(config)
     except (ConfigError, SourceError, StoreMismatchError) as error:
         parser.error(str(error))
     print(summary.render())
     print(f"features    {config.out}")
-    return 0
+    return 1 if summary.failed_shards else 0
 
 
 if __name__ == "__main__":

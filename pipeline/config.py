@@ -69,6 +69,12 @@ class ExtractConfig:
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=_flag("views per forward pass (bounds accelerator memory)"))
     shard_size: int = field(default=32, metadata=_flag("images per work shard = per Zarr shard = per manifest part"))
     max_pixels: int = field(default=89_478_485, metadata=_flag("decompression-bomb limit: images with more pixels become error rows"))
+    num_actors: int = field(default=0, metadata=_flag("extraction actors; 0: one per GPU, or CPU cores / --cpus-per-actor without GPUs"))
+    gpus_per_actor: float = field(default=1.0, metadata=_flag("GPUs each actor holds (GPU clusters)"))
+    cpus_per_actor: int = field(default=0, metadata=_flag("CPU threads each actor uses; 0: 1 with GPUs, else min(4, cores)"))
+    split_shifts: str = field(default="auto", metadata=_flag("shift batches per shard spread over actors: auto (split only when fewer pending images than actors) or G"))
+    max_retries: int = field(default=3, metadata=_flag("attempts per work unit after the first, on actor death or task failure (exponential backoff)"))
+    straggler_timeout: float | None = field(default=None, metadata=_flag("seconds before a running unit is also started elsewhere (default: 4x the median unit time, at least 60; 0: never)"))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata=_flag("JSON of fsspec storage options (endpoint, credentials); never logged or stored", parse="json"))
     overwrite: bool = field(default=False, metadata=_flag("delete an existing output instead of resuming it"))
 
@@ -145,6 +151,15 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     for name in ("batch_size", "shard_size", "image_size", "max_pixels"):
         if getattr(config, name) < 1:
             raise ConfigError(f[name], f"must be a positive integer, got {getattr(config, name)}")
+    for name in ("num_actors", "cpus_per_actor", "max_retries"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f[name], f"must be 0 or more, got {getattr(config, name)}")
+    if config.gpus_per_actor <= 0:
+        raise ConfigError(f["gpus_per_actor"], f"must be positive, got {config.gpus_per_actor}")
+    if config.straggler_timeout is not None and config.straggler_timeout < 0:
+        raise ConfigError(f["straggler_timeout"], f"must be 0 (never) or positive seconds, got {config.straggler_timeout}")
+    if config.split_shifts != "auto" and not (config.split_shifts.isdigit() and int(config.split_shifts) >= 1):
+        raise ConfigError(f["split_shifts"], f"must be 'auto' or a positive integer, got {config.split_shifts!r}")
     for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
         if getattr(config, name) not in allowed:
             raise ConfigError(f[name], f"must be one of {allowed}, got {getattr(config, name)!r}")
@@ -241,6 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractCo
             meta["type"] = _PARSERS[parse]
         elif f.type in ("int", "int | None"):
             meta["type"] = int
+        elif f.type in ("float", "float | None"):
+            meta["type"] = float
         shown = "" if meta.get("required") or default in (None, {}, "") else f" (default: {_show(default)})"
         parser.add_argument(flag, default=default, help=help_text + shown, **meta)
 

@@ -48,10 +48,7 @@ class Prepared:
     width: int
     region: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the original shown to the model
     bucket: str | None  # "HxW" under the aspect policy, None when every input has one size
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return int(self.tensor.shape[1]), int(self.tensor.shape[2])
+    input_size: tuple[int, int]  # (H, W) of the model input; kept when the pixels are dropped
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -119,6 +116,7 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
         width=image.width,
         region=(y0, x0, y1, x1),
         bucket=f"{out_h}x{out_w}" if policy.resize == "aspect" else None,
+        input_size=(out_h, out_w),
     )
 
 

@@ -29,8 +29,20 @@ def part_uri(out: str, shard: int) -> str:
     return f"{manifest_dir(out)}/part-{shard:06d}.parquet"
 
 
-def write_part(out: str, shard: int, rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Commit a shard: its manifest rows become visible at once, under their final name."""
+def is_committed(out: str, shard: int, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = fsspec.core.url_to_fs(part_uri(out, shard), **(storage_options or {}))
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    return fs.exists(path)
+
+
+def write_part(out: str, shard: int, rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> bool:
+    """Commit a shard: its manifest rows become visible at once, under their final name.
+
+    The first commit wins: if the part already exists (a retried or duplicated unit finished
+    first), nothing is written and False is returned.
+    """
+    if is_committed(out, shard, storage_options):
+        return False
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     fs, path = fsspec.core.url_to_fs(part_uri(out, shard), **(storage_options or {}))
     folder, name = path.rsplit("/", 1)
@@ -39,7 +51,7 @@ def write_part(out: str, shard: int, rows: list[dict[str, Any]], storage_options
     with fs.open(temporary, "wb") as handle:
         pq.write_table(table, handle)
     fs.mv(temporary, path)
-    return table
+    return True
 
 
 def _manifest_fs(out: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:

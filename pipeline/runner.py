@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import zarr
+from zarr.errors import ZarrUserWarning
 from tqdm import tqdm
 
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
-from pipeline.manifest import committed_shards
+from pipeline.manifest import committed_shards, read_manifest
 from pipeline.sources import SourceError, list_items, make_plan, prefetch, shard_rows
 from pipeline.store import check_existing, create_store
 from pipeline.worker import ShardStats, ShardWorker
@@ -86,9 +89,16 @@ class RunSummary:
     seconds: float = 0.0
     shards_done: int = 0
     shards_skipped: int = 0  # already committed by an earlier run
+    discarded: int = 0  # duplicate attempts (retries, stragglers) that found their shard committed
+    retries: int = 0  # units re-run after an actor died or a task failed
+    shift_batches: int = 1  # > 1: each shard's shifts were split across actors
+    failed_shards: list[int] = field(default_factory=list)  # gave up after --max-retries; a rerun resumes them
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, stats: ShardStats, worker: str = "local") -> None:
+        if not stats.committed:
+            self.discarded += 1
+            return
         self.ok += stats.ok
         self.errors.update(stats.errors)
         self.images += stats.ok + sum(stats.errors.values())
@@ -111,6 +121,10 @@ class RunSummary:
             "images_per_second": round(self.images / self.seconds, 3) if self.seconds else None,
             "shards_done": self.shards_done,
             "shards_skipped": self.shards_skipped,
+            "discarded": self.discarded,
+            "retries": self.retries,
+            "shift_batches": self.shift_batches,
+            "failed_shards": self.failed_shards,
             "per_worker": {
                 name: {**v, "images_per_second": round(v["images"] / v["seconds"], 3) if v["seconds"] else None}
                 for name, v in self.per_worker.items()
@@ -126,14 +140,25 @@ class RunSummary:
         ]
         if self.errors:
             lines.append("errors      " + ", ".join(f"{kind}: {n}" for kind, n in self.errors.most_common(5)))
+        if self.failed_shards:
+            lines.append(f"FAILED      shards {self.failed_shards} after retries; rerun the same command to resume them")
         for name, v in d["per_worker"].items():
             lines.append(f"worker      {name}: {v['images']} images, {v['images_per_second'] or 0:.2f} images/s busy")
         return "\n".join(lines)
 
 
-def write_summary(job: Job, summary: RunSummary) -> None:
+def finish(job: Job, summary: RunSummary) -> None:
+    """End of a run: the manifest parts compacted into one table, Zarr metadata consolidated
+    (one read opens the store), and the run summary, all inside the output."""
     config = job.resolved.config
-    with fsspec.open(config.out.rstrip("/") + "/summary.json", "w", **config.storage_options) as handle:
+    out, options = config.out.rstrip("/"), config.storage_options
+    manifest = read_manifest(out, options)
+    with fsspec.open(f"{out}/manifest.parquet", "wb", **options) as handle:
+        pq.write_table(manifest, handle)
+    with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        zarr.consolidate_metadata(zarr.open_group(out, mode="r+", storage_options=options or None, use_consolidated=False).store)
+    with fsspec.open(f"{out}/summary.json", "w", **options) as handle:
         json.dump({"config": job.resolved.provenance(), "run": summary.as_dict()}, handle, indent=2)
 
 
@@ -156,5 +181,5 @@ def run_local(config: ExtractConfig, *, device: str | None = None) -> RunSummary
                 bar.update(len(loaded.rows))
                 bar.set_postfix(views_per_s=f"{summary.views / (time.perf_counter() - started):.1f}", errors=sum(summary.errors.values()))
     summary.seconds = time.perf_counter() - started
-    write_summary(job, summary)
+    finish(job, summary)
     return summary

@@ -7,6 +7,7 @@ on different workers (`compute` with a shift subset) and committed once (`commit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ import zarr
 
 from pipeline.config import ResolvedConfig
 from pipeline.images import ImageError, ImagePolicy, Prepared, prepare
-from pipeline.manifest import write_part
+from pipeline.manifest import is_committed, write_part
 from pipeline.models import Tap, ViT, load_vit
 from pipeline.srt import SRT, PartialSum, Shift
 from pipeline.sources import read_bytes
@@ -36,6 +37,11 @@ class LoadedShard:
     shard: int
     rows: list[dict[str, Any]]
     inputs: list[Prepared | ImageError]
+
+    def without_pixels(self) -> LoadedShard:
+        """The same shard minus its input tensors: what a commit needs, cheap to ship."""
+        inputs = [dataclasses.replace(i, tensor=torch.empty(0)) if isinstance(i, Prepared) else i for i in self.inputs]
+        return LoadedShard(self.shard, self.rows, inputs)
 
     def groups(self, images_per_call: int) -> list[list[int]]:
         """Indices of decoded inputs, grouped by input size, at most `images_per_call` a group."""
@@ -56,6 +62,7 @@ class ShardStats:
     views: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    committed: bool = True  # False: another attempt committed this shard first; nothing was written
 
 
 class ShardWorker:
@@ -77,7 +84,7 @@ class ShardWorker:
         )
         facts = resolved.facts
         self.policy = ImagePolicy(c.image_size, c.resize, facts.patch_size, facts.mean, facts.std, c.max_pixels)
-        self.group = zarr.open_group(c.out, mode="r+", storage_options=c.storage_options or None)
+        self.group = zarr.open_group(c.out, mode="r+", storage_options=c.storage_options or None, use_consolidated=False)
         # Enough images per SRT call that views fill whole micro-batches, bounded for memory.
         views = len(resolved.shifts)
         self.images_per_call = min(MAX_IMAGES_PER_CALL, math.lcm(c.batch_size, views) // views)
@@ -106,11 +113,18 @@ class ShardWorker:
         return partials
 
     def commit(self, loaded: LoadedShard, partials: list[PartialSum], started: float | None = None) -> ShardStats:
-        """Finalize, write the shard's arrays, then its manifest part (the commit point)."""
+        """Finalize, write the shard's arrays, then its manifest part (the commit point).
+
+        A shard someone else already committed is left alone (first commit wins).
+        """
         started = time.perf_counter() if started is None else started
+        config = self.resolved.config
+        stats = ShardStats(shard=loaded.shard)
+        if is_committed(config.out, loaded.shard, config.storage_options):
+            stats.committed = False
+            return stats
         count = len(loaded.rows)
         blocks: dict[str, np.ndarray] = {}
-        stats = ShardStats(shard=loaded.shard)
         for members, partial in zip(loaded.groups(self.images_per_call), partials):
             output = self.srt.finalize(partial)
             bucket = loaded.inputs[members[0]].bucket
@@ -119,7 +133,9 @@ class ShardWorker:
             stats.views += output.n_views * len(members)
         stats.bytes_written = write_shard(self.group, self.resolved, loaded.shard, blocks)
         rows = [self._manifest_row(row, item) for row, item in zip(loaded.rows, loaded.inputs)]
-        write_part(self.resolved.config.out, loaded.shard, rows, self.resolved.config.storage_options)
+        if not write_part(config.out, loaded.shard, rows, config.storage_options):
+            stats.committed = False
+            return stats
         for row in rows:
             if row["status"] == "ok":
                 stats.ok += 1

@@ -1,0 +1,282 @@
+"""The Ray runner: a pool of extraction actors fed work units by a scheduler over `ray.wait`.
+
+A work unit is (shard, shift batch). In data-parallel mode a unit is a whole shard with every
+shift: the actor reads, decodes, computes, writes the arrays and commits the manifest part. In
+split mode a shard's shifts are cut into G batches computed on different actors; each returns
+its partial sums (fp32, through the object store, never through the driver), and one commit unit
+adds them in batch order and writes. Only manifest stats travel to the driver.
+
+Failures: an actor that dies is restarted by Ray (`max_restarts`); its units are retried with
+exponential backoff, up to --max-retries. A unit running past the straggler timeout is started
+again elsewhere; whichever commits first wins and the other is discarded (manifest parts are
+written only if absent), so every image lands in the manifest exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayError
+
+from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig
+from pipeline.runner import Job, RunSummary, finish, plan_job, progress
+from pipeline.sources import shard_rows
+from pipeline.srt import PartialSum, Shift, combine, split_shifts
+from pipeline.worker import LoadedShard, ShardStats, ShardWorker
+
+log = logging.getLogger("srt")
+
+ACTOR_PREFIX = "srt-extract"
+UNITS_PER_ACTOR = 2  # one computing, one reading and decoding
+BACKOFF_SECONDS = 0.5
+MIN_STRAGGLER_SECONDS = 60.0
+
+
+@ray.remote(max_restarts=-1, max_concurrency=UNITS_PER_ACTOR)
+class ExtractActor:
+    """Owns one model (on its GPU, or on CPU with a thread budget) and writes straight to the store."""
+
+    def __init__(self, resolved: ResolvedConfig, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.worker = ShardWorker(resolved)
+        self.model_lock = threading.Lock()  # reads and decodes overlap; forward passes do not
+
+    def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardStats:
+        """Data-parallel unit: the whole shard, committed here."""
+        started = time.perf_counter()
+        loaded = self.worker.load(shard, rows)
+        with self.model_lock:
+            partials = self.worker.compute(loaded)
+        return self.worker.commit(loaded, partials, started)
+
+    @ray.method(num_returns=2)
+    def compute(self, shard: int, rows: list[dict[str, Any]], shifts: tuple[Shift, ...]) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
+        """Split-mode unit: partial sums over one shift batch. Returns (a small ack, the payload)."""
+        loaded = self.worker.load(shard, rows)
+        with self.model_lock:
+            partials = self.worker.compute(loaded, shifts)
+        return shard, (loaded.without_pixels(), partials)
+
+    def commit(self, shard: int, *payloads: tuple[LoadedShard, list[PartialSum]]) -> ShardStats:
+        """Split-mode commit: add every batch's partial sums in batch order, then write."""
+        started = time.perf_counter()
+        loaded = payloads[0][0]
+        groups = zip(*(partials for _, partials in payloads))
+        return self.worker.commit(loaded, [combine(list(parts)) for parts in groups], started)
+
+
+@dataclass
+class Unit:
+    """One schedulable piece of work; `batch` is None for a whole shard, "commit" for a split commit."""
+
+    shard: int
+    batch: int | str | None = None
+    attempt: int = 0
+    not_before: float = 0.0
+    payloads: list[Any] = field(default_factory=list)  # commit units: the batches' payload refs
+
+    @property
+    def key(self) -> tuple[int, int | str | None]:
+        return (self.shard, self.batch)
+
+
+@dataclass
+class Running:
+    unit: Unit
+    actor: Any
+    ref: Any  # the small result to wait on
+    payload: Any = None  # split compute: the big result, left in the object store
+    started: float = field(default_factory=time.monotonic)
+
+
+class ActorPoolScheduler:
+    """Hands units to actors with at most UNITS_PER_ACTOR in flight each; retries and duplicates."""
+
+    def __init__(self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary) -> None:
+        config = job.resolved.config
+        self.job, self.actors, self.batches, self.summary = job, actors, batches, summary
+        self.max_retries = config.max_retries
+        self.straggler_timeout = config.straggler_timeout
+        self.queue: collections.deque[Unit] = collections.deque()
+        self.running: dict[Any, Running] = {}
+        self.load = {name: 0 for name, _ in actors}
+        self.done: set[tuple[int, Any]] = set()  # unit keys finished (first result wins)
+        self.payloads: dict[int, dict[int, Any]] = collections.defaultdict(dict)  # shard -> batch -> ref
+        self.durations: list[float] = []
+        self.duplicated: set[tuple[int, Any]] = set()
+        for shard in job.pending:
+            if len(batches) == 1:
+                self.queue.append(Unit(shard))
+            else:
+                self.queue.extend(Unit(shard, b) for b in range(len(batches)))
+
+    def run(self, bar) -> None:
+        while self.queue or self.running:
+            self._submit_ready()
+            refs = list(self.running)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
+            for ref in ready:
+                self._finish(self.running.pop(ref), bar)
+            self._duplicate_stragglers()
+            if not refs and self.queue:
+                time.sleep(min(1.0, max(0.0, min(u.not_before for u in self.queue) - time.monotonic())))
+
+    def _submit_ready(self) -> None:
+        now = time.monotonic()
+        waiting = len(self.queue)
+        for _ in range(waiting):
+            unit = self.queue.popleft()
+            name, actor = min(self.actors, key=lambda a: self.load[a[0]])
+            if unit.key in self.done:
+                continue
+            if unit.not_before > now or self.load[name] >= UNITS_PER_ACTOR:
+                self.queue.append(unit)
+                continue
+            self._start(unit, name, actor)
+
+    def _start(self, unit: Unit, name: str, actor: Any) -> None:
+        rows = shard_rows(self.job.plan, unit.shard)
+        payload = None
+        if unit.batch is None:
+            ref = actor.process.remote(unit.shard, rows)
+        elif unit.batch == "commit":
+            ref = actor.commit.remote(unit.shard, *unit.payloads)
+        else:
+            ref, payload = actor.compute.remote(unit.shard, rows, self.batches[unit.batch])
+        self.load[name] += 1
+        self.running[ref] = Running(unit, (name, actor), ref, payload)
+
+    def _finish(self, running: Running, bar) -> None:
+        unit, (name, _) = running.unit, running.actor
+        self.load[name] -= 1
+        try:
+            result = ray.get(running.ref)
+        except RayError as error:
+            self._retry(unit, error)
+            return
+        if unit.key in self.done:
+            return  # a duplicate finished second: discard
+        self.done.add(unit.key)
+        self.durations.append(time.monotonic() - running.started)
+        if isinstance(result, ShardStats):
+            self.summary.add(result, worker=name)
+            if result.committed:
+                bar.update(len(shard_rows(self.job.plan, unit.shard)))
+                bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
+            return
+        batches = self.payloads[unit.shard]
+        batches[unit.batch] = running.payload
+        if len(batches) == len(self.batches):
+            payloads = [batches[b] for b in range(len(self.batches))]
+            self.queue.appendleft(Unit(unit.shard, "commit", attempt=unit.attempt, payloads=payloads))
+
+    def _retry(self, unit: Unit, error: Exception) -> None:
+        if unit.key in self.done:
+            return
+        if unit.attempt >= self.max_retries:
+            log.error("shard %d failed after %d attempts: %s", unit.shard, unit.attempt + 1, error)
+            self.done.add(unit.key)
+            self.summary.failed_shards.append(unit.shard)
+            return
+        self.summary.retries += 1
+        kind = "actor died" if isinstance(error, RayActorError) else "task failed"
+        log.warning("shard %d (%s) %s, retrying: %s", unit.shard, unit.batch, kind, str(error).splitlines()[0][:200])
+        if unit.batch == "commit":  # the batches' payloads may be gone with the actor: recompute them
+            self.payloads.pop(unit.shard, None)
+            for b in range(len(self.batches)):
+                self.done.discard((unit.shard, b))
+                self.queue.append(Unit(unit.shard, b, unit.attempt + 1, time.monotonic() + BACKOFF_SECONDS * 2**unit.attempt))
+            return
+        unit.attempt += 1
+        unit.not_before = time.monotonic() + BACKOFF_SECONDS * 2 ** (unit.attempt - 1)
+        self.queue.append(unit)
+
+    def _duplicate_stragglers(self) -> None:
+        """Start a second copy of a unit that has run far longer than usual, on the least-busy actor."""
+        if self.straggler_timeout == 0 or len(self.actors) < 2:
+            return
+        if self.straggler_timeout is None:
+            if len(self.durations) < 3:
+                return
+            limit = max(MIN_STRAGGLER_SECONDS, 4 * statistics.median(self.durations))
+        else:
+            limit = self.straggler_timeout
+        now = time.monotonic()
+        for running in list(self.running.values()):
+            unit = running.unit
+            if unit.key in self.duplicated or now - running.started < limit or unit.batch == "commit":
+                continue
+            others = [a for a in self.actors if a[0] != running.actor[0] and self.load[a[0]] < UNITS_PER_ACTOR]
+            if others:
+                log.warning("shard %d running %.0f s: starting a second copy", unit.shard, now - running.started)
+                self.duplicated.add(unit.key)
+                name, actor = min(others, key=lambda a: self.load[a[0]])
+                self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
+
+
+def actor_plan(config: ExtractConfig) -> tuple[int, dict[str, float], int]:
+    """(number of actors, resources of each, threads of each) from the flags and the cluster."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), int(resources.get("CPU", 0))
+    # A cluster with GPUs, or a head with no CPUs that waits for GPU workers to autoscale.
+    use_gpus = gpus > 0 or cpus == 0
+    if use_gpus:
+        threads = config.cpus_per_actor or 1
+        count = config.num_actors or int(gpus // config.gpus_per_actor)
+        each = {"num_gpus": config.gpus_per_actor, "num_cpus": threads}
+    else:
+        threads = config.cpus_per_actor or min(4, cpus)
+        count = config.num_actors or max(1, cpus // threads)
+        each = {"num_gpus": 0, "num_cpus": threads}
+    if count < 1:
+        raise ConfigError("--num-actors", "the cluster shows no GPUs yet (autoscaling?); give the number of GPU actors to start")
+    return count, each, threads
+
+
+def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
+    shifts = job.resolved.shifts
+    setting = job.resolved.config.split_shifts
+    if setting == "auto":
+        parts = min(actors, len(shifts)) if job.images_in(job.pending) < actors else 1
+    else:
+        parts = min(int(setting), len(shifts))
+    return split_shifts(shifts, parts)
+
+
+def run_ray(config: ExtractConfig) -> RunSummary:
+    """Extract on a Ray cluster (the one `ray job submit` or RAY_ADDRESS names, else a local one)."""
+    started = time.perf_counter()
+    job = plan_job(config)
+    summary = RunSummary(shards_skipped=job.shards - len(job.pending))
+    if job.pending:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+        count, resources, threads = actor_plan(config)
+        batches = shift_batches(job, count)
+        summary.shift_batches = len(batches)
+        run_id = uuid.uuid4().hex[:8]
+        actors = [
+            (f"{ACTOR_PREFIX}-{run_id}-{i}", ExtractActor.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}", **resources).remote(job.resolved, threads))
+            for i in range(count)
+        ]
+        mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
+        log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
+        try:
+            with progress(job) as bar:
+                ActorPoolScheduler(job, actors, batches, summary).run(bar)
+        finally:
+            for _, actor in actors:
+                ray.kill(actor, no_restart=True)
+    summary.seconds = time.perf_counter() - started
+    finish(job, summary)
+    return summary
+

@@ -1,0 +1,172 @@
+"""The Ray runner on a real local Ray instance: data parallel, split shifts, actor death, driver restart, S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import ray
+
+from pipeline.distributed import ACTOR_PREFIX, run_ray
+from pipeline.runner import run_local
+from pipeline.store import FeatureStore
+from tests.images_factory import gradient, write_files, encode
+from tests.test_extract_local import assert_store_matches_engine, config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Twelve distinct photos-like images, so runs have several shards."""
+    folder = tmp_path_factory.mktemp("photos")
+    write_files(folder, {f"{i:02d}.jpg": encode(gradient(40 + 4 * i, 56, seed=i), "JPEG") for i in range(12)})
+    return folder
+
+
+def sources(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in folder.glob("*.jpg")}
+
+
+def all_arrays(out: str) -> dict[str, np.ndarray]:
+    store = FeatureStore.open(out)
+    return {i: store.dense(i) for i in store.manifest.column("image_id").to_pylist()}
+
+
+def assert_exactly_once(out: str, expected: int) -> None:
+    manifest = FeatureStore.open(out).manifest
+    ids = manifest.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == expected
+    assert manifest.column("row").to_pylist() == list(range(expected))
+
+
+def test_data_parallel_two_actors_give_the_engine_features(tmp_path, photos):
+    out = str(tmp_path / "dp.zarr")
+    cfg = config(str(photos), out, num_actors=2, cpus_per_actor=1, split_shifts="1")
+    summary = run_ray(cfg)
+    assert (summary.ok, summary.shards_done) == (12, 6)
+    assert set(summary.per_worker) == {name for name in summary.per_worker if name.startswith(ACTOR_PREFIX)}
+    assert len(summary.per_worker) == 2, "both actors took work"
+    assert_exactly_once(out, 12)
+    assert_store_matches_engine(FeatureStore.open(out), sources(photos), cfg)
+    assert (tmp_path / "dp.zarr" / "manifest.parquet").exists() and (tmp_path / "dp.zarr" / "summary.json").exists()
+
+
+def test_split_shifts_equal_data_parallel_before_the_fp16_cast(tmp_path, photos):
+    common = dict(num_actors=2, cpus_per_actor=1, dtype="float32", radius=2)
+    dp = str(tmp_path / "dp.zarr")
+    split = str(tmp_path / "split.zarr")
+    run_ray(config(str(photos), dp, split_shifts="1", **common))
+    summary = run_ray(config(str(photos), split, split_shifts="3", **common))
+    assert summary.shards_done == 6 and summary.ok == 12
+    a, b = all_arrays(dp), all_arrays(split)
+    assert a.keys() == b.keys()
+    for image_id in a:
+        np.testing.assert_allclose(b[image_id], a[image_id], atol=1e-5, rtol=0)
+
+
+def test_auto_split_spreads_shifts_when_images_are_fewer_than_actors(tmp_path, photos):
+    one = tmp_path / "one"
+    write_files(one, {"only.jpg": (photos / "03.jpg").read_bytes()})
+    out = str(tmp_path / "auto.zarr")
+    cfg = config(str(one), out, num_actors=2, cpus_per_actor=1, radius=2)
+    summary = run_ray(cfg)
+    assert summary.ok == 1 and summary.shift_batches == 2
+    assert_store_matches_engine(FeatureStore.open(out), sources(one), cfg)
+
+
+def kill_an_actor_once_work_is_committed(out: Path, killed: list[str]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "manifest").glob("part-*.parquet")):
+        time.sleep(0.05)
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX)]
+    if actors:
+        ray.kill(ray.get_actor(actors[0]), no_restart=False)
+        killed.append(actors[0])
+
+
+def test_a_killed_actor_costs_nothing_but_time(tmp_path, photos):
+    reference = str(tmp_path / "undisturbed.zarr")
+    run_local(config(str(photos), reference, shard_size=1, image_size=64, radius=2, model="vit_small_patch16_224", dtype="float32"))
+    out = tmp_path / "disturbed.zarr"
+    killed: list[str] = []
+    killer = threading.Thread(target=kill_an_actor_once_work_is_committed, args=(out, killed))
+    killer.start()
+    cfg = config(str(photos), str(out), shard_size=1, image_size=64, radius=2, model="vit_small_patch16_224", dtype="float32", num_actors=2, cpus_per_actor=1, split_shifts="1")
+    summary = run_ray(cfg)
+    killer.join()
+    assert killed, "the test killed no actor"
+    assert summary.retries >= 1, "the kill hit no unit in flight"
+    assert summary.ok == 12 and not summary.failed_shards
+    assert_exactly_once(str(out), 12)
+    expected, got = all_arrays(reference), all_arrays(str(out))
+    for image_id in expected:
+        np.testing.assert_allclose(got[image_id], expected[image_id], atol=1e-6, rtol=0)
+
+
+def test_a_stopped_driver_resumes_with_only_the_uncommitted_shards(tmp_path, photos):
+    out = tmp_path / "resumed.zarr"
+    argv = [sys.executable, str(ROOT / "jobs" / "extract.py"), "--dataset", str(photos), "--out", str(out), "--model", "vit_small_patch16_224", "--image-size", "64", "--radius", "2", "--shard-size", "1", "--num-actors", "1", "--cpus-per-actor", "1", "--max-pixels", "1000000", "--stride", "8"]
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list((out / "manifest").glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C
+    driver.wait(timeout=60)
+    committed = len(list((out / "manifest").glob("part-*.parquet")))
+    assert 2 <= committed < 12, f"the driver was stopped after {committed} of 12 shards"
+    summary = run_ray(config(str(photos), str(out), shard_size=1, image_size=64, radius=2, model="vit_small_patch16_224", num_actors=1))
+    assert (summary.shards_done, summary.shards_skipped) == (12 - committed, committed)
+    assert_exactly_once(str(out), 12)
+
+
+def test_ray_job_reads_and_writes_s3(tmp_path, photos, s3_server):
+    fs = fsspec.filesystem("s3", **s3_server)
+    for path in photos.glob("*.jpg"):
+        fs.pipe(f"bucket/ray-images/{path.name}", path.read_bytes())
+    cfg = config("s3://bucket/ray-images", "s3://bucket/ray-feats.zarr", storage_options=s3_server, num_actors=2, cpus_per_actor=1)
+    assert run_ray(cfg).ok == 12
+    store = FeatureStore.open("s3://bucket/ray-feats.zarr", storage_options=s3_server)
+    assert_store_matches_engine(store, {f"s3://bucket/ray-images/{p.name}": p.read_bytes() for p in photos.glob("*.jpg")}, cfg)
+    assert fs.exists("bucket/ray-feats.zarr/manifest.parquet")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--split-shifts", "many"], "--split-shifts: must be 'auto' or a positive integer"),
+        (["--num-actors", "-1"], "--num-actors: must be 0 or more"),
+        (["--gpus-per-actor", "0"], "--gpus-per-actor: must be positive"),
+        (["--straggler-timeout", "-5"], "--straggler-timeout: must be 0"),
+        (["--stride", "3"], "--stride: stride 3 must divide"),
+    ],
+)
+def test_bad_flags_fail_before_any_actor_starts(tmp_path, photos, capsys, argv, message):
+    from jobs.extract import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--dataset", str(photos), "--out", str(tmp_path / "never.zarr"), *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "never.zarr").exists()
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX)]
+
+
+def test_empty_dataset_says_so_before_any_actor_starts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="no images found"):
+        run_ray(config(str(tmp_path / "empty"), str(tmp_path / "out.zarr")))
