@@ -12,39 +12,17 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import fsspec
 import numpy as np
 import torch
 import zarr
 
-from bench.results import table, write_section
+from bench.results import sample_photos, table, write_section
 from pipeline.images import ImagePolicy, prepare
 from pipeline.models import load_vit
 from pipeline.srt import SRT, grid_shifts
 from pipeline.store import compressors
-
-SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
-
-
-def sample_bytes(copies: int) -> list[bytes]:
-    """The bundled photos and `copies` re-encoded crops of each (distinct content, real statistics)."""
-    from PIL import Image
-    import io
-
-    out = []
-    for path in sorted(SAMPLES.glob("*.jpg")):
-        image = Image.open(path).convert("RGB")
-        out.append(path.read_bytes())
-        for k in range(copies):
-            w, h = image.size
-            box = (k * w // (4 * copies), k * h // (4 * copies), w - k * w // (5 * copies), h - k * h // (5 * copies))
-            buffer = io.BytesIO()
-            image.crop(box).save(buffer, format="JPEG", quality=90)
-            out.append(buffer.getvalue())
-    return out
-
 
 def features(vit, blobs: list[bytes]) -> dict[str, np.ndarray]:
     policy = ImagePolicy(224, "square", vit.patch_size, vit.mean, vit.std)
@@ -108,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     vit = load_vit(args.model, weights=args.weights, device="cpu")
-    blobs = sample_bytes(args.copies)
+    blobs = sample_photos(args.copies)
     arrays = features(vit, blobs)
     codecs = table(["codec", "KiB per image", "stored / raw", "write MB/s (raw)", "read MB/s (raw)"], codec_rows(arrays, args.shard_size, repeats=3))
     decode = table(["policy", "images", "mean file KiB", "images/s on one core"], decode_rows(blobs, repeats=3))

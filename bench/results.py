@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SAMPLES = RESULTS.parent.parent / "data" / "samples"
 
 
 def median_seconds(run: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -75,3 +76,22 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def sample_photos(copies: int) -> list[bytes]:
+    """The bundled photos and `copies` re-encoded crops of each: distinct content, real statistics."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        out.append(path.read_bytes())
+        width, height = image.size
+        for k in range(copies):
+            box = (k * width // (4 * copies), k * height // (4 * copies), width - k * width // (5 * copies), height - k * height // (5 * copies))
+            buffer = io.BytesIO()
+            image.crop(box).save(buffer, format="JPEG", quality=90)
+            out.append(buffer.getvalue())
+    return out

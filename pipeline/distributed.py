@@ -50,11 +50,16 @@ class ExtractActor:
         self.worker = ShardWorker(resolved)
         self.model_lock = threading.Lock()  # reads and decodes overlap; forward passes do not
 
+    def ready(self) -> bool:
+        """Returns once the model is loaded: lets the driver time actor start-up."""
+        return True
+
     def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardStats:
-        """Data-parallel unit: the whole shard, committed here."""
-        started = time.perf_counter()
+        """Data-parallel unit: the whole shard, committed here. Its time counts from when it
+        gets the model, so time spent reading while another unit computes is not counted twice."""
         loaded = self.worker.load(shard, rows)
         with self.model_lock:
+            started = time.perf_counter()
             partials = self.worker.compute(loaded)
         return self.worker.commit(loaded, partials, started)
 
@@ -104,6 +109,7 @@ class ActorPoolScheduler:
     def __init__(self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary) -> None:
         config = job.resolved.config
         self.job, self.actors, self.batches, self.summary = job, actors, batches, summary
+        self.shard_size = config.shard_size
         self.max_retries = config.max_retries
         self.straggler_timeout = config.straggler_timeout
         self.queue: collections.deque[Unit] = collections.deque()
@@ -144,7 +150,7 @@ class ActorPoolScheduler:
             self._start(unit, name, actor)
 
     def _start(self, unit: Unit, name: str, actor: Any) -> None:
-        rows = shard_rows(self.job.plan, unit.shard)
+        rows = shard_rows(self.job.plan, unit.shard, self.shard_size)
         payload = None
         if unit.batch is None:
             ref = actor.process.remote(unit.shard, rows)
@@ -170,7 +176,7 @@ class ActorPoolScheduler:
         if isinstance(result, ShardStats):
             self.summary.add(result, worker=name)
             if result.committed:
-                bar.update(len(shard_rows(self.job.plan, unit.shard)))
+                bar.update(self.job.images_in([unit.shard]))
                 bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
             return
         batches = self.payloads[unit.shard]
@@ -268,6 +274,8 @@ def run_ray(config: ExtractConfig) -> RunSummary:
             (f"{ACTOR_PREFIX}-{run_id}-{i}", ExtractActor.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}", **resources).remote(job.resolved, threads))
             for i in range(count)
         ]
+        ray.get([actor.ready.remote() for _, actor in actors])
+        summary.startup_seconds = time.perf_counter() - started
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
         try:

@@ -87,6 +87,7 @@ class RunSummary:
     views: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # planning, actor start and model load, before the first shard
     shards_done: int = 0
     shards_skipped: int = 0  # already committed by an earlier run
     discarded: int = 0  # duplicate attempts (retries, stragglers) that found their shard committed
@@ -118,6 +119,7 @@ class RunSummary:
             "views": self.views,
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
+            "startup_seconds": round(self.startup_seconds, 3),
             "images_per_second": round(self.images / self.seconds, 3) if self.seconds else None,
             "shards_done": self.shards_done,
             "shards_skipped": self.shards_skipped,
@@ -135,7 +137,7 @@ class RunSummary:
         d = self.as_dict()
         lines = [
             f"images      {d['images']} ({d['ok']} ok, {d['errors']} errors)" + (f"; {d['shards_skipped']} shards already done" if self.shards_skipped else ""),
-            f"time        {d['seconds']:.1f} s, {d['images_per_second'] or 0:.2f} images/s, {self.views / self.seconds if self.seconds else 0:.1f} views/s",
+            f"time        {d['seconds']:.1f} s ({self.startup_seconds:.1f} s start-up), {d['images_per_second'] or 0:.2f} images/s, {self.views / self.seconds if self.seconds else 0:.1f} views/s",
             f"written     {self.bytes_written / 1e6:.1f} MB of features (before compression)",
         ]
         if self.errors:
@@ -173,7 +175,8 @@ def run_local(config: ExtractConfig, *, device: str | None = None) -> RunSummary
     summary = RunSummary(shards_skipped=job.shards - len(job.pending))
     if job.pending:
         worker = ShardWorker(job.resolved, device=device)
-        loads = prefetch((worker.load(s, shard_rows(job.plan, s)) for s in job.pending), depth=2)
+        summary.startup_seconds = time.perf_counter() - started
+        loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
         with progress(job) as bar:
             for loaded in loads:
                 stats = worker.process(loaded)

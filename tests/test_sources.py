@@ -54,8 +54,8 @@ def test_webdataset_tar_groups_members_by_key(tmp_path):
     assert [i.image_id for i in items] == ["a/0001", "a/0002", "0003"]
     assert items[0].uri == f"{tmp_path}/shard-0.tar#a/0001.jpg" and items[0].source == "tar"
     plan = make_plan(items, 2)
-    assert read_bytes(shard_rows(plan, 0)) == [b"img1", b"img2"]
-    assert read_bytes(shard_rows(plan, 1)) == [b"img3"]
+    assert read_bytes(shard_rows(plan, 0, 2)) == [b"img1", b"img2"]
+    assert read_bytes(shard_rows(plan, 1, 2)) == [b"img3"]
 
 
 def test_parquet_of_image_bytes_reads_only_the_needed_row_groups(tmp_path):
@@ -67,8 +67,8 @@ def test_parquet_of_image_bytes_reads_only_the_needed_row_groups(tmp_path):
     items = list_items(str(tmp_path))
     assert [i.image_id for i in items[:10]] == [f"k{i}" for i in range(10)] and items[10].uri.endswith("hf.parquet#0")
     plan = make_plan(items, 4)
-    assert read_bytes(shard_rows(plan, 1)) == images[4:8]
-    assert read_bytes(shard_rows(plan, 2)) == images[8:] + [b"hf0"]
+    assert read_bytes(shard_rows(plan, 1, 4)) == images[4:8]
+    assert read_bytes(shard_rows(plan, 2, 4)) == images[8:] + [b"hf0"]
 
 
 def test_plan_is_deterministic_and_sharded(tmp_path):
