@@ -169,21 +169,34 @@ class ActorPoolScheduler:
         except RayError as error:
             self._retry(unit, error)
             return
+        if isinstance(result, ShardStats):
+            self._record_stats(unit, name, result, running.started, bar)
+            return
         if unit.key in self.done:
-            return  # a duplicate finished second: discard
+            self.summary.discarded += 1  # a duplicate batch finished second
+            return
         self.done.add(unit.key)
         self.durations.append(time.monotonic() - running.started)
-        if isinstance(result, ShardStats):
-            self.summary.add(result, worker=name)
-            if result.committed:
-                bar.update(self.job.images_in([unit.shard]))
-                bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
-            return
         batches = self.payloads[unit.shard]
         batches[unit.batch] = running.payload
         if len(batches) == len(self.batches):
             payloads = [batches[b] for b in range(len(self.batches))]
             self.queue.appendleft(Unit(unit.shard, "commit", attempt=unit.attempt, payloads=payloads))
+
+    def _record_stats(self, unit: Unit, name: str, stats: ShardStats, started: float, bar) -> None:
+        """Count the copy that committed; a copy that found the shard committed is discarded, and
+        only closes the unit when no other copy is still running (the committer's report may be lost)."""
+        copies_running = any(r.unit.key == unit.key for r in self.running.values())
+        if unit.key in self.done or not stats.committed:
+            self.summary.discarded += 1
+            if not copies_running:
+                self.done.add(unit.key)
+            return
+        self.done.add(unit.key)
+        self.durations.append(time.monotonic() - started)
+        self.summary.add(stats, worker=name)
+        bar.update(self.job.images_in([unit.shard]))
+        bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
 
     def _retry(self, unit: Unit, error: Exception) -> None:
         if unit.key in self.done:
@@ -225,6 +238,7 @@ class ActorPoolScheduler:
             if others:
                 log.warning("shard %d running %.0f s: starting a second copy", unit.shard, now - running.started)
                 self.duplicated.add(unit.key)
+                self.summary.duplicates += 1
                 name, actor = min(others, key=lambda a: self.load[a[0]])
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
 

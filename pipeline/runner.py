@@ -92,6 +92,7 @@ class RunSummary:
     shards_skipped: int = 0  # already committed by an earlier run
     discarded: int = 0  # duplicate attempts (retries, stragglers) that found their shard committed
     retries: int = 0  # units re-run after an actor died or a task failed
+    duplicates: int = 0  # second copies started for stragglers
     shift_batches: int = 1  # > 1: each shard's shifts were split across actors
     failed_shards: list[int] = field(default_factory=list)  # gave up after --max-retries; a rerun resumes them
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -125,6 +126,7 @@ class RunSummary:
             "shards_skipped": self.shards_skipped,
             "discarded": self.discarded,
             "retries": self.retries,
+            "duplicates": self.duplicates,
             "shift_batches": self.shift_batches,
             "failed_shards": self.failed_shards,
             "per_worker": {

@@ -34,7 +34,7 @@ def config(dataset: str, out: str, **overrides) -> ExtractConfig:
 def expected_features(data: bytes, cfg: ExtractConfig) -> dict[str, np.ndarray]:
     """What the engine gives for one image, computed directly, independently of the store."""
     resolved = resolve(cfg)
-    vit = cached_vit(MODEL)
+    vit = cached_vit(cfg.model)
     prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels))
     srt = SRT(vit, layers=resolved.layers, shifts=resolved.shifts, stride=resolved.stride, boundary=cfg.boundary)
     out = srt.run(prepared.tensor[None])

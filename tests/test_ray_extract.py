@@ -119,6 +119,17 @@ def test_a_killed_actor_costs_nothing_but_time(tmp_path, photos):
         np.testing.assert_allclose(got[image_id], expected[image_id], atol=1e-6, rtol=0)
 
 
+def test_stragglers_get_a_second_copy_and_the_first_commit_wins(tmp_path, photos):
+    out = str(tmp_path / "stragglers.zarr")
+    cfg = config(str(photos), out, shard_size=5, image_size=64, radius=2, model="vit_small_patch16_224", num_actors=2, cpus_per_actor=1, split_shifts="1", straggler_timeout=0.05)
+    summary = run_ray(cfg)
+    assert summary.duplicates >= 1, "no unit was duplicated"
+    assert summary.discarded == summary.duplicates, "each duplicated unit commits once and is discarded once"
+    assert (summary.ok, summary.shards_done) == (12, 3)
+    assert_exactly_once(out, 12)
+    assert_store_matches_engine(FeatureStore.open(out), sources(photos), cfg)
+
+
 def test_a_stopped_driver_resumes_with_only_the_uncommitted_shards(tmp_path, photos):
     out = tmp_path / "resumed.zarr"
     argv = [sys.executable, str(ROOT / "jobs" / "extract.py"), "--dataset", str(photos), "--out", str(out), "--model", "vit_small_patch16_224", "--image-size", "64", "--radius", "2", "--shard-size", "1", "--num-actors", "1", "--cpus-per-actor", "1", "--max-pixels", "1000000", "--stride", "8"]
