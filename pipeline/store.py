@@ -10,9 +10,12 @@ Layout under the output URI (N = planned items, n = one image per chunk):
     registers/L{L}            [N, R, C] register tokens averaged over views (models with registers)
     pooled/L{L}               [N, C] mean of the dense map
 
-Every array has one image per chunk and one work shard per Zarr shard, so each Zarr shard has
-exactly one writer (two writers of one shard lose data). Arrays are sized from the plan up front
-and never resized. Rows of failed images keep the fill value 0 and cost no storage.
+Dense arrays have one image per chunk inside one Zarr shard per work shard; per-image vectors
+(cls, registers, pooled) have one chunk per work shard, since a 768-byte chunk costs about 100x
+more to write and read than its bytes (bench/RESULTS.md). Either way each stored object belongs
+to exactly one work shard, so it has exactly one writer (two writers of one Zarr shard lose data).
+Arrays are sized from the plan up front and never resized. Rows of failed images keep the fill
+value 0 and cost no storage.
 """
 
 from __future__ import annotations
@@ -112,13 +115,16 @@ def _fixed_shapes(resolved: ResolvedConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _create(group: zarr.Group, path: str, shape: tuple[int, ...], resolved: ResolvedConfig) -> zarr.Array:
-    """One image per chunk, one work shard per Zarr shard; creating an existing array opens it."""
+    """Dense: one image per chunk, one work shard per Zarr shard. Vectors: one work shard per chunk.
+    Creating an existing array opens it."""
+    per_shard = (resolved.config.shard_size, *shape[1:])
+    dense = path.startswith("dense/")
     try:
         return group.create_array(
             path,
             shape=shape,
-            chunks=(1, *shape[1:]),
-            shards=(resolved.config.shard_size, *shape[1:]),
+            chunks=(1, *shape[1:]) if dense else per_shard,
+            shards=per_shard if dense else None,
             dtype=resolved.config.dtype,
             compressors=compressors(resolved.config.codec),
             fill_value=0,
@@ -186,7 +192,8 @@ class FeatureStore:
             raise KeyError(f"image_id {image_id!r} has no features: {record['error_kind']}: {record['error']}")
         return record
 
-    def _layer(self, layer: int | None) -> int:
+    def layer_index(self, layer: int | None) -> int:
+        """The stored layer to read: `layer` if stored, or the only one when None."""
         if layer is None:
             if len(self.layers) > 1:
                 raise ValueError(f"this store holds layers {self.layers}: pass layer=")
@@ -198,13 +205,13 @@ class FeatureStore:
     def dense(self, image_id: str, layer: int | None = None) -> np.ndarray:
         """[C, H/s, W/s] SRT map of one image."""
         record = self._ok_record(image_id)
-        return self.group[dense_path(self._layer(layer), record["bucket"])][record["row"]]
+        return self.group[dense_path(self.layer_index(layer), record["bucket"])][record["row"]]
 
     def vector(self, kind: str, image_id: str, layer: int | None = None) -> np.ndarray:
         """`kind` in cls, registers, pooled: the per-image vectors of one image."""
         if kind not in KINDS[1:]:
             raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
-        path = f"{kind}/{layer_name(self._layer(layer))}"
+        path = f"{kind}/{layer_name(self.layer_index(layer))}"
         if path not in self.group:
             raise KeyError(f"{self.uri} has no {kind} array (the model has none)")
         return self.group[path][self._ok_record(image_id)["row"]]
@@ -221,12 +228,21 @@ class FeatureStore:
         }
 
     def iter_batches(self, kind: str = "pooled", layer: int | None = None, batch_size: int = 1024) -> Iterator[tuple[list[str], np.ndarray]]:
-        """(image_ids, [n, ...] vectors) over every ok image, in plan order, `batch_size` at a time."""
-        path = f"{kind}/{layer_name(self._layer(layer))}"
+        """(image_ids, [n, ...] arrays) over every ok image, `batch_size` at a time.
+
+        `kind` is cls, registers, pooled (plan order) or dense (plan order within each size
+        bucket). Only the chunks of the requested rows are read.
+        """
+        layer = self.layer_index(layer)
         ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
         ids, rows = ok.column("image_id").to_pylist(), ok.column("row").to_numpy()
-        array = self.group[path]
-        for start in range(0, len(ids), batch_size):
-            chunk = rows[start : start + batch_size]
-            lo, hi = int(chunk.min()), int(chunk.max()) + 1
-            yield ids[start : start + batch_size], array[lo:hi][chunk - lo]
+        if kind == "dense":
+            buckets = ok.column("bucket").to_pylist()
+            groups = {bucket: [i for i, b in enumerate(buckets) if b == bucket] for bucket in dict.fromkeys(buckets)}
+            arrays = {bucket: self.group[dense_path(layer, bucket)] for bucket in groups}
+        else:
+            groups, arrays = {None: list(range(len(ids)))}, {None: self.group[f"{kind}/{layer_name(layer)}"]}
+        for bucket, members in groups.items():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                yield [ids[i] for i in chunk], arrays[bucket].oindex[rows[chunk]]

@@ -27,7 +27,7 @@ from pipeline.sources import read_bytes
 from pipeline.store import dense_path, layer_name, write_shard
 
 MAX_IMAGES_PER_CALL = 8
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -65,6 +65,24 @@ class ShardStats:
     committed: bool = True  # False: another attempt committed this shard first; nothing was written
 
 
+def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tuple[SRT, ImagePolicy]:
+    """The SRT engine and image policy a store's provenance describes: what extraction uses, and
+    what a query image must go through to be comparable with the store."""
+    p = provenance
+    srt = SRT(
+        vit,
+        layers=p["layers"],
+        shifts=[tuple(s) for s in p["shifts"]],
+        stride=p["stride"],
+        boundary=p["boundary"],
+        norm=p["norm"],
+        batch_size=batch_size,
+        autocast=AUTOCAST_DTYPES[p["precision"]] if vit.device.type == "cuda" else None,
+    )
+    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, vit.mean, vit.std, p["max_pixels"])
+    return srt, policy
+
+
 class ShardWorker:
     def __init__(self, resolved: ResolvedConfig, *, vit: ViT | None = None, device: str | None = None) -> None:
         c = resolved.config
@@ -72,18 +90,7 @@ class ShardWorker:
         self.vit = vit or load_vit(c.model, pretrained=c.pretrained, weights=c.weights, seed=c.seed, device=device, storage_options=c.storage_options)
         if self.vit.weights_id != resolved.weights_id:
             raise RuntimeError(f"weights changed since the run was planned: {self.vit.weights_id} != {resolved.weights_id}")
-        self.srt = SRT(
-            self.vit,
-            layers=resolved.layers,
-            shifts=resolved.shifts,
-            stride=resolved.stride,
-            boundary=c.boundary,
-            norm=c.norm,
-            batch_size=c.batch_size,
-            autocast=PRECISIONS[c.precision] if self.vit.device.type == "cuda" else None,
-        )
-        facts = resolved.facts
-        self.policy = ImagePolicy(c.image_size, c.resize, facts.patch_size, facts.mean, facts.std, c.max_pixels)
+        self.srt, self.policy = build_engine(self.vit, resolved.provenance(), batch_size=c.batch_size)
         self.group = zarr.open_group(c.out, mode="r+", storage_options=c.storage_options or None, use_consolidated=False)
         # Enough images per SRT call that views fill whole micro-batches, bounded for memory.
         views = len(resolved.shifts)

@@ -1,0 +1,76 @@
+"""Query a retrieval index by image_id of its store, or with new image files.
+
+    python jobs/query.py --index out/samples.index --image-id 54d59ef0582be3cd --k 5
+    python jobs/query.py --index out/samples.index --image photo.jpg --json
+
+New images go through the store's own model, layers, shifts and image policy; give the weights
+the store was made with (--pretrained or --weights; random-init stores reuse their seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.models import load_vit  # noqa: E402
+from pipeline.retrieval import DescriptorSpec, describe_images, load_index, vectors_of  # noqa: E402
+from pipeline.store import FeatureStore  # noqa: E402
+
+
+def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, weights=None, storage_options=None) -> list[dict]:
+    """Top-k matches of each query: [{"query", "rank", "image_id", "score", "uri"}]."""
+    options = storage_options or {}
+    built = load_index(index_uri, options)
+    store = FeatureStore.open(built.sidecar["store"], options)
+    spec = DescriptorSpec(**built.sidecar["descriptor"])
+    names = list(image_ids)
+    vectors = [vectors_of(store, image_ids, spec)] if image_ids else []
+    if images:
+        stored = store.config["weights"]
+        seed = int(stored.split("=")[1]) if stored.startswith("random:seed=") else 0
+        vit = load_vit(store.config["model"], pretrained=pretrained, weights=weights, seed=seed, storage_options=options)
+        blobs = []
+        for uri in images:
+            with fsspec.open(uri, "rb", **options) as handle:
+                blobs.append(handle.read())
+        vectors.append(describe_images(store, vit, blobs, spec))
+        names += list(images)
+    scores, found = built.search(np.concatenate(vectors), k)
+    return [
+        {"query": name, "rank": rank, "image_id": image_id, "score": float(score), "uri": uri}
+        for name, row_scores, row_ids in zip(names, scores, found)
+        for rank, (image_id, score, uri) in enumerate(zip(row_ids, row_scores, built.uris(row_ids)))
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--image-id", action="append", default=[], help="query by an image of the store (repeatable)")
+    parser.add_argument("--image", action="append", default=[], help="query with a new image file or URI (repeatable)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--storage-options", type=json.loads, default={})
+    args = parser.parse_args(argv)
+    if not args.image_id and not args.image:
+        parser.error("give --image-id or --image")
+    try:
+        rows = query(args.index, image_ids=args.image_id, images=args.image, k=args.k, pretrained=args.pretrained, weights=args.weights, storage_options=args.storage_options)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        parser.error(str(error))
+    for row in rows:
+        print(json.dumps(row) if args.json else f"{row['query'][:40]:40}  {row['rank']:3}  {row['score']:.4f}  {row['image_id']}  {row['uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
