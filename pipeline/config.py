@@ -18,7 +18,7 @@ from pipeline.models import ModelFacts, describe_model, weights_id
 from pipeline.srt import (
     BOUNDARIES,
     DEFAULT_BATCH_SIZE,
-    DEFAULT_GRID_RADIUS,
+    DEFAULT_RANDOM_SHIFTS,
     Shift,
     grid_shifts,
     random_shifts,
@@ -54,10 +54,12 @@ class ExtractConfig:
     weights: str | None = field(default=None, metadata=_flag("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)"))
     seed: int = field(default=0, metadata=_flag("seed for random-init weights (neither --pretrained nor --weights)"))
     layers: tuple[int, ...] = field(default=(-1,), metadata=_flag("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
-    radius: int | None = field(default=None, metadata=_flag(f"shift grid {{-n..n}}^2 (default {DEFAULT_GRID_RADIUS} when no other shift flag is given)"))
+    radius: int | None = field(default=None, metadata=_flag("shift grid {-n..n}^2"))
     shifts: tuple[Shift, ...] | None = field(default=None, metadata=_flag("explicit shifts 'dy,dx;dy,dx;...' (duplicates allowed)", parse="shifts"))
-    random_shifts: int | None = field(default=None, metadata=_flag("K distinct random sub-token shifts (seeded by --shift-seed)"))
+    random_shifts: int | None = field(default=None, metadata=_flag(f"K distinct random sub-token shifts (seeded by --shift-seed); {DEFAULT_RANDOM_SHIFTS} when no shift flag is given"))
     shift_seed: int = field(default=0, metadata=_flag("seed of --random-shifts"))
+    adaptive_tol: float | None = field(default=None, metadata=_flag("adaptive views: stop adding shifts to an image once its SRT map moves less than this (relative) between checks; shifts visited in a spread-out order"))
+    min_views: int = field(default=8, metadata=_flag("adaptive views: never fewer views than this"))
     stride: int | None = field(default=None, metadata=_flag("output stride in pixels; must divide the patch size (default: half the patch size, or the patch size if odd)"))
     boundary: str = field(default="reflect", metadata=_flag("fill of the strip a shift uncovers", choices=BOUNDARIES))
     norm: bool = field(default=True, metadata=_flag("apply the model's final norm to every tap (--no-norm to skip)"))
@@ -111,6 +113,8 @@ class ResolvedConfig:
             "shifts": [list(s) for s in self.shifts],
             "stride": self.stride,
             "boundary": c.boundary,
+            "adaptive_tol": c.adaptive_tol,
+            "min_views": c.min_views if c.adaptive_tol is not None else None,
             "norm": c.norm,
             "image_size": c.image_size,
             "resize": c.resize,
@@ -158,6 +162,12 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         raise ConfigError(f["gpus_per_actor"], f"must be positive, got {config.gpus_per_actor}")
     if config.straggler_timeout is not None and config.straggler_timeout < 0:
         raise ConfigError(f["straggler_timeout"], f"must be 0 (never) or positive seconds, got {config.straggler_timeout}")
+    if config.adaptive_tol is not None and config.adaptive_tol < 0:
+        raise ConfigError(f["adaptive_tol"], f"must be 0 or more, got {config.adaptive_tol}")
+    if config.min_views < 1:
+        raise ConfigError(f["min_views"], f"must be a positive integer, got {config.min_views}")
+    if config.adaptive_tol is not None and config.split_shifts not in ("auto", "1"):
+        raise ConfigError(f["split_shifts"], "adaptive views (--adaptive-tol) decide per image from all its views: they cannot be split")
     if config.split_shifts != "auto" and not (config.split_shifts.isdigit() and int(config.split_shifts) >= 1):
         raise ConfigError(f["split_shifts"], f"must be 'auto' or a positive integer, got {config.split_shifts!r}")
     for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
@@ -196,14 +206,14 @@ def _resolve_shifts(config: ExtractConfig, patch: int) -> tuple[Shift, ...]:
     given = [name for name in ("radius", "shifts", "random_shifts") if getattr(config, name) is not None]
     if len(given) > 1:
         raise ConfigError(f[given[1]], f"give only one of --radius, --shifts, --random-shifts (also got {f[given[0]]})")
-    name = given[0] if given else "radius"
+    name = given[0] if given else "random_shifts"
     try:
         if name == "shifts":
             return validate_shifts(config.shifts, patch)
-        if name == "random_shifts":
-            return tuple(random_shifts(config.random_shifts, patch, config.shift_seed))
-        radius = DEFAULT_GRID_RADIUS if config.radius is None else config.radius
-        return validate_shifts(grid_shifts(radius), patch)
+        if name == "radius":
+            return validate_shifts(grid_shifts(config.radius), patch)
+        count = DEFAULT_RANDOM_SHIFTS if config.random_shifts is None else config.random_shifts
+        return tuple(random_shifts(count, patch, config.shift_seed))
     except ValueError as error:
         raise ConfigError(f[name], str(error)) from error
 

@@ -265,7 +265,9 @@ def actor_plan(config: ExtractConfig) -> tuple[int, dict[str, float], int]:
 def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
     shifts = job.resolved.shifts
     setting = job.resolved.config.split_shifts
-    if setting == "auto":
+    if job.resolved.config.adaptive_tol is not None:
+        parts = 1  # adaptive views need all of an image's views in one place
+    elif setting == "auto":
         parts = min(actors, len(shifts)) if job.images_in(job.pending) < actors else 1
     else:
         parts = min(int(setting), len(shifts))

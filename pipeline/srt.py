@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 Shift = tuple[int, int]
 Boundary = Literal["reflect", "zeros"]
 BOUNDARIES: tuple[Boundary, ...] = ("reflect", "zeros")
-DEFAULT_GRID_RADIUS = 2
+# 16 random shifts over the whole sub-token lattice: the quality bench (bench/RESULTS.md) scores
+# them well above small grids at fewer views, since they cover every phase of the token period.
+DEFAULT_RANDOM_SHIFTS = 16
 DEFAULT_BATCH_SIZE = 16
 
 # A tokenizer maps a batch of views [N, 3, H, W] to {key: (grid [N, C, h, w], prefix [N, P, C])}.
@@ -84,6 +86,29 @@ def split_shifts(shifts: Sequence[Shift], parts: int) -> list[tuple[Shift, ...]]
         raise ValueError(f"cannot split {len(shifts)} shifts into {parts} batches")
     bounds = np.linspace(0, len(shifts), parts + 1).round().astype(int)
     return [tuple(shifts[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def spread_order(shifts: Sequence[Shift], patch: int) -> tuple[Shift, ...]:
+    """The shifts reordered so that every prefix spreads over the sub-token lattice: start nearest
+    to (0, 0), then repeatedly take the shift farthest (on the torus of phases mod p) from all
+    taken so far; ties keep the given order. Adaptive SRT visits shifts in this order."""
+    phases = torch.tensor([[dy % patch, dx % patch] for dy, dx in shifts], dtype=torch.float64)
+
+    def torus_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        delta = (a - b).abs()
+        return torch.minimum(delta, patch - delta).pow(2).sum(-1)
+
+    remaining = list(range(len(shifts)))
+    first = min(remaining, key=lambda i: (abs(shifts[i][0]) + abs(shifts[i][1]), i))
+    order = [first]
+    remaining.remove(first)
+    nearest = torus_distance(phases, phases[first])
+    while remaining:
+        best = max(remaining, key=lambda i: (nearest[i].item(), -i))
+        order.append(best)
+        remaining.remove(best)
+        nearest = torch.minimum(nearest, torus_distance(phases, phases[best]))
+    return tuple(shifts[i] for i in order)
 
 
 def validate_stride(stride: int, patch: int) -> int:
@@ -161,8 +186,8 @@ class PartialSum:
 
     dense: dict[Hashable, torch.Tensor]  # [B, C, Ho, Wo] fp32, sum over views of the aligned maps
     prefix: dict[Hashable, torch.Tensor]  # [B, P, C] fp32, sum over views
-    coverage: torch.Tensor  # [Ho, Wo] fp32, sum over views of the weight each cell received
-    n_views: int
+    coverage: torch.Tensor  # [B, Ho, Wo] fp32, sum over views of the weight each cell received
+    n_views: torch.Tensor  # [B] views summed per image (they differ when views are chosen adaptively)
 
     def __add__(self, other: PartialSum) -> PartialSum:
         if self.dense.keys() != other.dense.keys() or self.coverage.shape != other.coverage.shape:
@@ -171,7 +196,7 @@ class PartialSum:
             dense={k: v + other.dense[k].to(v.device) for k, v in self.dense.items()},
             prefix={k: v + other.prefix[k].to(v.device) for k, v in self.prefix.items()},
             coverage=self.coverage + other.coverage.to(self.coverage.device),
-            n_views=self.n_views + other.n_views,
+            n_views=self.n_views + other.n_views.to(self.n_views.device),
         )
 
     def to(self, device: str | torch.device) -> PartialSum:
@@ -179,7 +204,7 @@ class PartialSum:
             dense={k: v.to(device) for k, v in self.dense.items()},
             prefix={k: v.to(device) for k, v in self.prefix.items()},
             coverage=self.coverage.to(device),
-            n_views=self.n_views,
+            n_views=self.n_views.to(device),
         )
 
 
@@ -190,6 +215,16 @@ def combine(parts: Sequence[PartialSum]) -> PartialSum:
     return functools.reduce(PartialSum.__add__, parts)
 
 
+def concatenate(parts: Sequence[PartialSum]) -> PartialSum:
+    """Partial sums of different images, stacked along the batch in the given order."""
+    return PartialSum(
+        dense={k: torch.cat([p.dense[k] for p in parts]) for k in parts[0].dense},
+        prefix={k: torch.cat([p.prefix[k] for p in parts]) for k in parts[0].prefix},
+        coverage=torch.cat([p.coverage for p in parts]),
+        n_views=torch.cat([p.n_views for p in parts]),
+    )
+
+
 @dataclass
 class SRTOutput:
     """Per tap: the dense SRT map, the prefix tokens averaged over views, and a pooled descriptor."""
@@ -197,7 +232,7 @@ class SRTOutput:
     dense: dict[Hashable, torch.Tensor]  # [B, C, H/s, W/s]
     prefix: dict[Hashable, torch.Tensor]  # [B, P, C]
     pooled: dict[Hashable, torch.Tensor]  # [B, C], mean of the dense map
-    n_views: int
+    n_views: torch.Tensor  # [B] views averaged per image
 
 
 def finalize(partial: PartialSum, boundary: Boundary) -> SRTOutput:
@@ -205,15 +240,16 @@ def finalize(partial: PartialSum, boundary: Boundary) -> SRTOutput:
 
     With "reflect", a cell that no view covers (possible only for lopsided shift sets) is 0.
     """
+    views = partial.n_views.to(partial.coverage.dtype)
     if boundary == "reflect":
         coverage = partial.coverage
         scale = torch.where(coverage > 0, 1.0 / coverage.clamp_min(1e-12), torch.zeros_like(coverage))
     else:
-        scale = torch.full_like(partial.coverage, 1.0 / partial.n_views)
-    dense = {k: v * scale for k, v in partial.dense.items()}
+        scale = (1.0 / views)[:, None, None].expand_as(partial.coverage)
+    dense = {k: v * scale[:, None] for k, v in partial.dense.items()}
     return SRTOutput(
         dense=dense,
-        prefix={k: v / partial.n_views for k, v in partial.prefix.items()},
+        prefix={k: v / views[:, None, None] for k, v in partial.prefix.items()},
         pooled={k: v.mean(dim=(2, 3)) for k, v in dense.items()},
         n_views=partial.n_views,
     )
@@ -257,18 +293,60 @@ def shift_ensemble(
                 prefix[key] = tokens.new_zeros(batch, *tokens.shape[1:], dtype=torch.float32)
             add_aligned(dense[key], grid, rows, cols, owners)
             prefix[key].index_add_(0, torch.tensor(owners, device=tokens.device), tokens.float())
-    return PartialSum(dense=dense, prefix=prefix, coverage=coverage, n_views=len(shifts))
+    return PartialSum(
+        dense=dense,
+        prefix=prefix,
+        coverage=coverage.expand(batch, -1, -1).clone(),
+        n_views=torch.full((batch,), len(shifts), device=device),
+    )
+
+
+def relative_change(before: SRTOutput, after: SRTOutput) -> float:
+    """How much the running mean moved: max over taps of |after - before| / |after| (Frobenius)."""
+    return max(
+        ((after.dense[k] - before.dense[k]).norm() / after.dense[k].norm().clamp_min(1e-12)).item() for k in after.dense
+    )
+
+
+def adaptive_ensemble(
+    image: torch.Tensor,
+    tokenize: Tokenizer,
+    shifts: Sequence[Shift],
+    *,
+    patch: int,
+    stride: int,
+    boundary: Boundary,
+    tolerance: float,
+    min_views: int,
+    check_every: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> PartialSum:
+    """Views of one image [1, 3, H, W] in the given order, `check_every` at a time, until (with at
+    least `min_views` seen) the running mean moved by less than `tolerance` (relative) since the
+    last check, or the shifts run out."""
+    running = previous = None
+    for start in range(0, len(shifts), check_every):
+        chunk = shifts[start : start + check_every]
+        step = shift_ensemble(image, tokenize, chunk, patch=patch, stride=stride, boundary=boundary, batch_size=batch_size)
+        running = step if running is None else running + step
+        current = finalize(running, boundary)
+        enough = start + len(chunk) >= min_views
+        if enough and previous is not None and relative_change(previous, current) < tolerance:
+            break
+        previous = current
+    return running
 
 
 # ---------------------------------------------------------------------------- the engine
 
 
 class SRT:
-    """SRT features of a frozen ViT: `SRT(vit, layers=(-1,), shifts=grid_shifts(2), stride=4)(images)`.
+    """SRT features of a frozen ViT: `SRT(vit, layers=(-1,), shifts=random_shifts(16, p), stride=4)(images)`.
 
     Calling it on normalized images [B, 3, H, W] returns {requested layer: [B, C, H/s, W/s]}.
     `run` gives every output (dense, prefix, pooled, for block outputs and attention keys);
-    `partial` and `finalize` split the work over shift subsets.
+    `partial` and `finalize` split the work over shift subsets. With `tolerance`, each image stops
+    adding views (visited in `spread_order`, `min_views` at a time) once its mean moves less than that.
     """
 
     def __init__(
@@ -283,12 +361,16 @@ class SRT:
         norm: bool = True,
         batch_size: int = DEFAULT_BATCH_SIZE,
         autocast: torch.dtype | None = None,
+        tolerance: float | None = None,
+        min_views: int = 8,
+        check_every: int = 4,
     ) -> None:
         self.vit = vit
         self.patch = vit.patch_size
         self.layers = tuple(layers)
         self.taps = vit.taps(self.layers, keys)
-        self.shifts = validate_shifts(grid_shifts(DEFAULT_GRID_RADIUS) if shifts is None else shifts, self.patch)
+        default = random_shifts(DEFAULT_RANDOM_SHIFTS, self.patch, seed=0)
+        self.shifts = validate_shifts(default if shifts is None else shifts, self.patch)
         self.stride = validate_stride(self.patch if stride is None else stride, self.patch)
         self.boundary = validate_boundary(boundary)
         self.norm = norm
@@ -298,6 +380,14 @@ class SRT:
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         self.autocast = autocast
+        if tolerance is not None and tolerance < 0:
+            raise ValueError(f"tolerance (adaptive views) must be >= 0 or None, got {tolerance!r}")
+        for name, value in (("min_views", min_views), ("check_every", check_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.tolerance, self.min_views, self.check_every = tolerance, min_views, check_every
+        if tolerance is not None:  # visit shifts so that any prefix covers the lattice evenly
+            self.shifts = spread_order(self.shifts, self.patch)
 
     def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         dense = self.run(images).dense
@@ -313,8 +403,26 @@ class SRT:
     def partial(self, images: torch.Tensor, shifts: Sequence[Sequence[int]] | None = None) -> PartialSum:
         """Sums over `shifts` (default: the whole set); add parts with `combine`, then `finalize`."""
         self.vit.check_input(images)
+        if self.tolerance is not None and shifts is not None:
+            raise ValueError("adaptive views (tolerance) need the whole shift set: it cannot be split into batches")
         subset = self.shifts if shifts is None else validate_shifts(shifts, self.patch)
         images = images.to(device=self.vit.device, dtype=self.vit.dtype)
+        if self.tolerance is not None:
+            return concatenate([
+                adaptive_ensemble(
+                    image[None],
+                    self._tokenize,
+                    subset,
+                    patch=self.patch,
+                    stride=self.stride,
+                    boundary=self.boundary,
+                    tolerance=self.tolerance,
+                    min_views=self.min_views,
+                    check_every=self.check_every,
+                    batch_size=self.batch_size,
+                )
+                for image in images
+            ])
         return shift_ensemble(
             images,
             self._tokenize,

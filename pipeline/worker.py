@@ -78,6 +78,8 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         norm=p["norm"],
         batch_size=batch_size,
         autocast=AUTOCAST_DTYPES[p["precision"]] if vit.device.type == "cuda" else None,
+        tolerance=p["adaptive_tol"],
+        min_views=p["min_views"] or 1,
     )
     policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, vit.mean, vit.std, p["max_pixels"])
     return srt, policy
@@ -132,14 +134,16 @@ class ShardWorker:
             return stats
         count = len(loaded.rows)
         blocks: dict[str, np.ndarray] = {}
+        views_of: dict[int, int] = {}
         for members, partial in zip(loaded.groups(self.images_per_call), partials):
             output = self.srt.finalize(partial)
             bucket = loaded.inputs[members[0]].bucket
             for tap in self.srt.taps:
                 self._fill(blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap])
-            stats.views += output.n_views * len(members)
+            views_of.update(zip(members, output.n_views.tolist()))
+        stats.views = sum(views_of.values())
         stats.bytes_written = write_shard(self.group, self.resolved, loaded.shard, blocks)
-        rows = [self._manifest_row(row, item) for row, item in zip(loaded.rows, loaded.inputs)]
+        rows = [self._manifest_row(row, item, views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
         if not write_part(config.out, loaded.shard, rows, config.storage_options):
             stats.committed = False
             return stats
@@ -178,7 +182,7 @@ class ShardWorker:
             block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=np.float32))
             block[members] = values.numpy()
 
-    def _manifest_row(self, row: dict[str, Any], item: Prepared | ImageError) -> dict[str, Any]:
+    def _manifest_row(self, row: dict[str, Any], item: Prepared | ImageError, n_views: int | None) -> dict[str, Any]:
         record = {"image_id": row["image_id"], "uri": row["uri"], "shard": row["shard"], "row": row["row"]}
         if isinstance(item, ImageError):
             return {**record, "status": "error", "error_kind": item.kind, "error": str(item)}
@@ -191,5 +195,5 @@ class ShardWorker:
             "input_width": item.input_size[1],
             "region": list(item.region),
             "bucket": item.bucket,
-            "n_views": len(self.resolved.shifts),
+            "n_views": n_views,
         }

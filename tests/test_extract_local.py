@@ -36,7 +36,7 @@ def expected_features(data: bytes, cfg: ExtractConfig) -> dict[str, np.ndarray]:
     resolved = resolve(cfg)
     vit = cached_vit(cfg.model)
     prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels))
-    srt = SRT(vit, layers=resolved.layers, shifts=resolved.shifts, stride=resolved.stride, boundary=cfg.boundary)
+    srt = SRT(vit, layers=resolved.layers, shifts=resolved.shifts, stride=resolved.stride, boundary=cfg.boundary, tolerance=cfg.adaptive_tol, min_views=cfg.min_views)
     out = srt.run(prepared.tensor[None])
     tap = srt.taps[0]
     return {"dense": out.dense[tap][0].numpy(), "cls": out.prefix[tap][0, 0].numpy(), "pooled": out.pooled[tap][0].numpy()}
@@ -98,6 +98,27 @@ def test_batch_iteration_yields_ok_rows_in_plan_order(tmp_path, sample_paths):
     broken = next(r["image_id"] for r in store.manifest.to_pylist() if r["status"] == "error")
     with pytest.raises(KeyError, match="has no features: decode"):
         store.dense(broken)
+
+
+def test_adaptive_views_are_recorded_per_image(tmp_path, sample_paths):
+    from PIL import Image
+
+    from tests.images_factory import encode
+
+    folder = tmp_path / "mixed"
+    write_files(folder, {p.name: p.read_bytes() for p in sample_paths} | {"grey.png": encode(Image.new("RGB", (80, 64), (128, 128, 128)), "PNG")})
+    out = str(tmp_path / "out.zarr")
+    cfg = config(str(folder), out, radius=3, adaptive_tol=0.05, min_views=8, image_size=64)
+    summary = run_local(cfg)
+    views = {r["uri"].rsplit("/", 1)[1]: r["n_views"] for r in FeatureStore.open(out).manifest.to_pylist()}
+    assert views["grey.png"] == 8, "a flat image stops at --min-views"
+    assert all(8 <= n <= 49 for n in views.values()) and summary.views == sum(views.values())
+    assert FeatureStore.open(out).config["adaptive_tol"] == 0.05
+    assert_store_matches_engine(FeatureStore.open(out), sources_of(folder), cfg)
+
+
+def sources_of(folder) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in folder.iterdir()}
 
 
 def test_every_bad_input_is_accounted_for_and_the_rest_completes(tmp_path):

@@ -20,6 +20,7 @@ from pipeline.srt import (
     random_shifts,
     shift_ensemble,
     split_shifts,
+    spread_order,
     validate_shifts,
 )
 from tests.conftest import cached_vit, random_images
@@ -148,7 +149,7 @@ def test_any_partition_of_the_shift_set_adds_up_to_the_whole(tiny_vit, boundary)
         shuffled = rng.sample(shifts, len(shifts))
         pieces = split_shifts(shuffled, parts)
         result = srt.finalize(combine([srt.partial(images, piece) for piece in pieces]))
-        assert result.n_views == len(shifts)
+        assert result.n_views.tolist() == [len(shifts)] * len(images)
         for tap in srt.taps:
             torch.testing.assert_close(result.dense[tap], whole.dense[tap], atol=1e-5, rtol=0)
             torch.testing.assert_close(result.prefix[tap], whole.prefix[tap], atol=1e-5, rtol=0)
@@ -267,3 +268,39 @@ def test_bad_inputs_say_what_to_change(tiny_vit, images, error, message):
         SRT(tiny_vit, shifts=[(0, 0)])(images)
     with pytest.raises(ValueError, match="not sub-token"):
         SRT(tiny_vit).partial(torch.zeros(1, 3, 32, 32), shifts=[(0, 20)])
+
+
+def test_adaptive_views_with_zero_tolerance_are_the_full_set(tiny_vit):
+    images = random_images(tiny_vit, rows=2, cols=3)
+    full = SRT(tiny_vit, layers=(-1, 4), shifts=grid_shifts(2), stride=4).run(images)
+    adaptive = SRT(tiny_vit, layers=(-1, 4), shifts=grid_shifts(2), stride=4, tolerance=0.0).run(images)
+    assert adaptive.n_views.tolist() == [25, 25]
+    for tap in full.dense:
+        torch.testing.assert_close(adaptive.dense[tap], full.dense[tap], atol=1e-5, rtol=0)
+        torch.testing.assert_close(adaptive.prefix[tap], full.prefix[tap], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("boundary", "views_of_constant"), [("reflect", 8), ("zeros", 49)])
+def test_adaptive_views_stop_at_the_minimum_on_a_constant_image(tiny_vit, boundary, views_of_constant):
+    """A constant image looks the same through every reflect-filled view, so its mean stops moving at
+    once; with zero fill each shift shows a different 0 strip, so the mean keeps moving."""
+    constant = torch.full((1, 3, 64, 48), 0.3)
+    busy = random_images(tiny_vit, rows=4, cols=3, batch=1)
+    srt = SRT(tiny_vit, shifts=grid_shifts(3), stride=4, boundary=boundary, tolerance=1e-2, min_views=8, check_every=4)
+    out = srt.run(torch.cat([constant, busy]))
+    assert out.n_views.tolist()[0] == views_of_constant
+    assert out.n_views.tolist()[1] > 8, "a textured image keeps adding views"
+    alone = srt.run(busy)  # per-image decisions do not depend on the batch
+    torch.testing.assert_close(out.dense[srt.taps[0]][1:], alone.dense[srt.taps[0]], atol=1e-5, rtol=0)
+
+
+def test_spread_order_visits_distant_phases_first():
+    order = spread_order(grid_shifts(3), 16)
+    assert order[0] == (0, 0) and sorted(order) == sorted(grid_shifts(3))
+    assert set(order[1:5]) == {(-3, -3), (-3, 3), (3, -3), (3, 3)}  # the corners: farthest from (0, 0)
+    with pytest.raises(ValueError, match="cannot be split"):
+        SRT(cached_vit("vit_tiny_patch16_224"), tolerance=0.01).partial(torch.zeros(1, 3, 32, 32), shifts=[(0, 0)])
+
+
+def test_default_shift_set_is_16_random_lattice_shifts(any_vit):
+    assert SRT(any_vit).shifts == tuple(random_shifts(16, any_vit.patch_size, seed=0))
