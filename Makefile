@@ -22,3 +22,4 @@ bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.
 	$(PYTHON) -m bench.bench_store
 	$(PYTHON) -m bench.bench_ray
 	$(PYTHON) -m bench.bench_retrieval
+	$(PYTHON) -m bench.quality

@@ -259,9 +259,10 @@ def main() -> None:
             plot(picture, title, results)
             rows = [[row, f"{views:.1f}", *(f"{s[m]:.4f}" for m in ("mIoU", "boundary F", "RMSE", "RMSE-log"))] for row, views, s in results]
             sections.append(f"### {title}\n\n{table(['features', 'forward passes', 'mIoU', 'boundary F', 'RMSE', 'RMSE-log'], rows)}\n\n![{name}]({picture.name})\n")
+    sizes = "-".join(map(str, args.sizes))
     write_section(
-        "quality",
-        "Quality: what SRT buys per forward pass (synthetic shapes, exact ground truth)",
+        f"quality-{sizes}",
+        f"Quality at {', '.join(f'{s}²' for s in args.sizes)}: what SRT buys per forward pass (synthetic shapes, exact ground truth)",
         f"{args.train} train and {args.test} test scenes per model and size; ridge probe (λ = {RIDGE} × training cells) per feature cell on "
         f"standardized features; predictions upsampled bilinearly to pixels; boundary F within {BOUNDARY_TOLERANCE} px.\n\n" + "\n".join(sections),
     )

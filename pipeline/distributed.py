@@ -199,8 +199,8 @@ class ActorPoolScheduler:
         bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
 
     def _retry(self, unit: Unit, error: Exception) -> None:
-        if unit.key in self.done:
-            return
+        if unit.key in self.done or any(r.unit.key == unit.key for r in self.running.values()):
+            return  # finished, or another copy (a straggler duplicate) is still on it
         if unit.attempt >= self.max_retries:
             log.error("shard %d failed after %d attempts: %s", unit.shard, unit.attempt + 1, error)
             self.done.add(unit.key)

@@ -407,31 +407,11 @@ class SRT:
             raise ValueError("adaptive views (tolerance) need the whole shift set: it cannot be split into batches")
         subset = self.shifts if shifts is None else validate_shifts(shifts, self.patch)
         images = images.to(device=self.vit.device, dtype=self.vit.dtype)
-        if self.tolerance is not None:
-            return concatenate([
-                adaptive_ensemble(
-                    image[None],
-                    self._tokenize,
-                    subset,
-                    patch=self.patch,
-                    stride=self.stride,
-                    boundary=self.boundary,
-                    tolerance=self.tolerance,
-                    min_views=self.min_views,
-                    check_every=self.check_every,
-                    batch_size=self.batch_size,
-                )
-                for image in images
-            ])
-        return shift_ensemble(
-            images,
-            self._tokenize,
-            subset,
-            patch=self.patch,
-            stride=self.stride,
-            boundary=self.boundary,
-            batch_size=self.batch_size,
-        )
+        geometry = {"patch": self.patch, "stride": self.stride, "boundary": self.boundary, "batch_size": self.batch_size}
+        if self.tolerance is None:
+            return shift_ensemble(images, self._tokenize, subset, **geometry)
+        stopping = {"tolerance": self.tolerance, "min_views": self.min_views, "check_every": self.check_every}
+        return concatenate([adaptive_ensemble(image[None], self._tokenize, subset, **geometry, **stopping) for image in images])
 
     def _tokenize(self, views: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
         context = (
