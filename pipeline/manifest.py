@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -68,13 +69,27 @@ def committed_shards(out: str, storage_options: dict[str, Any] | None = None) ->
     return {int(m.group(1)) for p in fs.ls(path, detail=False) if (m := PART_PATTERN.search(p))}
 
 
+def compacted_uri(out: str) -> str:
+    return out.rstrip("/") + "/manifest.parquet"
+
+
 def read_manifest(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Every committed row, ordered by plan row."""
+    """Every committed row, ordered by plan row.
+
+    One file when the compacted table (written at the end of a run) covers exactly the committed
+    parts; otherwise (a run still going, or one that died before compacting) the parts themselves.
+    """
     fs, path = _manifest_fs(out, storage_options)
     if not fs.exists(path):
         return MANIFEST_SCHEMA.empty_table()
     files = sorted(p for p in fs.ls(path, detail=False) if PART_PATTERN.search(p))
     if not files:
         return MANIFEST_SCHEMA.empty_table()
-    table = pads.dataset(files, schema=MANIFEST_SCHEMA, format="parquet", filesystem=fs).to_table()
-    return table.sort_by("row")
+    shards = {int(PART_PATTERN.search(p).group(1)) for p in files}
+    compacted = fsspec.core.url_to_fs(compacted_uri(out), **(storage_options or {}))[1]
+    if fs.exists(compacted):
+        with fs.open(compacted, "rb") as handle:
+            table = pq.read_table(handle, schema=MANIFEST_SCHEMA)
+        if set(pc.unique(table.column("shard")).to_pylist()) == shards:
+            return table
+    return pads.dataset(files, schema=MANIFEST_SCHEMA, format="parquet", filesystem=fs).to_table().sort_by("row")

@@ -25,7 +25,7 @@ from zarr.errors import ZarrUserWarning
 from tqdm import tqdm
 
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
-from pipeline.manifest import committed_shards, read_manifest
+from pipeline.manifest import committed_shards, compacted_uri, read_manifest
 from pipeline.sources import SourceError, list_items, make_plan, prefetch, shard_rows
 from pipeline.store import check_existing, create_store
 from pipeline.worker import ShardStats, ShardWorker
@@ -157,7 +157,7 @@ def finish(job: Job, summary: RunSummary) -> None:
     config = job.resolved.config
     out, options = config.out.rstrip("/"), config.storage_options
     manifest = read_manifest(out, options)
-    with fsspec.open(f"{out}/manifest.parquet", "wb", **options) as handle:
+    with fsspec.open(compacted_uri(out), "wb", **options) as handle:
         pq.write_table(manifest, handle)
     with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
         warnings.simplefilter("ignore", ZarrUserWarning)

@@ -165,6 +165,16 @@ def test_rerun_recomputes_only_uncommitted_shards(tmp_path, sample_paths):
     assert run_local(cfg).shards_done == 0
 
 
+def test_the_compacted_manifest_is_read_only_when_it_covers_every_part(tmp_path, sample_paths):
+    out = tmp_path / "out.zarr"
+    run_local(config(str(sample_paths[0].parent), str(out), shard_size=1))
+    assert (out / "manifest.parquet").exists()
+    (out / "manifest" / "part-000001.parquet").write_bytes(b"corrupt")  # never read: the compacted table covers it
+    assert FeatureStore.open(str(out)).manifest.num_rows == 4
+    (out / "manifest" / "part-000001.parquet").unlink()  # shard 1 no longer committed: read the parts
+    assert FeatureStore.open(str(out)).manifest.column("shard").to_pylist() == [0, 2, 3]
+
+
 def test_rerun_with_a_different_config_is_refused_unless_overwrite(tmp_path, sample_paths):
     out = str(tmp_path / "out.zarr")
     run_local(config(str(sample_paths[0].parent), out))
