@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## extract SRT features of the bundled photos on a local Ray instance (CPU)
+demo: $(STAMP)  ## extract SRT features of the bundled photos on a local Ray instance (CPU), then picture them
 	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr --model vit_small_patch16_224
+	$(PYTHON) jobs/visualize.py --store out/samples.zarr --out out/samples.png
 
 test: $(STAMP)  ## the whole test suite (CI runs exactly this)
 	$(PYTHON) -m pytest

@@ -16,6 +16,7 @@ Orchestration:
 Consumers:
     retrieval    descriptors and FAISS indexes over a store
     ranking      retrieval metrics (revisited Oxford/Paris protocol) and ground-truth formats
+    pictures     feature maps to RGB (joint PCA) for looking at what SRT does
 """
 
 __version__ = "0.1.0"
