@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.models import load_vit  # noqa: E402
+from pipeline.models import load_store_model  # noqa: E402
 from pipeline.retrieval import DescriptorSpec, describe_images, load_index, vectors_of  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
@@ -33,9 +33,7 @@ def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, we
     names = list(image_ids)
     vectors = [vectors_of(store, image_ids, spec)] if image_ids else []
     if images:
-        stored = store.config["weights"]
-        seed = int(stored.split("=")[1]) if stored.startswith("random:seed=") else 0
-        vit = load_vit(store.config["model"], pretrained=pretrained, weights=weights, seed=seed, storage_options=options)
+        vit = load_store_model(store.config["model"], store.config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
         blobs = []
         for uri in images:
             with fsspec.open(uri, "rb", **options) as handle:

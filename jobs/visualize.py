@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.images import prepare  # noqa: E402
-from pipeline.models import load_vit  # noqa: E402
+from pipeline.models import load_store_model  # noqa: E402
 from pipeline.pictures import grid, pca_rgb, tile  # noqa: E402
 from pipeline.sources import read_bytes  # noqa: E402
 from pipeline.srt import SRT  # noqa: E402
@@ -35,11 +35,7 @@ def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weigh
     """The picture (a PIL image): one row per image, three tiles per row."""
     options = storage_options or {}
     config = store.config
-    stored = config["weights"]
-    seed = int(stored.split("=")[1]) if stored.startswith("random:seed=") else 0
-    vit = load_vit(config["model"], pretrained=pretrained, weights=weights, seed=seed, storage_options=options)
-    if vit.weights_id != stored:
-        raise ValueError(f"the store was made with weights {stored}; pass the same --pretrained/--weights")
+    vit = load_store_model(config["model"], config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
     layer = store.layer_index(layer)
     _, policy = build_engine(vit, config, batch_size=1)
     plain_engine = SRT(vit, layers=(layer,), shifts=[(0, 0)], stride=vit.patch_size, norm=config["norm"])

@@ -260,6 +260,31 @@ def load_vit(
     return ViT(model=model, name=name, weights_id=identity).to(device or default_device())
 
 
+def check_same_model(vit: ViT, name: str, identity: str) -> None:
+    """Refuse a model other than the one a store was made with (queries must match the database)."""
+    if vit.name != name or vit.weights_id != identity:
+        raise ValueError(
+            f"the query model must be the store's: store has {name} with {identity}, got {vit.name} with {vit.weights_id} "
+            "(pass the same --pretrained or --weights)"
+        )
+
+
+def load_store_model(
+    name: str,
+    identity: str,
+    *,
+    pretrained: bool = False,
+    weights: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> ViT:
+    """Load the model a store records (`name`, weights `identity`): random-init stores reuse their
+    seed; otherwise the caller names the weights, and they must be the recorded ones."""
+    seed = int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
+    vit = load_vit(name, pretrained=pretrained, weights=weights, seed=seed, storage_options=storage_options)
+    check_same_model(vit, name, identity)
+    return vit
+
+
 def weights_id(
     name: str,
     *,

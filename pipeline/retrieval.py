@@ -11,6 +11,7 @@ separate transform.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import posixpath
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.images import prepare
-from pipeline.models import ViT
+from pipeline.models import ViT, check_same_model
 from pipeline.ranking import rank_database
 from pipeline.srt import SRTOutput
 from pipeline.store import FeatureStore
@@ -125,12 +126,19 @@ class RetrievalIndex:
         if "nprobe" in self.sidecar["params"]:
             faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", self.sidecar["params"]["nprobe"])
         scores, found = self.index.search(l2_normalize(queries), min(k, self.index.ntotal))
-        image_ids = self.ids.column("image_id").to_pylist()
-        return scores, [[image_ids[i] for i in row if i >= 0] for row in found]
+        return scores, [[self._image_ids[i] for i in row if i >= 0] for row in found]
 
     def uris(self, image_ids: Sequence[str]) -> list[str]:
-        lookup = dict(zip(self.ids.column("image_id").to_pylist(), self.ids.column("uri").to_pylist()))
-        return [lookup[i] for i in image_ids]
+        return [self._uris[i] for i in image_ids]
+
+    @functools.cached_property
+    def _image_ids(self) -> list[str]:
+        """FAISS id -> image_id, converted once rather than on every search."""
+        return self.ids.column("image_id").to_pylist()
+
+    @functools.cached_property
+    def _uris(self) -> dict[str, str]:
+        return dict(zip(self._image_ids, self.ids.column("uri").to_pylist()))
 
 
 def build_index(
@@ -222,11 +230,7 @@ def index_exists(uri: str, storage_options: dict[str, Any] | None = None) -> boo
 
 def describe_images(store: FeatureStore, vit: ViT, blobs: Sequence[bytes], spec: DescriptorSpec) -> np.ndarray:
     """Descriptors of new images, computed exactly as the store's were (same model, shifts, policy)."""
-    if vit.weights_id != store.config["weights"] or vit.name != store.config["model"]:
-        raise ValueError(
-            f"the query model must be the store's: store has {store.config['model']} with {store.config['weights']}, "
-            f"got {vit.name} with {vit.weights_id} (pass the same --model and --weights/--pretrained/--seed)"
-        )
+    check_same_model(vit, store.config["model"], store.config["weights"])
     srt, policy = build_engine(vit, store.config, batch_size=16)
     layer = store.layer_index(spec.layer)
     vectors = []

@@ -59,10 +59,14 @@ def _open_group(out: str, mode: str, storage_options: dict[str, Any] | None) -> 
     return zarr.open_group(out, mode=mode, storage_options=storage_options or None)
 
 
+def _store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    return fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
 def stored_provenance(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The provenance of an existing store, or None when there is no store at `out`."""
-    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
+    if not _store_exists(out, storage_options):
         return None
     return dict(_open_group(out, "r", storage_options).attrs.get(ATTRIBUTE, {}))
 
@@ -172,7 +176,7 @@ class FeatureStore:
 
     @classmethod
     def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
-        if stored_provenance(out, storage_options) is None:
+        if not _store_exists(out, storage_options):
             raise FileNotFoundError(f"no feature store at {out}")
         return cls(out, _open_group(out, "r", storage_options), read_manifest(out, storage_options))
 
