@@ -24,3 +24,4 @@ bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.
 	$(PYTHON) -m bench.bench_ray
 	$(PYTHON) -m bench.bench_retrieval
 	$(PYTHON) -m bench.quality
+	$(PYTHON) -m bench.bench_segmentation

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import fsspec
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,8 +38,7 @@ def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weigh
     layer = store.layer_index(layer)
     _, policy = build_engine(vit, config, batch_size=1)
     plain_engine = SRT(vit, layers=(layer,), shifts=[(0, 0)], stride=vit.patch_size, norm=config["norm"])
-    with fsspec.open(store.uri.rstrip("/") + "/plan.parquet", "rb", **options) as handle:
-        plan = {row["image_id"]: row for row in pq.read_table(handle).to_pylist()}
+    plan = store.plan()
     originals, maps = [], []
     for image_id, blob in zip(image_ids, read_bytes([plan[i] for i in image_ids], options)):
         if isinstance(blob, Exception):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__
-from pipeline.models import ModelFacts, describe_model, weights_id
+from pipeline.models import ModelFacts, Tap, describe_model, weights_id
 from pipeline.srt import (
     BOUNDARIES,
     DEFAULT_BATCH_SIZE,
@@ -54,6 +54,7 @@ class ExtractConfig:
     weights: str | None = field(default=None, metadata=_flag("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)"))
     seed: int = field(default=0, metadata=_flag("seed for random-init weights (neither --pretrained nor --weights)"))
     layers: tuple[int, ...] = field(default=(-1,), metadata=_flag("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
+    keys: tuple[int, ...] = field(default=(), metadata=_flag("blocks whose attention keys are stored too, beside the block outputs (TokenCut's features), e.g. -1", parse="ints"))
     radius: int | None = field(default=None, metadata=_flag("shift grid {-n..n}^2"))
     shifts: tuple[Shift, ...] | None = field(default=None, metadata=_flag("explicit shifts 'dy,dx;dy,dx;...' (duplicates allowed)", parse="shifts"))
     random_shifts: int | None = field(default=None, metadata=_flag(f"K distinct random sub-token shifts (seeded by --shift-seed); {DEFAULT_RANDOM_SHIFTS} when no shift flag is given"))
@@ -92,9 +93,15 @@ class ResolvedConfig:
     config: ExtractConfig
     facts: ModelFacts
     layers: tuple[int, ...]
+    keys: tuple[int, ...]
     shifts: tuple[Shift, ...]
     stride: int
     weights_id: str
+
+    @property
+    def taps(self) -> tuple[Tap, ...]:
+        """Everything stored per image: block outputs, then attention keys."""
+        return tuple(Tap("block", layer) for layer in self.layers) + tuple(Tap("keys", layer) for layer in self.keys)
 
     def provenance(self) -> dict[str, Any]:
         """What is stored in the group attributes: the fingerprint plus the package version."""
@@ -110,6 +117,7 @@ class ResolvedConfig:
             "model": c.model,
             "weights": self.weights_id,
             "layers": list(self.layers),
+            "keys": list(self.keys),
             "shifts": [list(s) for s in self.shifts],
             "stride": self.stride,
             "boundary": c.boundary,
@@ -181,11 +189,7 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     patch = facts.patch_size
     if config.image_size % patch:
         raise ConfigError(f["image_size"], f"{config.image_size} is not a multiple of the patch size {patch} of {config.model}")
-    layers = []
-    for layer in config.layers:
-        if not -facts.depth <= layer < facts.depth:
-            raise ConfigError(f["layers"], f"{layer} is out of range for {config.model}, which has {facts.depth} blocks")
-        layers.append(layer % facts.depth)
+    layers, keys = _resolve_blocks(config, facts, "layers"), _resolve_blocks(config, facts, "keys")
     if not layers:
         raise ConfigError(f["layers"], "give at least one block index")
     shifts = _resolve_shifts(config, patch)
@@ -198,7 +202,17 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         identity = weights_id(config.model, pretrained=config.pretrained, weights=config.weights, seed=config.seed, storage_options=config.storage_options)
     except (OSError, ValueError) as error:
         raise ConfigError(f["weights"], f"cannot read {config.weights}: {error}") from error
-    return ResolvedConfig(config=config, facts=facts, layers=tuple(sorted(set(layers))), shifts=shifts, stride=stride, weights_id=identity)
+    return ResolvedConfig(config=config, facts=facts, layers=layers, keys=keys, shifts=shifts, stride=stride, weights_id=identity)
+
+
+def _resolve_blocks(config: ExtractConfig, facts: ModelFacts, name: str) -> tuple[int, ...]:
+    """The sorted, de-duplicated non-negative block indices of `--layers` or `--keys`."""
+    blocks = set()
+    for block in getattr(config, name):
+        if not -facts.depth <= block < facts.depth:
+            raise ConfigError(config.flags[name], f"{block} is out of range for {config.model}, which has {facts.depth} blocks")
+        blocks.add(block % facts.depth)
+    return tuple(sorted(blocks))
 
 
 def _resolve_shifts(config: ExtractConfig, patch: int) -> tuple[Shift, ...]:
@@ -268,7 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractCo
             meta["type"] = int
         elif f.type in ("float", "float | None"):
             meta["type"] = float
-        shown = "" if meta.get("required") or default in (None, {}, "") else f" (default: {_show(default)})"
+        shown = "" if meta.get("required") or default in (None, {}, "", ()) else f" (default: {_show(default)})"
         parser.add_argument(flag, default=default, help=help_text + shown, **meta)
 
 

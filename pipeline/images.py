@@ -129,3 +129,23 @@ def cell_to_pixel(
         y0 + (i + 0.5) * stride * (y1 - y0) / input_size[0],
         x0 + (j + 0.5) * stride * (x1 - x0) / input_size[1],
     )
+
+
+def to_original(values: np.ndarray, *, height: int, width: int, region: tuple[float, float, float, float]) -> np.ndarray:
+    """A 2-D map over the model input (at any resolution) -> the original's pixel grid by nearest
+    neighbour, for masks and labels; pixels outside the region shown to the model are 0."""
+    y0, x0, y1, x1 = region
+    top, left = round(y0), round(x0)
+    region_h, region_w = round(y1) - top, round(x1) - left
+    resized = np.asarray(Image.fromarray(values).resize((region_w, region_h), Image.Resampling.NEAREST))
+    canvas = np.zeros((height, width), dtype=values.dtype)
+    canvas[top : top + region_h, left : left + region_w] = resized
+    return canvas
+
+
+def from_original(values: np.ndarray, *, region: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """The inverse of `to_original`: the region shown to the model, resized to `size` (h, w) by
+    nearest neighbour (labels stay labels)."""
+    y0, x0, y1, x1 = region
+    cropped = values[round(y0) : round(y1), round(x0) : round(x1)]
+    return np.asarray(Image.fromarray(cropped).resize((size[1], size[0]), Image.Resampling.NEAREST))

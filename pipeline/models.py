@@ -167,9 +167,9 @@ class ViT:
             raise ValueError("at least one layer (or keys layer) must be requested")
         return tuple(sorted(found))
 
-    @torch.no_grad()
     def forward_taps(self, images: torch.Tensor, taps: Sequence[Tap], *, norm: bool) -> dict[Tap, TokenMap]:
         """Run the blocks up to the deepest tap only, and return every tap as a TokenMap.
+        Gradients flow unless the caller turns them off (SRT does; distillation trains through it).
 
         `norm` applies the model's final norm to block outputs (the reference SRT code does);
         keys are read as the attention computes them (after any key norm), never re-normalized.
@@ -276,11 +276,12 @@ def load_store_model(
     pretrained: bool = False,
     weights: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> ViT:
     """Load the model a store records (`name`, weights `identity`): random-init stores reuse their
     seed; otherwise the caller names the weights, and they must be the recorded ones."""
     seed = int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
-    vit = load_vit(name, pretrained=pretrained, weights=weights, seed=seed, storage_options=storage_options)
+    vit = load_vit(name, pretrained=pretrained, weights=weights, seed=seed, storage_options=storage_options, device=device)
     check_same_model(vit, name, identity)
     return vit
 

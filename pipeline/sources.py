@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import csv
 import hashlib
+from pathlib import PurePosixPath
 import io
 import itertools
 import posixpath
@@ -57,6 +58,11 @@ class SourceError(ValueError):
 def uri_id(uri: str) -> str:
     """Stable image_id for items without a user key: a hash of the URI."""
     return hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+
+def uri_path(uri: str) -> PurePosixPath:
+    """The path part of a URI (no protocol), for its folder and file names."""
+    return PurePosixPath(uri.split("://", 1)[-1])
 
 
 def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

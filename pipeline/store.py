@@ -9,6 +9,7 @@ Layout under the output URI (N = planned items, n = one image per chunk):
     cls/L{L}                  [N, C] class token averaged over views (models with a class token)
     registers/L{L}            [N, R, C] register tokens averaged over views (models with registers)
     pooled/L{L}               [N, C] mean of the dense map
+    dense/K{L}, cls/K{L}, ... the same for the attention keys of block L (`--keys`)
 
 Dense arrays have one image per chunk inside one Zarr shard per work shard; per-image vectors
 (cls, registers, pooled) have one chunk per work shard, since a 768-byte chunk costs about 100x
@@ -27,12 +28,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
 from pipeline.config import ResolvedConfig, differences
 from pipeline.manifest import read_manifest
+from pipeline.models import Tap
 from schemas import STORE_FORMAT_VERSION
 
 ATTRIBUTE = "srt"
@@ -47,12 +50,8 @@ def compressors(codec: str) -> Any:
     return {"zstd": ZstdCodec(level=3), "blosc": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), "none": None}[codec]
 
 
-def layer_name(layer: int) -> str:
-    return f"L{layer}"
-
-
-def dense_path(layer: int, bucket: str | None) -> str:
-    return f"dense/{layer_name(layer)}" + (f"/{bucket}" if bucket else "")
+def dense_path(tap: Tap, bucket: str | None) -> str:
+    return f"dense/{tap.name}" + (f"/{bucket}" if bucket else "")
 
 
 def _open_group(out: str, mode: str, storage_options: dict[str, Any] | None) -> zarr.Group:
@@ -98,9 +97,9 @@ def create_store(resolved: ResolvedConfig, plan_size: int) -> zarr.Group:
     # "a", not "w": "w" would wipe the plan already saved beside it (check_existing ran before).
     group = _open_group(resolved.config.out, "a", resolved.config.storage_options)
     group.attrs.update({ATTRIBUTE: resolved.provenance(), "plan_size": plan_size})
-    for layer in resolved.layers:
+    for tap in resolved.taps:
         for kind, shape in _fixed_shapes(resolved).items():
-            _create(group, f"{kind}/{layer_name(layer)}", (plan_size, *shape), resolved)
+            _create(group, f"{kind}/{tap.name}", (plan_size, *shape), resolved)
     return group
 
 
@@ -165,8 +164,9 @@ class FeatureStore:
     `FeatureStore.open("s3://bucket/feats.zarr", storage_options={...})`
     """
 
-    def __init__(self, out: str, group: zarr.Group, manifest: pa.Table) -> None:
+    def __init__(self, out: str, group: zarr.Group, manifest: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = out
+        self.storage_options = storage_options or {}
         self.group = group
         self.config: dict[str, Any] = dict(group.attrs[ATTRIBUTE])
         if self.config.get("store_format") != STORE_FORMAT_VERSION:
@@ -178,11 +178,21 @@ class FeatureStore:
     def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
         if not _store_exists(out, storage_options):
             raise FileNotFoundError(f"no feature store at {out}")
-        return cls(out, _open_group(out, "r", storage_options), read_manifest(out, storage_options))
+        return cls(out, _open_group(out, "r", storage_options), read_manifest(out, storage_options), storage_options)
+
+    def plan(self) -> dict[str, dict[str, Any]]:
+        """image_id -> planned row: what `sources.read_bytes` reads an image's bytes from."""
+        with fsspec.open(self.uri.rstrip("/") + "/plan.parquet", "rb", **self.storage_options) as handle:
+            return {row["image_id"]: row for row in pq.read_table(handle).to_pylist()}
 
     @property
     def layers(self) -> list[int]:
         return list(self.config["layers"])
+
+    @property
+    def keys(self) -> list[int]:
+        """Blocks whose attention keys are stored (`--keys`)."""
+        return list(self.config.get("keys", []))
 
     def record(self, image_id: str) -> dict[str, Any]:
         """The manifest row of one image."""
@@ -196,26 +206,33 @@ class FeatureStore:
             raise KeyError(f"image_id {image_id!r} has no features: {record['error_kind']}: {record['error']}")
         return record
 
-    def layer_index(self, layer: int | None) -> int:
-        """The stored layer to read: `layer` if stored, or the only one when None."""
+    def layer_index(self, layer: int | None, keys: bool = False) -> int:
+        """The stored block to read: `layer` if stored, or the only one when None.
+        `keys` picks among the blocks whose attention keys are stored."""
+        stored, what = (self.keys, "attention keys (--keys)") if keys else (self.layers, "layers")
+        if not stored:
+            raise KeyError(f"{self.uri} stores no {what}")
         if layer is None:
-            if len(self.layers) > 1:
-                raise ValueError(f"this store holds layers {self.layers}: pass layer=")
-            return self.layers[0]
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} not stored; stored layers: {self.layers}")
+            if len(stored) > 1:
+                raise ValueError(f"this store holds {what} of blocks {stored}: pass layer=")
+            return stored[0]
+        if layer not in stored:
+            raise KeyError(f"{what} of block {layer} not stored; stored: {stored}")
         return layer
 
-    def dense(self, image_id: str, layer: int | None = None) -> np.ndarray:
-        """[C, H/s, W/s] SRT map of one image."""
-        record = self._ok_record(image_id)
-        return self.group[dense_path(self.layer_index(layer), record["bucket"])][record["row"]]
+    def tap(self, layer: int | None = None, keys: bool = False) -> Tap:
+        return Tap("keys" if keys else "block", self.layer_index(layer, keys))
 
-    def vector(self, kind: str, image_id: str, layer: int | None = None) -> np.ndarray:
+    def dense(self, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
+        """[C, H/s, W/s] SRT map of one image: a block's output, or with `keys` its attention keys."""
+        record = self._ok_record(image_id)
+        return self.group[dense_path(self.tap(layer, keys), record["bucket"])][record["row"]]
+
+    def vector(self, kind: str, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
         """`kind` in cls, registers, pooled: the per-image vectors of one image."""
         if kind not in KINDS[1:]:
             raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
-        path = f"{kind}/{layer_name(self.layer_index(layer))}"
+        path = f"{kind}/{self.tap(layer, keys).name}"
         if path not in self.group:
             raise KeyError(f"{self.uri} has no {kind} array (the model has none)")
         return self.group[path][self._ok_record(image_id)["row"]]
@@ -231,21 +248,23 @@ class FeatureStore:
             "stride": self.config["stride"],
         }
 
-    def iter_batches(self, kind: str = "pooled", layer: int | None = None, batch_size: int = 1024) -> Iterator[tuple[list[str], np.ndarray]]:
+    def iter_batches(
+        self, kind: str = "pooled", layer: int | None = None, batch_size: int = 1024, keys: bool = False
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
         """(image_ids, [n, ...] arrays) over every ok image, `batch_size` at a time.
 
         `kind` is cls, registers, pooled (plan order) or dense (plan order within each size
         bucket). Only the chunks of the requested rows are read.
         """
-        layer = self.layer_index(layer)
+        tap = self.tap(layer, keys)
         ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
         ids, rows = ok.column("image_id").to_pylist(), ok.column("row").to_numpy()
         if kind == "dense":
             buckets = ok.column("bucket").to_pylist()
             groups = {bucket: [i for i, b in enumerate(buckets) if b == bucket] for bucket in dict.fromkeys(buckets)}
-            arrays = {bucket: self.group[dense_path(layer, bucket)] for bucket in groups}
+            arrays = {bucket: self.group[dense_path(tap, bucket)] for bucket in groups}
         else:
-            groups, arrays = {None: list(range(len(ids)))}, {None: self.group[f"{kind}/{layer_name(layer)}"]}
+            groups, arrays = {None: list(range(len(ids)))}, {None: self.group[f"{kind}/{tap.name}"]}
         for bucket, members in groups.items():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]

@@ -24,7 +24,7 @@ from pipeline.manifest import is_committed, write_part
 from pipeline.models import Tap, ViT, load_vit
 from pipeline.srt import SRT, PartialSum, Shift
 from pipeline.sources import read_bytes
-from pipeline.store import dense_path, layer_name, write_shard
+from pipeline.store import dense_path, write_shard
 
 MAX_IMAGES_PER_CALL = 8
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,6 +72,7 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
     srt = SRT(
         vit,
         layers=p["layers"],
+        keys=p.get("keys", ()),
         shifts=[tuple(s) for s in p["shifts"]],
         stride=p["stride"],
         boundary=p["boundary"],
@@ -172,8 +173,8 @@ class ShardWorker:
     ) -> None:
         """Copy one group's outputs into the shard-sized blocks they belong to."""
         facts = self.resolved.facts
-        name = layer_name(tap.layer)
-        per_image = {dense_path(tap.layer, bucket): dense, f"pooled/{name}": pooled}
+        name = tap.name
+        per_image = {dense_path(tap, bucket): dense, f"pooled/{name}": pooled}
         if facts.num_prefix_tokens > facts.num_registers:
             per_image[f"cls/{name}"] = prefix[:, 0]
         if facts.num_registers:

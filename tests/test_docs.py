@@ -23,7 +23,7 @@ def shown(field: dataclasses.Field) -> str:
         return "required"
     if isinstance(default, bool):
         return "on" if default else "off"
-    if default is None:
+    if default in (None, ()):
         return "—"
     if isinstance(default, tuple):
         return ",".join(map(str, default))

@@ -224,6 +224,7 @@ def test_s3_dataset_and_store_on_a_loopback_server(tmp_path, sample_paths, s3_se
     [
         (["--stride", "5"], "--stride: stride 5 must divide the patch size 16"),
         (["--layers", "12"], "--layers: 12 is out of range"),
+        (["--keys", "-13"], "--keys: -13 is out of range"),
         (["--radius", "16"], "--radius: shift .* is not sub-token"),
         (["--radius", "1", "--random-shifts", "4"], "--random-shifts: give only one of"),
         (["--image-size", "40"], "--image-size: 40 is not a multiple of the patch size 16"),
@@ -264,3 +265,25 @@ def test_features_dtype_float32_on_request(tmp_path, sample_paths):
     record = store.record(image_id)
     expected = expected_features(open(record["uri"], "rb").read(), config("x", "y"))
     np.testing.assert_allclose(store.dense(image_id), expected["dense"], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_keys_are_stored_beside_the_block_outputs(tmp_path, sample_paths):
+    out = str(tmp_path / "out.zarr")
+    cfg = config(str(sample_paths[0].parent), out, keys=(-1,), layers=(5,), dtype="float32", resize="aspect")
+    run_local(cfg)
+    store = FeatureStore.open(out)
+    assert (store.layers, store.keys) == ([5], [11])
+    vit = cached_vit(MODEL)
+    resolved = resolve(cfg)
+    srt = SRT(vit, layers=[5], keys=[11], shifts=resolved.shifts, stride=resolved.stride)
+    policy = ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels)
+    for record in store.manifest.to_pylist():
+        output = srt.run(prepare(open(record["uri"], "rb").read(), policy).tensor[None])
+        block, keys = srt.taps
+        assert (block.kind, keys.kind) == ("block", "keys")
+        np.testing.assert_allclose(store.dense(record["image_id"], keys=True), output.dense[keys][0], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(store.dense(record["image_id"]), output.dense[block][0], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(store.vector("cls", record["image_id"], keys=True), output.prefix[keys][0, 0], atol=1e-5, rtol=1e-5)
+    assert not np.allclose(store.dense(record["image_id"], keys=True), store.dense(record["image_id"]))
+    with pytest.raises(KeyError, match="attention keys .* of block 5 not stored"):
+        store.dense(record["image_id"], layer=5, keys=True)
