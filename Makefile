@@ -25,3 +25,4 @@ bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.
 	$(PYTHON) -m bench.bench_retrieval
 	$(PYTHON) -m bench.quality
 	$(PYTHON) -m bench.bench_segmentation
+	$(PYTHON) -m bench.bench_distill

@@ -41,49 +41,59 @@ class ConfigError(ValueError):
         self.flag = flag
 
 
-def _flag(help: str, **extra: Any) -> dict[str, Any]:
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field: `batch_size` -> `--batch-size`."""
+    return "--" + name.replace("_", "-")
+
+
+class Flags:
+    """Mixin for config dataclasses: `config.flags[field]` is the field's flag, for error messages."""
+
+    @property
+    def flags(self) -> dict[str, str]:
+        return {f.name: flag_of(f.name) for f in dataclasses.fields(self)}
+
+
+def option(help: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata that makes a config field a flag: its help and argparse extras."""
     return {"help": help, **extra}
 
 
 @dataclass
-class ExtractConfig:
-    dataset: str = field(default="", metadata=_flag("dataset URI: directory, glob, file list (.txt/.csv/.parquet), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://)", required=True))
-    out: str = field(default="", metadata=_flag("output Zarr store URI (resumed if it exists)", required=True))
-    model: str = field(default="vit_small_patch16_224.dino", metadata=_flag("timm ViT name"))
-    pretrained: bool = field(default=False, metadata=_flag("load timm's pretrained weights (needs the model hub)"))
-    weights: str | None = field(default=None, metadata=_flag("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)"))
-    seed: int = field(default=0, metadata=_flag("seed for random-init weights (neither --pretrained nor --weights)"))
-    layers: tuple[int, ...] = field(default=(-1,), metadata=_flag("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
-    keys: tuple[int, ...] = field(default=(), metadata=_flag("blocks whose attention keys are stored too, beside the block outputs (TokenCut's features), e.g. -1", parse="ints"))
-    radius: int | None = field(default=None, metadata=_flag("shift grid {-n..n}^2"))
-    shifts: tuple[Shift, ...] | None = field(default=None, metadata=_flag("explicit shifts 'dy,dx;dy,dx;...' (duplicates allowed)", parse="shifts"))
-    random_shifts: int | None = field(default=None, metadata=_flag(f"K distinct random sub-token shifts (seeded by --shift-seed); {DEFAULT_RANDOM_SHIFTS} when no shift flag is given"))
-    shift_seed: int = field(default=0, metadata=_flag("seed of --random-shifts"))
-    adaptive_tol: float | None = field(default=None, metadata=_flag("adaptive views: stop adding shifts to an image once its SRT map moves less than this (relative) between checks; shifts visited in a spread-out order"))
-    min_views: int = field(default=8, metadata=_flag("adaptive views: never fewer views than this"))
-    stride: int | None = field(default=None, metadata=_flag("output stride in pixels; must divide the patch size (default: half the patch size, or the patch size if odd)"))
-    boundary: str = field(default="reflect", metadata=_flag("fill of the strip a shift uncovers", choices=BOUNDARIES))
-    norm: bool = field(default=True, metadata=_flag("apply the model's final norm to every tap (--no-norm to skip)"))
-    image_size: int = field(default=224, metadata=_flag("model input: square side, or shorter side with --resize aspect; a multiple of the patch size"))
-    resize: str = field(default="square", metadata=_flag("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size", choices=RESIZE_POLICIES))
-    dtype: str = field(default="float16", metadata=_flag("stored feature dtype", choices=STORE_DTYPES))
-    codec: str = field(default="blosc", metadata=_flag("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
-    precision: str = field(default="fp32", metadata=_flag("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
-    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=_flag("views per forward pass (bounds accelerator memory)"))
-    shard_size: int = field(default=32, metadata=_flag("images per work shard = per Zarr shard = per manifest part"))
-    max_pixels: int = field(default=89_478_485, metadata=_flag("decompression-bomb limit: images with more pixels become error rows"))
-    num_actors: int = field(default=0, metadata=_flag("extraction actors; 0: one per GPU, or CPU cores / --cpus-per-actor without GPUs"))
-    gpus_per_actor: float = field(default=1.0, metadata=_flag("GPUs each actor holds (GPU clusters)"))
-    cpus_per_actor: int = field(default=0, metadata=_flag("CPU threads each actor uses; 0: 1 with GPUs, else min(4, cores)"))
-    split_shifts: str = field(default="auto", metadata=_flag("shift batches per shard spread over actors: auto (split only when fewer pending images than actors) or G"))
-    max_retries: int = field(default=3, metadata=_flag("attempts per work unit after the first, on actor death or task failure (exponential backoff)"))
-    straggler_timeout: float | None = field(default=None, metadata=_flag("seconds before a running unit is also started elsewhere (default: 4x the median unit time, at least 60; 0: never)"))
-    storage_options: dict[str, Any] = field(default_factory=dict, metadata=_flag("JSON of fsspec storage options (endpoint, credentials); never logged or stored", parse="json"))
-    overwrite: bool = field(default=False, metadata=_flag("delete an existing output instead of resuming it"))
-
-    @property
-    def flags(self) -> dict[str, str]:
-        return {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(self)}
+class ExtractConfig(Flags):
+    dataset: str = field(default="", metadata=option("dataset URI: directory, glob, file list (.txt/.csv/.parquet), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://)", required=True))
+    out: str = field(default="", metadata=option("output Zarr store URI (resumed if it exists)", required=True))
+    model: str = field(default="vit_small_patch16_224.dino", metadata=option("timm ViT name"))
+    pretrained: bool = field(default=False, metadata=option("load timm's pretrained weights (needs the model hub)"))
+    weights: str | None = field(default=None, metadata=option("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)"))
+    seed: int = field(default=0, metadata=option("seed for random-init weights (neither --pretrained nor --weights)"))
+    layers: tuple[int, ...] = field(default=(-1,), metadata=option("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
+    keys: tuple[int, ...] = field(default=(), metadata=option("blocks whose attention keys are stored too, beside the block outputs (TokenCut's features), e.g. -1", parse="ints"))
+    radius: int | None = field(default=None, metadata=option("shift grid {-n..n}^2"))
+    shifts: tuple[Shift, ...] | None = field(default=None, metadata=option("explicit shifts 'dy,dx;dy,dx;...' (duplicates allowed)", parse="shifts"))
+    random_shifts: int | None = field(default=None, metadata=option(f"K distinct random sub-token shifts (seeded by --shift-seed); {DEFAULT_RANDOM_SHIFTS} when no shift flag is given"))
+    shift_seed: int = field(default=0, metadata=option("seed of --random-shifts"))
+    adaptive_tol: float | None = field(default=None, metadata=option("adaptive views: stop adding shifts to an image once its SRT map moves less than this (relative) between checks; shifts visited in a spread-out order"))
+    min_views: int = field(default=8, metadata=option("adaptive views: never fewer views than this"))
+    stride: int | None = field(default=None, metadata=option("output stride in pixels; must divide the patch size (default: half the patch size, or the patch size if odd)"))
+    boundary: str = field(default="reflect", metadata=option("fill of the strip a shift uncovers", choices=BOUNDARIES))
+    norm: bool = field(default=True, metadata=option("apply the model's final norm to every tap (--no-norm to skip)"))
+    image_size: int = field(default=224, metadata=option("model input: square side, or shorter side with --resize aspect; a multiple of the patch size"))
+    resize: str = field(default="square", metadata=option("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size", choices=RESIZE_POLICIES))
+    dtype: str = field(default="float16", metadata=option("stored feature dtype", choices=STORE_DTYPES))
+    codec: str = field(default="blosc", metadata=option("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
+    precision: str = field(default="fp32", metadata=option("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=option("views per forward pass (bounds accelerator memory)"))
+    shard_size: int = field(default=32, metadata=option("images per work shard = per Zarr shard = per manifest part"))
+    max_pixels: int = field(default=89_478_485, metadata=option("decompression-bomb limit: images with more pixels become error rows"))
+    num_actors: int = field(default=0, metadata=option("extraction actors; 0: one per GPU, or CPU cores / --cpus-per-actor without GPUs"))
+    gpus_per_actor: float = field(default=1.0, metadata=option("GPUs each actor holds (GPU clusters)"))
+    cpus_per_actor: int = field(default=0, metadata=option("CPU threads each actor uses; 0: 1 with GPUs, else min(4, cores)"))
+    split_shifts: str = field(default="auto", metadata=option("shift batches per shard spread over actors: auto (split only when fewer pending images than actors) or G"))
+    max_retries: int = field(default=3, metadata=option("attempts per work unit after the first, on actor death or task failure (exponential backoff)"))
+    straggler_timeout: float | None = field(default=None, metadata=option("seconds before a running unit is also started elsewhere (default: 4x the median unit time, at least 60; 0: never)"))
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata=option("JSON of fsspec storage options (endpoint, credentials); never logged or stored", parse="json"))
+    overwrite: bool = field(default=False, metadata=option("delete an existing output instead of resuming it"))
 
 
 @dataclass(frozen=True)
@@ -268,7 +278,7 @@ _PARSERS = {"ints": _parse_ints, "shifts": _parse_shifts, "json": _parse_json}
 def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractConfig) -> None:
     """One flag per config field, with the field's default and help."""
     for f in dataclasses.fields(config_type):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         meta = dict(f.metadata)
         help_text = meta.pop("help")

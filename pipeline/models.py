@@ -269,6 +269,11 @@ def check_same_model(vit: ViT, name: str, identity: str) -> None:
         )
 
 
+def seed_of(identity: str) -> int:
+    """The seed of a random-init weights identity ("random:seed=3" -> 3); 0 for real weights."""
+    return int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
+
+
 def load_store_model(
     name: str,
     identity: str,
@@ -280,8 +285,7 @@ def load_store_model(
 ) -> ViT:
     """Load the model a store records (`name`, weights `identity`): random-init stores reuse their
     seed; otherwise the caller names the weights, and they must be the recorded ones."""
-    seed = int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
-    vit = load_vit(name, pretrained=pretrained, weights=weights, seed=seed, storage_options=storage_options, device=device)
+    vit = load_vit(name, pretrained=pretrained, weights=weights, seed=seed_of(identity), storage_options=storage_options, device=device)
     check_same_model(vit, name, identity)
     return vit
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.manifest import committed_shards, compacted_uri, read_manifest
 from pipeline.sources import SourceError, list_items, make_plan, prefetch, shard_rows
-from pipeline.store import check_existing, create_store
+from pipeline.store import check_existing, create_store, open_group
 from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
@@ -161,7 +161,7 @@ def finish(job: Job, summary: RunSummary) -> None:
         pq.write_table(manifest, handle)
     with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
         warnings.simplefilter("ignore", ZarrUserWarning)
-        zarr.consolidate_metadata(zarr.open_group(out, mode="r+", storage_options=options or None, use_consolidated=False).store)
+        zarr.consolidate_metadata(open_group(out, "r+", options, use_consolidated=False).store)
     with fsspec.open(f"{out}/summary.json", "w", **options) as handle:
         json.dump({"config": job.resolved.provenance(), "run": summary.as_dict()}, handle, indent=2)
 

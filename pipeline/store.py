@@ -54,8 +54,11 @@ def dense_path(tap: Tap, bucket: str | None) -> str:
     return f"dense/{tap.name}" + (f"/{bucket}" if bucket else "")
 
 
-def _open_group(out: str, mode: str, storage_options: dict[str, Any] | None) -> zarr.Group:
-    return zarr.open_group(out, mode=mode, storage_options=storage_options or None)
+def open_group(out: str, mode: str, storage_options: dict[str, Any] | None, **kwargs: Any) -> zarr.Group:
+    """zarr.open_group, with storage options only for remote URIs: zarr refuses them for local
+    paths, and one set of options serves every URI of a job (s3 images, a local store)."""
+    remote = "://" in out and not out.startswith("file://")
+    return zarr.open_group(out, mode=mode, storage_options=(storage_options or None) if remote else None, **kwargs)
 
 
 def _store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
@@ -67,7 +70,7 @@ def stored_provenance(out: str, storage_options: dict[str, Any] | None = None) -
     """The provenance of an existing store, or None when there is no store at `out`."""
     if not _store_exists(out, storage_options):
         return None
-    return dict(_open_group(out, "r", storage_options).attrs.get(ATTRIBUTE, {}))
+    return dict(open_group(out, "r", storage_options).attrs.get(ATTRIBUTE, {}))
 
 
 def check_existing(resolved: ResolvedConfig) -> bool:
@@ -95,7 +98,7 @@ def check_existing(resolved: ResolvedConfig) -> bool:
 def create_store(resolved: ResolvedConfig, plan_size: int) -> zarr.Group:
     """A new group with the run's provenance and every array whose shape the plan fixes."""
     # "a", not "w": "w" would wipe the plan already saved beside it (check_existing ran before).
-    group = _open_group(resolved.config.out, "a", resolved.config.storage_options)
+    group = open_group(resolved.config.out, "a", resolved.config.storage_options)
     group.attrs.update({ATTRIBUTE: resolved.provenance(), "plan_size": plan_size})
     for tap in resolved.taps:
         for kind, shape in _fixed_shapes(resolved).items():
@@ -178,7 +181,7 @@ class FeatureStore:
     def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
         if not _store_exists(out, storage_options):
             raise FileNotFoundError(f"no feature store at {out}")
-        return cls(out, _open_group(out, "r", storage_options), read_manifest(out, storage_options), storage_options)
+        return cls(out, open_group(out, "r", storage_options), read_manifest(out, storage_options), storage_options)
 
     def plan(self) -> dict[str, dict[str, Any]]:
         """image_id -> planned row: what `sources.read_bytes` reads an image's bytes from."""

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.config import ResolvedConfig
 from pipeline.images import ImageError, ImagePolicy, Prepared, prepare
@@ -24,7 +23,7 @@ from pipeline.manifest import is_committed, write_part
 from pipeline.models import Tap, ViT, load_vit
 from pipeline.srt import SRT, PartialSum, Shift
 from pipeline.sources import read_bytes
-from pipeline.store import dense_path, write_shard
+from pipeline.store import dense_path, open_group, write_shard
 
 MAX_IMAGES_PER_CALL = 8
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,7 +93,7 @@ class ShardWorker:
         if self.vit.weights_id != resolved.weights_id:
             raise RuntimeError(f"weights changed since the run was planned: {self.vit.weights_id} != {resolved.weights_id}")
         self.srt, self.policy = build_engine(self.vit, resolved.provenance(), batch_size=c.batch_size)
-        self.group = zarr.open_group(c.out, mode="r+", storage_options=c.storage_options or None, use_consolidated=False)
+        self.group = open_group(c.out, "r+", c.storage_options, use_consolidated=False)
         # Enough images per SRT call that views fill whole micro-batches, bounded for memory.
         views = len(resolved.shifts)
         self.images_per_call = min(MAX_IMAGES_PER_CALL, math.lcm(c.batch_size, views) // views)

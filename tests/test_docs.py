@@ -6,15 +6,20 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
+
+from jobs.distill import build_parser as build_distill_parser
 from jobs.extract import build_parser
 from pipeline.config import ExtractConfig
+from pipeline.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_flags() -> dict[str, str]:
-    rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `([^`]*)` \|", (ROOT / "README.md").read_text(), re.MULTILINE)
-    return dict(rows)
+def readme_flags(section: str = "Flags") -> dict[str, str]:
+    """{flag: shown default} of the flag table in the README section `## {section}`."""
+    text = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `(--[a-z0-9-]+)[^`]*` \| `([^`]*)` \|", text, re.MULTILINE))
 
 
 def shown(field: dataclasses.Field) -> str:
@@ -30,22 +35,27 @@ def shown(field: dataclasses.Field) -> str:
     return "{}" if default == {} else str(default)
 
 
-def test_readme_lists_every_flag_with_its_config_default():
-    documented = readme_flags()
-    for field in dataclasses.fields(ExtractConfig):
+JOBS = [("Flags", ExtractConfig, build_parser), ("Self-distillation", DistillConfig, build_distill_parser)]
+
+
+@pytest.mark.parametrize(("section", "config_type", "_"), JOBS)
+def test_readme_lists_every_flag_with_its_config_default(section, config_type, _):
+    documented = readme_flags(section)
+    for field in dataclasses.fields(config_type):
         flag = "--" + field.name.replace("_", "-")
         assert documented.get(flag) == shown(field), flag
 
 
-def test_cli_flags_and_defaults_come_from_the_config():
-    parser = build_parser()
+@pytest.mark.parametrize(("section", "config_type", "parser_of"), JOBS)
+def test_cli_flags_and_defaults_come_from_the_config(section, config_type, parser_of):
+    parser = parser_of()
     cli = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "local")}
-    config = ExtractConfig()
-    assert cli.keys() == {f.name for f in dataclasses.fields(ExtractConfig)}
+    config = config_type()
+    assert cli.keys() == {f.name for f in dataclasses.fields(config_type)}
     for name, default in cli.items():
-        if name not in ("dataset", "out"):
+        if not parser._option_string_actions["--" + name.replace("_", "-")].required:
             assert default == getattr(config, name), name
-    assert set(readme_flags()) == {"--" + name.replace("_", "-") for name in cli} | {"--local"}
+    assert set(readme_flags(section)) == {"--" + name.replace("_", "-") for name in cli} | {"--local"}
 
 
 def test_ci_runs_the_readme_test_command():
