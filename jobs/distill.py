@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def progress_line(metrics: dict[str, Any]) -> str:
+    return "distill  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
 def log(metrics: dict[str, Any]) -> None:
-    print("distill  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+    print(progress_line(metrics), flush=True)
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -46,8 +50,8 @@ def _ray_worker(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
 
     def report(metrics: dict[str, Any]) -> None:
-        if rank == 0:
-            log(metrics)
+        if rank == 0:  # through logging: Ray Train shows a worker's print() twice
+            logging.getLogger("srt.distill").info(progress_line(metrics))
         if "loss" in metrics:  # every worker reports the same steps: Ray Train synchronizes on them
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
