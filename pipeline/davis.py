@@ -105,7 +105,7 @@ def frame_key(uri: str) -> tuple[str, str]:
 class VideoResult:
     video: str
     frames: int
-    seconds: float  # propagation and upsampling, without reading features or writing PNGs
+    seconds: float  # reading features, propagation and upsampling; not writing PNGs
     scores: dict[int, tuple[float, float]] | None  # {object: (J, F)}; None without full annotations
 
 

@@ -314,9 +314,10 @@ def train_worker(config: DistillConfig, *, rank: int = 0, world: int = 1, device
     layer, teacher = store.layer_index(config.layer), store.config
     vit = load_store_model(teacher["model"], teacher["weights"], pretrained=config.pretrained, weights=config.weights, storage_options=options, device=device)
     params = trainable_parameters(vit, layer, teacher["norm"], config.trainable, config.last_blocks)
-    student: nn.Module = PlainTap(vit, layer, teacher["norm"])
+    tap = PlainTap(vit, layer, teacher["norm"])  # evaluated on rank 0 alone: never through DDP's collectives
+    student: nn.Module = tap
     if world > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        student = nn.parallel.DistributedDataParallel(tap, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # the penalty is the explicit L2 term
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
     loader = TargetLoader(store, vit, layer)
@@ -329,7 +330,7 @@ def train_worker(config: DistillConfig, *, rank: int = 0, world: int = 1, device
         restore_checkpoint(folder, vit, optimizer, schedule, options)
         report({"event": "resumed", "step": state["step"], "from": folder})
     elif rank == 0:
-        state["teacher_distance"] = holdout_distance(student, loader, held_rows, device, config.batch_size)
+        state["teacher_distance"] = holdout_distance(tap, loader, held_rows, device, config.batch_size)
     stream = batches(train_rows[rank::world], config.batch_size, seed=config.seed * 1000 + rank)
     for _ in range(state["step"]):  # replay the data order up to the checkpoint
         next(stream)
@@ -353,7 +354,7 @@ def train_worker(config: DistillConfig, *, rank: int = 0, world: int = 1, device
         if step % config.checkpoint_every == 0 or step == config.steps:
             if step == config.steps:
                 student.eval()
-                state["student_distance"] = holdout_distance(student, loader, held_rows, device, config.batch_size) if rank == 0 else None
+                state["student_distance"] = holdout_distance(tap, loader, held_rows, device, config.batch_size) if rank == 0 else None
             if rank == 0:
                 save_checkpoint(config.out, state, vit, optimizer, schedule, options)
             if world > 1:
