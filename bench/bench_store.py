@@ -24,6 +24,7 @@ from pipeline.models import load_vit
 from pipeline.srt import SRT, grid_shifts
 from pipeline.store import compressors
 
+
 def features(vit, blobs: list[bytes]) -> dict[str, np.ndarray]:
     policy = ImagePolicy(224, "square", vit.patch_size, vit.mean, vit.std)
     images = torch.stack([prepare(b, policy).tensor for b in blobs])

@@ -124,6 +124,7 @@ def propagate_davis(
 ) -> Iterator[VideoResult]:
     """Segment each video from its first annotation and the store's features, write the result
     PNGs under `out`, and score them where every frame is annotated."""
+    store.warn_if_cropped()
     index = store_frames(store)
     stride = store.config["stride"]
     for video in videos:

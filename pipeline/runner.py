@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
-from zarr.errors import ZarrUserWarning
 from tqdm import tqdm
+from zarr.errors import ZarrUserWarning
 
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.manifest import committed_shards, compacted_uri, read_manifest

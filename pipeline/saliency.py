@@ -34,6 +34,7 @@ class SalientMask:
 def segment_store(store: FeatureStore, *, keys: bool = True, layer: int | None = None, tau: float = TAU, eps: float = EPS) -> Iterator[SalientMask]:
     """TokenCut masks of every ok image of the store, in manifest order."""
     store.layer_index(layer, keys)  # fails now, naming what is stored, rather than per image
+    store.warn_if_cropped()
     for record in store.manifest.to_pylist():
         if record["status"] != "ok":
             continue

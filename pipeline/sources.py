@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import csv
 import hashlib
-from pathlib import PurePosixPath
 import io
 import itertools
 import posixpath
@@ -21,6 +20,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 import fsspec

@@ -21,6 +21,7 @@ value 0 and cost no storage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,6 +192,14 @@ class FeatureStore:
     @property
     def layers(self) -> list[int]:
         return list(self.config["layers"])
+
+    def warn_if_cropped(self) -> None:
+        """Dense consumers map cells back onto whole images: say so when the model saw centre crops."""
+        if self.config["resize"] == "square":
+            logging.getLogger("srt").warning(
+                "%s was extracted with --resize square: pixels outside each centre crop are predicted background "
+                "(extract with --resize aspect to segment whole images)", self.uri
+            )
 
     @property
     def keys(self) -> list[int]:

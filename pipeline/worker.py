@@ -21,8 +21,8 @@ from pipeline.config import ResolvedConfig
 from pipeline.images import ImageError, ImagePolicy, Prepared, prepare
 from pipeline.manifest import is_committed, write_part
 from pipeline.models import Tap, ViT, load_vit
-from pipeline.srt import SRT, PartialSum, Shift
 from pipeline.sources import read_bytes
+from pipeline.srt import SRT, PartialSum, Shift
 from pipeline.store import dense_path, open_group, write_shard
 
 MAX_IMAGES_PER_CALL = 8

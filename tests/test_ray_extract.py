@@ -18,7 +18,7 @@ import ray
 from pipeline.distributed import ACTOR_PREFIX, run_ray
 from pipeline.runner import run_local
 from pipeline.store import FeatureStore
-from tests.images_factory import gradient, write_files, encode
+from tests.images_factory import encode, gradient, write_files
 from tests.test_extract_local import assert_store_matches_engine, config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,9 @@ from pipeline.davis import PALETTE, DavisLayout, frame_key, read_labels
 from pipeline.images import from_original, to_original
 from pipeline.propagation import PropagationSettings, one_hot, propagate_video, to_labels
 from pipeline.runner import run_local
+from pipeline.saliency import segment_store
 from pipeline.segmentation_metrics import boundary_measure, boundary_tolerance, davis_scores, max_f, region_similarity
+from pipeline.store import FeatureStore
 from pipeline.tokencut import tokencut
 
 MODEL = "vit_tiny_patch16_224"
@@ -279,3 +281,12 @@ def test_saliency_without_stored_keys_says_how_to_get_them(davis, capsys):
         saliency_main(["--store", stores["plain"]])
     error = capsys.readouterr().err
     assert "--features keys" in error and "stores no attention keys" in error and "--keys -1" in error
+
+
+def test_consumers_warn_when_the_model_saw_centre_crops(salient, tmp_path, caplog):
+    root, _ = salient
+    square = str(tmp_path / "square.zarr")
+    run_local(ExtractConfig(dataset=str(root / "images"), out=square, model=MODEL, image_size=64, keys=(-1,), **PLAIN))
+    store = FeatureStore.open(square)
+    masks = list(segment_store(store))
+    assert "centre crop" in caplog.text and masks[0].mask.shape == (128, 128)
