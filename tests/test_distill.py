@@ -27,18 +27,22 @@ MODEL = "vit_tiny_patch16_224"
 
 @pytest.fixture(scope="module")
 def teacher_store(tmp_path_factory):
-    """8 real photos (4 and a crop of each), SRT at stride 8 of a 64-pixel input: 4 x 4 tokens."""
+    """16 real photos (4, and 3 crops of each), SRT at stride 8 of a 64-pixel input: 4 x 4 tokens.
+    Listed with ids, so image_ids (and the held-out split) do not depend on the temporary path."""
     root = tmp_path_factory.mktemp("distill")
     (root / "images").mkdir()
-    for i, data in enumerate(sample_photos(copies=1)):
+    lines = ["id,uri"]
+    for i, data in enumerate(sample_photos(copies=3)):
         (root / "images" / f"{i}.jpg").write_bytes(data)
+        lines.append(f"photo{i},images/{i}.jpg")
+    (root / "images.csv").write_text("\n".join(lines) + "\n")
     out = str(root / "teacher.zarr")
-    run_local(ExtractConfig(dataset=str(root / "images"), out=out, model=MODEL, image_size=64, stride=8, layers=(5,)))
+    run_local(ExtractConfig(dataset=str(root / "images.csv"), out=out, model=MODEL, image_size=64, stride=8, layers=(5,)))
     return out
 
 
 def config(store: str, out, **overrides) -> DistillConfig:
-    base = dict(store=store, out=str(out), steps=30, batch_size=3, holdout=0.25, checkpoint_every=10, log_every=1)
+    base = dict(store=store, out=str(out), steps=32, batch_size=3, holdout=0.25, checkpoint_every=16, log_every=1)
     return DistillConfig(**{**base, **overrides})
 
 
@@ -52,15 +56,18 @@ def run(cfg: DistillConfig) -> list[dict]:
 def test_the_student_moves_toward_the_srt_targets_and_loads_in_extraction(teacher_store, tmp_path):
     cfg = config(teacher_store, tmp_path / "student")
     losses = [r["loss"] for r in run(cfg) if "loss" in r]
-    assert len(losses) == 30
-    # 6 training images in batches of 3: each pair of steps is one epoch over all of them, so
-    # epoch means compare like with like. Measured: 0.26 in the first epoch, 0.11 in the last.
-    assert np.mean(losses[-2:]) < 0.6 * np.mean(losses[:2])
+    assert len(losses) == 32
+    # 12 training images in batches of 3: every 4 steps are one epoch over all of them, so epoch
+    # means compare like with like. Measured: 0.229 in the first epoch, 0.121 in the last.
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.75 * first, (first, last)
     sidecar = read_sidecar(cfg.out)
     distance = sidecar["held_out_distance"]
-    assert distance["student"] < distance["teacher"]  # on images it never trained on
-    assert sidecar["teacher_store"] == teacher_store and sidecar["images"] == {"train": 6, "held_out": 2}
-    assert sidecar["teacher"]["layer"] == 5 and sidecar["steps"] == 30
+    # On the 4 images it never trained on: measured 0.274 (teacher) -> 0.132 (student). Over 6 other
+    # splits of these images the ratio was 0.34 to 0.60; with 8 images instead of 16, one split in 12 got worse.
+    assert distance["student"] < 0.8 * distance["teacher"], distance
+    assert sidecar["teacher_store"] == teacher_store and sidecar["images"] == {"train": 12, "held_out": 4}
+    assert sidecar["teacher"]["layer"] == 5 and sidecar["steps"] == 32
 
     # The checkpoint is a plain timm state dict: extraction loads it with --weights, as is.
     student_out, teacher_out = tmp_path / "student.zarr", tmp_path / "teacher-plain.zarr"
@@ -113,7 +120,7 @@ def test_resume_continues_the_step_count_and_reaches_the_same_student(teacher_st
 def test_held_out_images_depend_only_on_their_ids(teacher_store):
     store = FeatureStore.open(teacher_store)
     train, held = split_rows(store, 0.25)
-    assert len(held) == 2 and len(train) == 6 and not {r["image_id"] for r in held} & {r["image_id"] for r in train}
+    assert len(held) == 4 and len(train) == 12 and not {r["image_id"] for r in held} & {r["image_id"] for r in train}
     reordered = FeatureStore(store.uri, store.group, store.manifest.take(list(reversed(range(store.manifest.num_rows)))))
     assert {r["image_id"] for r in split_rows(reordered, 0.25)[1]} == {r["image_id"] for r in held}
 
