@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--train", type=int, default=16)
     parser.add_argument("--test", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--trainable", default="all")
     args = parser.parse_args()
     torch.set_num_threads(2)
