@@ -140,8 +140,8 @@ def propagate_davis(
             raise FileNotFoundError(f"{video} has no first-frame annotation {frames[0]}.png")
         first = np.where(first == VOID, 0, first)
         ids = [index[(video, f)] for f in frames]
-        cells = store.dense(ids[0], layer).shape[1:]
         transform = store.transform(ids[0])
+        cells = (transform["input_size"][0] // stride, transform["input_size"][1] // stride)
         first_labels = one_hot(from_original(first, region=transform["region"], size=cells), int(first.max()) + 1)
         features = (torch.from_numpy(store.dense(i, layer).astype(np.float32)) for i in ids)
         predicted = [first]

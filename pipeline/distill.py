@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError, Flags, option
+from pipeline.config import ConfigError, Flags, differences, option
 from pipeline.images import prepare
 from pipeline.models import Tap, ViT, load_store_model, seed_of, weights_id
-from pipeline.sources import read_bytes
+from pipeline.sources import read_bytes, read_uri
 from pipeline.store import FeatureStore
 from pipeline.worker import build_engine
 
@@ -130,8 +130,8 @@ def _check_out(config: DistillConfig) -> None:
     if fs.exists(marker):
         if config.overwrite:
             fs.rm(path, recursive=True)
-        elif json.loads(fs.cat_file(marker)) != config.fingerprint():
-            raise ConfigError(config.flags["out"], f"{config.out} holds a run with another config; pass --overwrite or choose another --out")
+        elif diff := differences(json.loads(fs.cat_file(marker)), config.fingerprint()):
+            raise ConfigError(config.flags["out"], f"{config.out} holds a run with another config; pass --overwrite or choose another --out. Differences: " + "; ".join(diff))
     fs.makedirs(path, exist_ok=True)
     fs.pipe_file(marker, json.dumps(config.fingerprint(), indent=2).encode())
 
@@ -256,11 +256,6 @@ def _write(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:
         handle.write(data)
 
 
-def _read(uri: str, storage_options: dict[str, Any]) -> bytes:
-    with fsspec.open(uri, "rb", **storage_options) as handle:
-        return handle.read()
-
-
 def model_bytes(vit: ViT) -> bytes:
     """The student's timm state dict as safetensors: what `load_vit(weights=...)` reads."""
     return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in vit.model.state_dict().items()})
@@ -277,8 +272,8 @@ def save_checkpoint(out: str, state: dict[str, Any], vit: ViT, optimizer: torch.
 
 
 def restore_checkpoint(folder: str, vit: ViT, optimizer: torch.optim.Optimizer, schedule: Any, storage_options: dict[str, Any]) -> None:
-    vit.model.load_state_dict(safetensors.torch.load(_read(f"{folder}/model.safetensors", storage_options)))
-    training = torch.load(io.BytesIO(_read(f"{folder}/training.pt", storage_options)), weights_only=True)
+    vit.model.load_state_dict(safetensors.torch.load(read_uri(f"{folder}/model.safetensors", storage_options)))
+    training = torch.load(io.BytesIO(read_uri(f"{folder}/training.pt", storage_options)), weights_only=True)
     optimizer.load_state_dict(training["optimizer"])
     schedule.load_state_dict(training["schedule"])
 
@@ -365,7 +360,7 @@ def train_worker(config: DistillConfig, *, rank: int = 0, world: int = 1, device
 
 
 def read_sidecar(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    return json.loads(_read(_join(out, "model.json"), storage_options or {}))
+    return json.loads(read_uri(_join(out, "model.json"), storage_options or {}))
 
 
 def write_model(config: DistillConfig, store: FeatureStore, vit: ViT, layer: int, state: dict[str, Any], trained: int, held: int) -> None:

@@ -20,6 +20,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from pipeline.sources import read_uri
+
 TapKind = Literal["block", "keys"]
 
 # Keys under which training frameworks nest the backbone weights, in order of preference
@@ -251,7 +253,7 @@ def load_vit(
         raise ValueError("give either pretrained=True or weights=URI, not both")
     model = _create(name, pretrained=pretrained, seed=seed)
     if weights:
-        raw = _read_bytes(weights, storage_options)
+        raw = read_uri(weights, storage_options)
         _load_state_dict(model, name, _parse_checkpoint(raw, weights))
         identity = f"sha256:{hashlib.sha256(raw).hexdigest()}"
     else:
@@ -335,11 +337,6 @@ def _create(name: str, *, pretrained: bool, seed: int) -> VisionTransformer:
     if patch[0] != patch[1]:
         raise ValueError(f"{name!r} has non-square patches {patch}: the SRT engine needs square patches")
     return model
-
-
-def _read_bytes(uri: str, storage_options: dict[str, Any] | None) -> bytes:
-    with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
-        return handle.read()
 
 
 def _parse_checkpoint(raw: bytes, uri: str) -> dict[str, torch.Tensor]:

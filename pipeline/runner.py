@@ -27,7 +27,7 @@ from zarr.errors import ZarrUserWarning
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.manifest import committed_shards, compacted_uri, read_manifest
 from pipeline.sources import SourceError, list_items, make_plan, prefetch, shard_rows
-from pipeline.store import check_existing, create_store, open_group
+from pipeline.store import check_existing, create_store, open_group, plan_uri, read_plan
 from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
@@ -49,10 +49,6 @@ class Job:
         return sum(min(size, total - s * size) for s in shards)
 
 
-def plan_uri(out: str) -> str:
-    return out.rstrip("/") + "/plan.parquet"
-
-
 def plan_job(config: ExtractConfig) -> Job:
     """Everything before the first image; raises ConfigError, StoreMismatchError or SourceError."""
     resolved = resolve(config)
@@ -61,8 +57,7 @@ def plan_job(config: ExtractConfig) -> Job:
     options = config.storage_options
     resumed = check_existing(resolved)
     if resumed:
-        with fsspec.open(plan_uri(config.out), "rb", **options) as handle:
-            plan = pq.read_table(handle)
+        plan = read_plan(config.out, options)
     else:
         items = list_items(config.dataset, options)
         if not items:

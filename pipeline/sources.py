@@ -60,6 +60,12 @@ def uri_id(uri: str) -> str:
     return hashlib.sha1(uri.encode()).hexdigest()[:16]
 
 
+def read_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The whole content of one object (a checkpoint, a sidecar) on any fsspec filesystem."""
+    with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
+        return handle.read()
+
+
 def uri_path(uri: str) -> PurePosixPath:
     """The path part of a URI (no protocol), for its folder and file names."""
     return PurePosixPath(uri.split("://", 1)[-1])

@@ -62,6 +62,16 @@ def open_group(out: str, mode: str, storage_options: dict[str, Any] | None, **kw
     return zarr.open_group(out, mode=mode, storage_options=(storage_options or None) if remote else None, **kwargs)
 
 
+def plan_uri(out: str) -> str:
+    return out.rstrip("/") + "/plan.parquet"
+
+
+def read_plan(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The work plan saved beside the store (pipeline.sources.make_plan)."""
+    with fsspec.open(plan_uri(out), "rb", **(storage_options or {})) as handle:
+        return pq.read_table(handle)
+
+
 def _store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
@@ -186,8 +196,7 @@ class FeatureStore:
 
     def plan(self) -> dict[str, dict[str, Any]]:
         """image_id -> planned row: what `sources.read_bytes` reads an image's bytes from."""
-        with fsspec.open(self.uri.rstrip("/") + "/plan.parquet", "rb", **self.storage_options) as handle:
-            return {row["image_id"]: row for row in pq.read_table(handle).to_pylist()}
+        return {row["image_id"]: row for row in read_plan(self.uri, self.storage_options).to_pylist()}
 
     @property
     def layers(self) -> list[int]:
