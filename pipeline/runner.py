@@ -26,8 +26,8 @@ from zarr.errors import ZarrUserWarning
 
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.manifest import committed_shards, compacted_uri, read_manifest
-from pipeline.sources import SourceError, list_items, make_plan, prefetch, shard_rows
-from pipeline.store import check_existing, create_store, open_group, plan_uri, read_plan
+from pipeline.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
+from pipeline.store import check_existing, create_store, open_group, plan_uri, read_plan, remove_output
 from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
@@ -58,11 +58,10 @@ def plan_job(config: ExtractConfig) -> Job:
     resumed = check_existing(resolved)
     if resumed:
         plan = read_plan(config.out, options)
-    else:
-        items = list_items(config.dataset, options)
-        if not items:
-            raise SourceError(f"--dataset {config.dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)")
-        plan = make_plan(items, config.shard_size)
+    else:  # the old output (--overwrite) goes, and the new one is written, only once listing succeeded
+        plan = make_plan(usable_items(config.dataset, options), config.shard_size)
+        if config.overwrite:
+            remove_output(config.out, options)
         fs, path = fsspec.core.url_to_fs(plan_uri(config.out), **options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as handle:
@@ -72,6 +71,18 @@ def plan_job(config: ExtractConfig) -> Job:
     job = Job(resolved=resolved, plan=plan, pending=[], resumed=resumed)
     job.pending = [s for s in range(job.shards) if s not in done]
     return job
+
+
+def usable_items(dataset: str, storage_options: dict[str, Any]) -> list[Item]:
+    """The dataset's items; raises SourceError naming --dataset when none can be extracted."""
+    items = list_items(dataset, storage_options)
+    if not items:
+        raise SourceError(f"--dataset {dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)")
+    broken = [item for item in items if item.error_kind]
+    if len(broken) == len(items):
+        reasons = "; ".join(f"{item.uri}: {item.error}" for item in broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise SourceError(f"--dataset {dataset}: nothing usable, every input failed at listing: {reasons}")
+    return items
 
 
 @dataclass

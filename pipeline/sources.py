@@ -13,15 +13,17 @@ import csv
 import hashlib
 import io
 import itertools
+import os
 import posixpath
 import queue
+import stat
 import tarfile
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -40,7 +42,8 @@ GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class Item:
-    """One image of the dataset and how to fetch it."""
+    """One input of the dataset and how to fetch it; an input the listing already found broken
+    carries `error_kind` and `error` and becomes an error row without being read."""
 
     image_id: str
     uri: str
@@ -49,10 +52,18 @@ class Item:
     member: str | None = None
     column: str | None = None
     duplicate_of: str | None = None
+    offset: int | None = None  # tar member: where its data starts in the container
+    size: int | None = None  # tar member: how many bytes it has
+    error_kind: str | None = None
+    error: str | None = None
 
 
 class SourceError(ValueError):
     """The dataset URI cannot be listed (missing, empty, or of an unknown kind)."""
+
+
+class TarMemberError(OSError):
+    """A tar member's planned bytes are not there any more (truncated or rewritten container)."""
 
 
 def uri_id(uri: str) -> str:
@@ -79,22 +90,50 @@ def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def list_items(dataset: str, storage_options: dict[str, Any] | None = None) -> list[Item]:
-    """Every image of the dataset in a stable order, with unique image_ids (duplicates marked)."""
+    """Every input of the dataset in a stable order, with unique image_ids (duplicates marked).
+
+    Each container and special file is an input that can fail on its own: one that cannot be
+    listed, or that is no regular file, becomes an error item; the rest of the dataset goes on.
+    """
     fs, path = fsspec.core.url_to_fs(dataset, **(storage_options or {}))
     if path.lower().endswith(LIST_EXTENSIONS):
-        items = _list_file_list(fs, path)
-    else:
-        items = []
-        for file in _expand(fs, path, dataset):
-            lower = file.lower()
-            if lower.endswith(IMAGE_EXTENSIONS):
-                uri = _full_uri(fs, file)
-                items.append(Item(image_id=uri_id(uri), uri=uri))
-            elif lower.endswith(".tar"):
-                items.extend(_list_tar(fs, file))
-            elif lower.endswith(".parquet"):
-                items.extend(_list_parquet(fs, file))
+        return _mark_duplicates(_list_file_list(fs, path))
+    items = []
+    for file in _expand(fs, path, dataset):
+        lower = file.lower()
+        lister = _list_tar if lower.endswith(".tar") else _list_parquet if lower.endswith(".parquet") else None
+        if lister is None and not lower.endswith(IMAGE_EXTENSIONS):
+            continue
+        uri = _full_uri(fs, file)
+        if isinstance(fs, LocalFileSystem) and (problem := not_regular(file)):
+            items.append(failed_item(uri, "special_file", problem))
+        elif lister is None:
+            items.append(Item(image_id=uri_id(uri), uri=uri))
+        else:
+            try:
+                items.extend(lister(fs, file))
+            except Exception as error:  # unreadable container: one error row, the dataset goes on
+                items.append(failed_item(uri, "container", f"cannot list {posixpath.basename(file)}: {type(error).__name__}: {error}"))
     return _mark_duplicates(items)
+
+
+def failed_item(uri: str, kind: str, reason: str) -> Item:
+    """An input the listing found broken: planned as an error row, never read."""
+    return Item(image_id=uri_id(uri), uri=uri, error_kind=kind, error=reason)
+
+
+def not_regular(path: str) -> str | None:
+    """Why a local path is no regular file, or None. Opening a FIFO blocks until a writer comes,
+    so special files and dangling links must be found by their metadata, never by reading."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a regular file is fine
+    except OSError as error:
+        link = " (symbolic link)" if os.path.islink(path) else ""
+        return f"cannot stat{link}: {error.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+    return "not a regular file: " + next((name for test, name in kinds if test(mode)), f"file mode {mode:o}")
 
 
 def _expand(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> list[str]:
@@ -102,7 +141,7 @@ def _expand(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> list[str]
         return sorted(p for p in fs.glob(path) if not fs.isdir(p))
     if fs.isdir(path):
         return sorted(fs.find(path))
-    if fs.exists(path):
+    if fs.exists(path) or (isinstance(fs, LocalFileSystem) and os.path.islink(path)):
         return [path]
     raise SourceError(f"--dataset {dataset}: no such file or directory")
 
@@ -138,20 +177,41 @@ def _items_from_rows(rows: list[dict[str, Any]], *, base: str, where: str) -> li
 
 def _list_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[Item]:
     """WebDataset convention: members sharing a key (path up to the first dot of the basename)
-    form one sample; its image is the first member with an image extension."""
+    form one sample; its image is the first member with an image extension.
+
+    Headers only are read (tarfile seeks over member data), and each image's data offset and size
+    are planned, so readers fetch exactly those bytes. Members listed before a corrupt header or
+    a truncation are kept, and the damage becomes an error item for the container.
+    """
     container = _full_uri(fs, path)
-    samples: dict[str, str] = {}
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-        for member in archive:  # headers only: tarfile seeks over member data
-            if not member.isfile() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            folder, base = posixpath.split(member.name)
-            key = posixpath.join(folder, base.split(".", 1)[0])
-            samples.setdefault(key, member.name)
-    return [
-        Item(image_id=key, uri=f"{container}#{name}", source="tar", container=container, member=name)
-        for key, name in samples.items()
+    samples: dict[str, tarfile.TarInfo] = {}
+    damage = None
+    with fs.open(path, "rb") as handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r:") as archive:
+                for member in archive:
+                    if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
+                        folder, base = posixpath.split(member.name)
+                        samples.setdefault(posixpath.join(folder, base.split(".", 1)[0]), member)
+                damage = _unlisted_rest(handle, archive.offset)
+        except tarfile.TarError as error:
+            damage = str(error)
+    items = [
+        Item(image_id=key, uri=f"{container}#{m.name}", source="tar", container=container, member=m.name, offset=m.offset_data, size=m.size)
+        for key, m in samples.items()
     ]
+    if damage:
+        listed = f"the {len(items)} image members before it are kept, any after it are not listed" if items else "no member could be listed"
+        items.append(failed_item(container, "container", f"{posixpath.basename(path)} is damaged ({damage}): {listed}"))
+    return items
+
+
+def _unlisted_rest(handle: IO[bytes], offset: int) -> str | None:
+    """tarfile ends its listing silently at an invalid header past the first: the block where it
+    stopped must be the end-of-archive marker (zeros) or the end of the file."""
+    handle.seek(offset)
+    block = handle.read(tarfile.BLOCKSIZE)
+    return None if block.count(0) == len(block) else f"invalid header at byte {offset}"
 
 
 def _list_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[Item]:
@@ -219,7 +279,7 @@ def _mark_duplicates(items: list[Item]) -> list[Item]:
 
 def make_plan(items: list[Item], shard_size: int) -> pa.Table:
     """Items in order, each with its shard and its row (= index in every store array)."""
-    columns = {name: [getattr(item, name) for item in items] for name in ("image_id", "uri", "source", "container", "member", "column", "duplicate_of")}
+    columns = {name: [getattr(item, name) for item in items] for name in PLAN_SCHEMA.names if name not in ("row", "shard")}
     columns["row"] = list(range(len(items)))
     columns["shard"] = [row // shard_size for row in columns["row"]]
     return pa.Table.from_pydict(columns, schema=PLAN_SCHEMA)
@@ -236,48 +296,72 @@ def shard_rows(plan: pa.Table, shard: int, shard_size: int) -> list[dict[str, An
 def read_bytes(rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> list[bytes | Exception]:
     """Bytes of each planned row, in order; a failed read is returned as its exception.
 
-    Files on one filesystem are fetched together (concurrently on s3/gcs/http); a tar or parquet
-    container is opened once for all its members in the shard.
+    Files on one filesystem are fetched together (concurrently on s3/gcs/http), tar members by
+    the byte ranges planned for them, a parquet container opened once for its rows in the shard.
+    Rows the listing already failed are not read.
     """
     options = storage_options or {}
     results: list[bytes | Exception | None] = [None] * len(rows)
-    files: dict[int, tuple[fsspec.AbstractFileSystem, str]] = {}
-    containers: dict[str, list[int]] = defaultdict(list)
+    by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
+    parquets: dict[str, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
-        if row["source"] == "file":
-            files[index] = fsspec.core.url_to_fs(row["uri"], **options)
+        if row["error_kind"] is not None:
+            results[index] = SourceError(row["error"])
+        elif row["source"] == "parquet":
+            parquets[row["container"]].append(index)
         else:
-            containers[row["container"]].append(index)
-    by_fs: dict[int, list[int]] = defaultdict(list)
-    for index, (fs, _) in files.items():
-        by_fs[id(fs)].append(index)
-    for indices in by_fs.values():
-        fs = files[indices[0]][0]
-        paths = [files[i][1] for i in indices]
-        fetched = fs.cat(paths, on_error="return") if paths else {}
-        for i, path in zip(indices, paths):
-            results[i] = fetched.get(path, FileNotFoundError(path))
-    for container, indices in containers.items():
-        reader = _read_tar_members if rows[indices[0]]["source"] == "tar" else _read_parquet_rows
+            fs, path = fsspec.core.url_to_fs(row["container"] or row["uri"], **options)
+            entry = by_fs.setdefault(id(fs), (fs, [], []))
+            entry[1].append(index)
+            entry[2].append(path)
+    for fs, indices, paths in by_fs.values():
+        for i, value in zip(indices, _fetch(fs, paths, [rows[i] for i in indices])):
+            results[i] = value
+    for container, indices in parquets.items():
         try:
-            for i, value in zip(indices, reader(container, [rows[i] for i in indices], options)):
+            for i, value in zip(indices, _read_parquet_rows(container, [rows[i] for i in indices], options)):
                 results[i] = value
-        except Exception as error:  # the container itself is unreadable: every member fails
+        except Exception as error:  # the container itself is unreadable or changed: every member fails
             for i in indices:
                 results[i] = error
     return [r if r is not None else FileNotFoundError(rows[i]["uri"]) for i, r in enumerate(results)]
 
 
-def _read_tar_members(container: str, rows: list[dict[str, Any]], options: dict[str, Any]) -> list[bytes | Exception]:
-    wanted = {row["member"] for row in rows}
-    found: dict[str, bytes] = {}
-    with fsspec.open(container, "rb", **options) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-        for member in archive:
-            if member.name in wanted:
-                found[member.name] = archive.extractfile(member).read()
-                if len(found) == len(wanted):
-                    break
-    return [found.get(row["member"], FileNotFoundError(row["uri"])) for row in rows]
+def _fetch(fs: fsspec.AbstractFileSystem, paths: list[str], rows: list[dict[str, Any]]) -> list[bytes | Exception]:
+    """Whole files, and tar members by their planned ranges (with the header block before the
+    data, which proves the container still holds that member), in one batch per filesystem."""
+    starts = [None if row["offset"] is None else row["offset"] - tarfile.BLOCKSIZE for row in rows]
+    ends = [None if row["offset"] is None else row["offset"] + row["size"] for row in rows]
+    if isinstance(fs, LocalFileSystem):  # never open a special file: a FIFO would block the worker
+        blobs = [_read_local(path, start, end) for path, start, end in zip(paths, starts, ends)]
+    else:
+        blobs = fs.cat_ranges(paths, starts, ends, on_error="return")
+    return [blob if isinstance(blob, Exception) or row["offset"] is None else _tar_member_data(blob, row) for blob, row in zip(blobs, rows)]
+
+
+def _read_local(path: str, start: int | None, end: int | None) -> bytes | Exception:
+    try:
+        if problem := not_regular(path):
+            raise OSError(f"{path}: {problem}")
+        with open(path, "rb") as handle:
+            handle.seek(start or 0)
+            return handle.read() if end is None else handle.read(end - (start or 0))
+    except OSError as error:
+        return error
+
+
+def _tar_member_data(blob: bytes, row: dict[str, Any]) -> bytes | Exception:
+    """The member's data, after checking that the bytes before it are still its header."""
+    expected = tarfile.BLOCKSIZE + row["size"]
+    if len(blob) != expected:
+        return TarMemberError(f"{row['uri']}: container truncated: {len(blob)} of {expected} bytes at byte {row['offset'] - tarfile.BLOCKSIZE}")
+    try:
+        header = tarfile.TarInfo.frombuf(blob[: tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as error:
+        return TarMemberError(f"{row['uri']}: no member header before the planned data ({error}); the container changed since listing")
+    if header.size != row["size"]:
+        return TarMemberError(f"{row['uri']}: the header there says {header.size} bytes, {row['size']} were listed; the container changed since listing")
+    return blob[tarfile.BLOCKSIZE :]
 
 
 def _read_parquet_rows(container: str, rows: list[dict[str, Any]], options: dict[str, Any]) -> list[bytes | Exception]:

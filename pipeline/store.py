@@ -37,7 +37,7 @@ from zarr.errors import ContainsArrayError
 from pipeline.config import ResolvedConfig, differences
 from pipeline.manifest import read_manifest
 from pipeline.models import Tap
-from schemas import STORE_FORMAT_VERSION
+from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
 
 ATTRIBUTE = "srt"
 KINDS = ("dense", "cls", "registers", "pooled")
@@ -67,9 +67,16 @@ def plan_uri(out: str) -> str:
 
 
 def read_plan(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The work plan saved beside the store (pipeline.sources.make_plan)."""
+    """The work plan saved beside the store (pipeline.sources.make_plan), of this schema version."""
     with fsspec.open(plan_uri(out), "rb", **(storage_options or {})) as handle:
-        return pq.read_table(handle)
+        plan = pq.read_table(handle)
+    version = int((plan.schema.metadata or {}).get(b"schema_version", b"1"))
+    if version != PLAN_SCHEMA_VERSION:
+        raise StoreMismatchError(
+            f"{plan_uri(out)} has plan schema {version}, this version reads {PLAN_SCHEMA_VERSION}: "
+            "extract again into another --out, or pass --overwrite"
+        )
+    return plan
 
 
 def _store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
@@ -87,15 +94,12 @@ def stored_provenance(out: str, storage_options: dict[str, Any] | None = None) -
 def check_existing(resolved: ResolvedConfig) -> bool:
     """Whether `--out` holds a store to resume; it must come from the same config.
 
-    Raises StoreMismatchError naming every difference; `--overwrite` deletes the old output instead.
+    Raises StoreMismatchError naming every difference. With `--overwrite` nothing is resumed, and
+    the old output stays until `remove_output` (after the new listing succeeded).
     """
     config = resolved.config
     existing = stored_provenance(config.out, config.storage_options)
-    if existing is None:
-        return False
-    if config.overwrite:
-        fs, path = fsspec.core.url_to_fs(config.out, **config.storage_options)
-        fs.rm(path, recursive=True)
+    if existing is None or config.overwrite:
         return False
     stored = {k: v for k, v in existing.items() if k != "package_version"}
     if diff := differences(stored, resolved.fingerprint()):
@@ -104,6 +108,13 @@ def check_existing(resolved: ResolvedConfig) -> bool:
             "or choose another --out. Differences: " + "; ".join(diff)
         )
     return True
+
+
+def remove_output(out: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete whatever is at `out` (--overwrite), so no file of the old run is mistaken for the new one's."""
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def create_store(resolved: ResolvedConfig, plan_size: int) -> zarr.Group:

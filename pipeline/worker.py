@@ -102,7 +102,9 @@ class ShardWorker:
         """Read and decode every row of the shard; failures become ImageErrors, never exceptions."""
         inputs: list[Prepared | ImageError] = []
         for row, blob in zip(rows, read_bytes(rows, self.resolved.config.storage_options)):
-            if row["duplicate_of"] is not None:
+            if row["error_kind"] is not None:
+                inputs.append(ImageError(row["error_kind"], row["error"]))
+            elif row["duplicate_of"] is not None:
                 inputs.append(ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}"))
             elif isinstance(blob, Exception):
                 inputs.append(ImageError("read", f"{type(blob).__name__}: {blob}"))

@@ -7,7 +7,7 @@ Bump a version when a reader of the old layout would misread the new one. Reader
 import pyarrow as pa
 
 STORE_FORMAT_VERSION = 1
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2  # 2: tar members located by byte range; listing errors planned as rows
 MANIFEST_SCHEMA_VERSION = 1
 
 # The work plan: every dataset item in a stable order, cut into shards. Written once per output.
@@ -22,6 +22,10 @@ PLAN_SCHEMA = pa.schema(
         pa.field("member", pa.string()),  # tar member name, or parquet row number
         pa.field("column", pa.string()),  # parquet column with the image bytes
         pa.field("duplicate_of", pa.string()),  # image_id of the first item with the same URI
+        pa.field("offset", pa.int64()),  # tar member: byte offset of its data in the container
+        pa.field("size", pa.int64()),  # tar member: its data's size in bytes
+        pa.field("error_kind", pa.string()),  # the listing already failed for this input: container, special_file
+        pa.field("error", pa.string()),
     ],
     metadata={"schema_version": str(PLAN_SCHEMA_VERSION)},
 )
@@ -34,7 +38,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("shard", pa.int32(), nullable=False),
         pa.field("row", pa.int64(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
-        pa.field("error_kind", pa.string()),  # read, decode, too_large, duplicate, ...
+        pa.field("error_kind", pa.string()),  # read, decode, too_large, duplicate, container, special_file, ...
         pa.field("error", pa.string()),
         pa.field("height", pa.int32()),  # original image, after EXIF orientation
         pa.field("width", pa.int32()),

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 
@@ -59,3 +63,68 @@ def write_files(folder: Path, files: dict[str, bytes]) -> list[Path]:
         path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def damaged_dataset(special_files_in: Path | None = None) -> tuple[dict[str, bytes], dict[str, str | None]]:
+    """Good images beside damaged containers, and special files made in `special_files_in` if given
+    (object stores have none).
+
+    Returns (file name -> bytes to write, name of each input the listing can name -> its expected
+    error_kind or None if ok); member names are 'container#member', a container's own row its name.
+    """
+    jpeg = {i: encode(gradient(40, 48 + 8 * i, seed=10 + i), "JPEG") for i in range(9)}
+    good_tar = tar_bytes({"k0.jpg": jpeg[3], "k0.json": b"{}", "k1.jpg": jpeg[4]})
+    def three(prefix: str) -> bytes:  # keys are unique across a WebDataset: a repeated key is a duplicate
+        return tar_bytes({f"{prefix}{i}.jpg": jpeg[5 + i] for i in range(3)})
+
+    with tarfile.open(fileobj=io.BytesIO(three("m"))) as archive:
+        headers = [member.offset for member in archive]
+    bad_first, bad_second = bytearray(three("f")), bytearray(three("m"))
+    bad_first[148:156] = b"garbage!"  # the checksum field of a header block
+    bad_second[headers[1] + 148 : headers[1] + 156] = b"garbage!"
+    parquet = parquet_bytes(pa.table({"key": ["p0", "p1"], "image": pa.array([jpeg[8], jpeg[0]], pa.binary())}))
+    files = {
+        "a.jpg": jpeg[0],
+        "b.jpg": jpeg[1],
+        "c.jpg": jpeg[2],
+        "good.tar": good_tar,
+        "truncated.tar": three("t")[: headers[2] + tarfile.BLOCKSIZE + 100],  # m2's header survives, its data does not
+        "bad-first-header.tar": bytes(bad_first),
+        "bad-second-header.tar": bytes(bad_second),
+        "good.parquet": parquet,
+        "truncated.parquet": parquet[: len(parquet) // 2],
+    }
+    expected: dict[str, str | None] = {
+        "a.jpg": None, "b.jpg": None, "c.jpg": None,
+        "good.tar#k0.jpg": None, "good.tar#k1.jpg": None,
+        "truncated.tar#t0.jpg": None, "truncated.tar#t1.jpg": None, "truncated.tar#t2.jpg": "read", "truncated.tar": "container",
+        "bad-first-header.tar": "container",
+        "bad-second-header.tar#m0.jpg": None, "bad-second-header.tar": "container",
+        "good.parquet#0": None, "good.parquet#1": None,
+        "truncated.parquet": "container",
+    }  # fmt: skip
+    if special_files_in is not None:
+        folder = special_files_in
+        folder.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(folder / "pipe.jpg")
+        (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+        (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+        (folder / "linked.jpg").symlink_to(folder / "a.jpg")  # a link to a regular file is an ordinary input
+        expected |= {"pipe.jpg": "special_file", "dangling.jpg": "special_file", "loop.jpg": "special_file", "linked.jpg": None}
+    return files, expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -20,7 +21,8 @@ from pipeline.runner import run_local
 from pipeline.srt import SRT
 from pipeline.store import FeatureStore, StoreMismatchError
 from tests.conftest import cached_vit
-from tests.images_factory import BOMB_LIMIT, bad_input_files, write_files
+from pipeline.sources import read_bytes
+from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, write_files
 
 MODEL = "vit_tiny_patch16_224"
 
@@ -288,3 +290,80 @@ def test_attention_keys_are_stored_beside_the_block_outputs(tmp_path, sample_pat
     assert not np.allclose(store.dense(record["image_id"], keys=True), store.dense(record["image_id"]))
     with pytest.raises(KeyError, match="attention keys .* of block 5 not stored"):
         store.dense(record["image_id"], layer=5, keys=True)
+
+
+def write_damaged_dataset(folder: Path) -> dict[str, str | None]:
+    files, expected = damaged_dataset(special_files_in=folder)
+    write_files(folder, files)
+    return expected
+
+
+def assert_every_input_accounted_for(out: str, expected: dict[str, str | None], storage_options=None) -> None:
+    """Exactly one manifest row per input the listing could name, each ok or with its error kind,
+    and every ok row holds the engine's features of its bytes."""
+    store = FeatureStore.open(out, storage_options=storage_options)
+    rows = store.manifest.to_pylist()
+    found = {r["uri"].rsplit("/damaged/", 1)[1]: r for r in rows}
+    assert len(found) == len(rows) == len(expected)
+    assert {name: r["error_kind"] for name, r in found.items()} == expected
+    assert all((r["status"] == "ok") == (r["error_kind"] is None) for r in rows)
+    assert all(r["error"] for r in rows if r["status"] == "error")
+    assert "bad-second-header.tar is damaged" in found["bad-second-header.tar"]["error"]
+    assert "the 1 image members before it are kept" in found["bad-second-header.tar"]["error"]
+    assert "container truncated" in found["truncated.tar#t2.jpg"]["error"]
+    assert "Parquet magic bytes not found" in found["truncated.parquet"]["error"]
+    if "pipe.jpg" in found:
+        assert "FIFO" in found["pipe.jpg"]["error"] and "symbolic link" in found["loop.jpg"]["error"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    plan = store.plan()
+    blobs = read_bytes([plan[r["image_id"]] for r in ok], storage_options)
+    for record, data in zip(ok, blobs):
+        assert_fp16_close(store.dense(record["image_id"]), expected_features(data, config("x", "y"))["dense"])
+
+
+def small_argv(dataset: str, out: str) -> list[str]:
+    """config()'s settings as command-line flags."""
+    return ["--dataset", dataset, "--out", out, "--model", MODEL, "--image-size", "32", "--radius", "1", "--stride", "8",
+            "--shard-size", "2", "--batch-size", "9", "--max-pixels", str(BOMB_LIMIT)]  # fmt: skip
+
+
+@pytest.mark.timeout(120)  # a FIFO opened for reading would block forever
+def test_damaged_containers_and_special_files_become_error_rows(tmp_path):
+    expected = write_damaged_dataset(tmp_path / "damaged")
+    out = str(tmp_path / "out.zarr")
+    assert extract_main([*small_argv(str(tmp_path / "damaged"), out), "--local"]) == 0
+    assert_every_input_accounted_for(out, expected)
+
+
+def put_damaged_dataset(folder: str, storage_options) -> dict[str, str | None]:
+    """The damaged dataset (no special files: object stores have none) under an s3:// folder."""
+    files, expected = damaged_dataset()
+    fsspec.filesystem("s3", **storage_options).pipe({f"{folder}/{name}": data for name, data in files.items()})
+    return expected
+
+
+@pytest.mark.timeout(120)
+def test_s3_damaged_containers_become_error_rows(s3_server):
+    expected = put_damaged_dataset("s3://bucket/damaged", s3_server)
+    run_local(config("s3://bucket/damaged", "s3://bucket/damaged.zarr", storage_options=s3_server))
+    assert_every_input_accounted_for("s3://bucket/damaged.zarr", expected, s3_server)
+
+
+def test_a_listing_that_finds_nothing_usable_names_the_dataset_and_writes_nothing(tmp_path, sample_paths, capsys):
+    files, _ = damaged_dataset()
+    write_files(tmp_path / "broken", {name: files[name] for name in ("bad-first-header.tar", "truncated.parquet")})
+    out = tmp_path / "out.zarr"
+    with pytest.raises(SystemExit) as exited:
+        extract_main([*small_argv(str(tmp_path / "broken"), str(out)), "--local"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert f"error: --dataset {tmp_path / 'broken'}: nothing usable" in error
+    assert "bad-first-header.tar is damaged (invalid header)" in error and "magic bytes" in error
+    assert not out.exists()
+
+    # --overwrite of a good store with a dataset that fails listing keeps the good store.
+    good = tmp_path / "good.zarr"
+    run_local(config(str(sample_paths[0].parent), str(good)))
+    with pytest.raises(SystemExit):
+        extract_main([*small_argv(str(tmp_path / "no-such-folder"), str(good)), "--local", "--overwrite"])
+    assert FeatureStore.open(str(good)).manifest.num_rows == len(sample_paths)

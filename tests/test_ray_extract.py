@@ -19,7 +19,7 @@ from pipeline.distributed import ACTOR_PREFIX, run_ray
 from pipeline.runner import run_local
 from pipeline.store import FeatureStore
 from tests.images_factory import encode, gradient, write_files
-from tests.test_extract_local import assert_store_matches_engine, config
+from tests.test_extract_local import assert_every_input_accounted_for, assert_store_matches_engine, config, put_damaged_dataset, write_damaged_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,3 +181,18 @@ def test_empty_dataset_says_so_before_any_actor_starts(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="no images found"):
         run_ray(config(str(tmp_path / "empty"), str(tmp_path / "out.zarr")))
+
+
+@pytest.mark.timeout(180)  # a FIFO opened for reading would block an actor forever
+def test_ray_job_accounts_for_damaged_containers_and_special_files(tmp_path):
+    expected = write_damaged_dataset(tmp_path / "damaged")
+    out = str(tmp_path / "out.zarr")
+    run_ray(config(str(tmp_path / "damaged"), out, num_actors=2, cpus_per_actor=1))
+    assert_every_input_accounted_for(out, expected)
+
+
+@pytest.mark.timeout(180)
+def test_ray_job_accounts_for_damaged_containers_on_s3(s3_server):
+    expected = put_damaged_dataset("s3://bucket/ray/damaged", s3_server)
+    run_ray(config("s3://bucket/ray/damaged", "s3://bucket/ray/damaged.zarr", storage_options=s3_server, num_actors=2, cpus_per_actor=1))
+    assert_every_input_accounted_for("s3://bucket/ray/damaged.zarr", expected, s3_server)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import posixpath
 import tarfile
 
 import pyarrow as pa
@@ -69,6 +71,38 @@ def test_parquet_of_image_bytes_reads_only_the_needed_row_groups(tmp_path):
     plan = make_plan(items, 4)
     assert read_bytes(shard_rows(plan, 1, 4)) == images[4:8]
     assert read_bytes(shard_rows(plan, 2, 4)) == images[8:] + [b"hf0"]
+
+
+def test_tar_members_are_read_by_their_planned_byte_ranges(tmp_path):
+    make_tar(tmp_path / "a.tar", {f"{i:03d}.jpg": bytes([i]) * (100 + i) for i in range(40)})
+    items = list_items(str(tmp_path / "a.tar"))
+    with tarfile.open(tmp_path / "a.tar") as archive:
+        assert [(i.offset, i.size) for i in items] == [(m.offset_data, m.size) for m in archive]
+    plan = make_plan(items, 8)
+    assert read_bytes(shard_rows(plan, 4, 8)) == [bytes([i]) * (100 + i) for i in range(32, 40)]
+
+
+def test_containers_changed_after_listing_give_read_errors_not_crashes(tmp_path):
+    make_tar(tmp_path / "a.tar", {"0.jpg": b"x" * 600, "1.jpg": b"y" * 700, "2.jpg": b"z" * 800})
+    pq.write_table(pa.table({"image": pa.array([b"p0", b"p1", b"p2"], pa.binary())}), tmp_path / "b.parquet")
+    rows = make_plan(list_items(str(tmp_path)), 10).to_pylist()
+    make_tar(tmp_path / "a.tar", {"0.jpg": b"x" * 600, "1.jpg": b"y" * 9000})  # rewritten: 1 grew, 2 gone
+    pq.write_table(pa.table({"image": pa.array([b"p0"], pa.binary())}), tmp_path / "b.parquet")  # rows 1, 2 gone
+    data = read_bytes(rows)
+    assert data[0] == b"x" * 600
+    assert "says 9000 bytes, 700 were listed" in str(data[1]) and "no member header before the planned data" in str(data[2])
+    assert all(isinstance(d, Exception) for d in data[3:])
+
+
+def test_special_files_are_listed_as_errors_and_never_opened(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "notes").symlink_to(tmp_path / "missing")  # no input extension: not an input
+    items = {posixpath.basename(i.uri): i for i in list_items(str(tmp_path))}
+    assert sorted(items) == ["a.jpg", "pipe.png"]
+    assert (items["pipe.png"].error_kind, items["pipe.png"].error) == ("special_file", "not a regular file: a FIFO (named pipe)")
+    listed = [{"source": "file", "uri": str(tmp_path / "pipe.png"), "container": None, "offset": None, "size": None, "error_kind": None}]
+    assert "FIFO" in str(read_bytes(listed)[0])  # a file list naming a FIFO: refused at read, not blocked on
 
 
 def test_plan_is_deterministic_and_sharded(tmp_path):
