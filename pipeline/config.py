@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.models import ModelFacts, Tap, describe_model, weights_id
+from pipeline.sources import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS, normalize_uri
 from pipeline.srt import (
     BOUNDARIES,
     DEFAULT_BATCH_SIZE,
@@ -31,6 +32,7 @@ RESIZE_POLICIES = ("square", "aspect")
 STORE_DTYPES = ("float16", "float32")
 CODECS = ("blosc", "zstd", "none")  # blosc (zstd inside, byte shuffle) by measurement: bench/RESULTS.md
 PRECISIONS = ("fp32", "bf16", "fp16")
+RETRYABLE_ERROR_KINDS = ("read", "empty", "decode")  # decided by the bytes fetched at run time; the rest by the plan or the config
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,8 @@ class ExtractConfig(Flags):
     cpus_per_actor: int = field(default=0, metadata=option("CPU threads each actor uses; 0: 1 with GPUs, else min(4, cores)"))
     split_shifts: str = field(default="auto", metadata=option("shift batches per shard spread over actors: auto (split only when fewer pending images than actors) or G"))
     max_retries: int = field(default=3, metadata=option("attempts per work unit after the first, on actor death or task failure (exponential backoff)"))
+    read_retries: int = field(default=DEFAULT_READ_RETRIES, metadata=option(f"attempts after the first for an image read that failed transiently (connection refused or reset, timeout, throttling, 5xx), backoff from 0.5 s, within {READ_DEADLINE_SECONDS:.0f} s per shard; permanent failures (not found, denied) are not retried"))
+    retry_errors: tuple[str, ...] = field(default=(), metadata=option(f"on a rerun, recompute the committed shards holding error rows of these kinds (comma-separated, of {', '.join(RETRYABLE_ERROR_KINDS)}; the bare flag means read) and replace those rows", parse="words", nargs="?", const=("read",)))
     straggler_timeout: float | None = field(default=None, metadata=option("seconds before a running unit is also started elsewhere (default: 4x the median unit time, at least 60; 0: never)"))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata=option("JSON of fsspec storage options (endpoint, credentials); never logged or stored", parse="json"))
     overwrite: bool = field(default=False, metadata=option("delete an existing output instead of resuming it"))
@@ -141,7 +145,7 @@ class ResolvedConfig:
             "precision": c.precision,
             "shard_size": c.shard_size,
             "max_pixels": c.max_pixels,
-            "dataset": c.dataset,
+            "dataset": normalize_uri(c.dataset),
             "patch_size": self.facts.patch_size,
             "embed_dim": self.facts.embed_dim,
             "num_prefix_tokens": self.facts.num_prefix_tokens,
@@ -173,7 +177,9 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     for name in ("batch_size", "shard_size", "image_size", "max_pixels"):
         if getattr(config, name) < 1:
             raise ConfigError(f[name], f"must be a positive integer, got {getattr(config, name)}")
-    for name in ("num_actors", "cpus_per_actor", "max_retries"):
+    if unknown := [kind for kind in config.retry_errors if kind not in RETRYABLE_ERROR_KINDS]:
+        raise ConfigError(f["retry_errors"], f"{', '.join(unknown)}: only {', '.join(RETRYABLE_ERROR_KINDS)} errors depend on the bytes read, the others would come out the same")
+    for name in ("num_actors", "cpus_per_actor", "max_retries", "read_retries"):
         if getattr(config, name) < 0:
             raise ConfigError(f[name], f"must be 0 or more, got {getattr(config, name)}")
     if config.gpus_per_actor <= 0:
@@ -252,6 +258,10 @@ def _parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _parse_words(text: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
 def _parse_shifts(text: str) -> tuple[Shift, ...]:
     try:
         pairs = [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
@@ -272,7 +282,7 @@ def _parse_json(text: str) -> dict[str, Any]:
     return value
 
 
-_PARSERS = {"ints": _parse_ints, "shifts": _parse_shifts, "json": _parse_json}
+_PARSERS = {"ints": _parse_ints, "shifts": _parse_shifts, "json": _parse_json, "words": _parse_words}
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractConfig) -> None:

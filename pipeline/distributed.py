@@ -7,7 +7,8 @@ its partial sums (fp32, through the object store, never through the driver), and
 adds them in batch order and writes. Only manifest stats travel to the driver.
 
 Failures: an actor that dies is restarted by Ray (`max_restarts`); its units are retried with
-exponential backoff, up to --max-retries. A unit running past the straggler timeout is started
+exponential backoff, up to --max-retries, on the other actors: the restarted one gets work again
+once it answers. A unit running past the straggler timeout is started
 again elsewhere; whichever commits first wins and the other is discarded (manifest parts are
 written only if absent), so every image lands in the manifest exactly once.
 """
@@ -119,6 +120,10 @@ class ActorPoolScheduler:
         self.payloads: dict[int, dict[int, Any]] = collections.defaultdict(dict)  # shard -> batch -> ref
         self.durations: list[float] = []
         self.duplicated: set[tuple[int, Any]] = set()
+        # Actors that died, and when to ask next whether Ray has restarted them: nothing is sent to
+        # one until its ready() answers, since units sent meanwhile fail at once ("restarting").
+        self.unavailable: dict[str, float] = {}
+        self.pings: dict[Any, str] = {}  # ready() ref -> actor name
         for shard in job.pending:
             if len(batches) == 1:
                 self.queue.append(Unit(shard))
@@ -127,21 +132,49 @@ class ActorPoolScheduler:
 
     def run(self, bar) -> None:
         while self.queue or self.running:
+            self._ping_unavailable()
             self._submit_ready()
-            refs = list(self.running)
+            refs = [*self.running, *self.pings]
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
             for ref in ready:
-                self._finish(self.running.pop(ref), bar)
+                if ref in self.pings:
+                    self._pinged(ref)
+                else:
+                    self._finish(self.running.pop(ref), bar)
             self._duplicate_stragglers()
             if not refs and self.queue:
-                time.sleep(min(1.0, max(0.0, min(u.not_before for u in self.queue) - time.monotonic())))
+                wake = min([u.not_before for u in self.queue] + list(self.unavailable.values()))
+                time.sleep(min(1.0, max(0.0, wake - time.monotonic())))
+
+    def _available(self) -> list[tuple[str, Any]]:
+        return [a for a in self.actors if a[0] not in self.unavailable]
+
+    def _ping_unavailable(self) -> None:
+        now = time.monotonic()
+        asked = set(self.pings.values())
+        for name, actor in self.actors:
+            if name in self.unavailable and name not in asked and self.unavailable[name] <= now:
+                self.pings[actor.ready.remote()] = name
+
+    def _pinged(self, ref: Any) -> None:
+        name = self.pings.pop(ref)
+        try:
+            ray.get(ref)
+        except RayError:  # still restarting: ask again a little later
+            self.unavailable[name] = time.monotonic() + BACKOFF_SECONDS
+            return
+        log.info("actor %s is back", name)
+        del self.unavailable[name]
 
     def _submit_ready(self) -> None:
+        available = self._available()
+        if not available:
+            return
         now = time.monotonic()
         waiting = len(self.queue)
         for _ in range(waiting):
             unit = self.queue.popleft()
-            name, actor = min(self.actors, key=lambda a: self.load[a[0]])
+            name, actor = min(available, key=lambda a: self.load[a[0]])
             if unit.key in self.done:
                 continue
             if unit.not_before > now or self.load[name] >= UNITS_PER_ACTOR:
@@ -167,6 +200,8 @@ class ActorPoolScheduler:
         try:
             result = ray.get(running.ref)
         except RayError as error:
+            if isinstance(error, RayActorError):
+                self.unavailable.setdefault(name, time.monotonic())
             self._retry(unit, error)
             return
         if isinstance(result, ShardStats):
@@ -234,7 +269,7 @@ class ActorPoolScheduler:
             unit = running.unit
             if unit.key in self.duplicated or now - running.started < limit or unit.batch == "commit":
                 continue
-            others = [a for a in self.actors if a[0] != running.actor[0] and self.load[a[0]] < UNITS_PER_ACTOR]
+            others = [a for a in self._available() if a[0] != running.actor[0] and self.load[a[0]] < UNITS_PER_ACTOR]
             if others:
                 log.warning("shard %d running %.0f s: starting a second copy", unit.shard, now - running.started)
                 self.duplicated.add(unit.key)

@@ -55,6 +55,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes -> upright RGB image; too large, unreadable or truncated input raises ImageError."""
     if not data:
         raise ImageError("empty", "zero-byte file")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
+        # Pillow's own bomb check refuses images over twice its limit inside Image.open, before ours
+        # runs: raise it as far as --max-pixels asks, since the check below governs.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

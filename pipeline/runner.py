@@ -16,18 +16,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import zarr
 from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
 from pipeline.config import ExtractConfig, ResolvedConfig, resolve
-from pipeline.manifest import committed_shards, compacted_uri, read_manifest
+from pipeline.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
 from pipeline.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
-from pipeline.store import check_existing, create_store, open_group, plan_uri, read_plan, remove_output
+from pipeline.store import check_existing, check_writable, create_store, open_group, plan_uri, read_plan, remove_output
 from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
@@ -55,6 +53,7 @@ def plan_job(config: ExtractConfig) -> Job:
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     options = config.storage_options
+    check_writable(config.out, options)
     resumed = check_existing(resolved)
     if resumed:
         plan = read_plan(config.out, options)
@@ -62,15 +61,25 @@ def plan_job(config: ExtractConfig) -> Job:
         plan = make_plan(usable_items(config.dataset, options), config.shard_size)
         if config.overwrite:
             remove_output(config.out, options)
-        fs, path = fsspec.core.url_to_fs(plan_uri(config.out), **options)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as handle:
-            pq.write_table(plan, handle)
+        put_atomically(plan_uri(config.out), parquet_bytes(plan), options)
         create_store(resolved, len(plan))
+    if resumed and config.retry_errors:
+        retry_error_rows(config.out, config.retry_errors, options)
     done = committed_shards(config.out, options)
     job = Job(resolved=resolved, plan=plan, pending=[], resumed=resumed)
     job.pending = [s for s in range(job.shards) if s not in done]
     return job
+
+
+def retry_error_rows(out: str, kinds: tuple[str, ...], storage_options: dict[str, Any]) -> None:
+    """--retry-errors: the committed shards holding error rows of `kinds` become pending again, so
+    this run recomputes them whole and commits each once more (exactly once, as any shard)."""
+    manifest = read_manifest(out, storage_options)
+    wanted = manifest.filter(pc.is_in(manifest.column("error_kind"), pa.array(kinds)))
+    shards = set(wanted.column("shard").to_pylist())
+    if shards:
+        log.info("--retry-errors %s: recomputing %d shards holding %d such rows", ",".join(kinds), len(shards), wanted.num_rows)
+        uncommit(out, shards, storage_options)
 
 
 def usable_items(dataset: str, storage_options: dict[str, Any]) -> list[Item]:
@@ -159,17 +168,17 @@ class RunSummary:
 
 def finish(job: Job, summary: RunSummary) -> None:
     """End of a run: the manifest parts compacted into one table, Zarr metadata consolidated
-    (one read opens the store), and the run summary, all inside the output."""
+    (one read opens the store), and the run summary, all inside the output. A rerun that found
+    everything done leaves the summary of the last run that did work."""
     config = job.resolved.config
     out, options = config.out.rstrip("/"), config.storage_options
-    manifest = read_manifest(out, options)
-    with fsspec.open(compacted_uri(out), "wb", **options) as handle:
-        pq.write_table(manifest, handle)
+    compact(out, options)
     with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
         warnings.simplefilter("ignore", ZarrUserWarning)
         zarr.consolidate_metadata(open_group(out, "r+", options, use_consolidated=False).store)
-    with fsspec.open(f"{out}/summary.json", "w", **options) as handle:
-        json.dump({"config": job.resolved.provenance(), "run": summary.as_dict()}, handle, indent=2)
+    if summary.shards_done or not job.resumed:
+        run = json.dumps({"config": job.resolved.provenance(), "run": summary.as_dict()}, indent=2)
+        put_atomically(f"{out}/summary.json", run.encode(), options)
 
 
 def progress(job: Job) -> tqdm:

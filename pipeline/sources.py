@@ -13,12 +13,14 @@ import csv
 import hashlib
 import io
 import itertools
+import logging
 import os
 import posixpath
 import queue
 import stat
 import tarfile
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +33,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas import PLAN_SCHEMA
+
+log = logging.getLogger("srt")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".csv")
@@ -66,9 +70,35 @@ class TarMemberError(OSError):
     """A tar member's planned bytes are not there any more (truncated or rewritten container)."""
 
 
+DEFAULT_READ_RETRIES = 5
+READ_BACKOFF_SECONDS = 0.5  # then 1, 2, 4, 8: about 15 s of outage ridden out by default
+READ_DEADLINE_SECONDS = 120.0  # per call (one shard): retries stop once they would pass it
+PERMANENT_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TarMemberError, SourceError)
+# Transient errors of the clients fsspec uses, by name, so none of them must be imported here.
+TRANSIENT_ERROR_NAMES = frozenset(
+    {
+        "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+        "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ClientPayloadError",
+        "ServerTimeoutError", "FSTimeoutError", "IncompleteRead", "ProtocolError",
+    }
+)  # fmt: skip
+TRANSIENT_ERROR_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable", "InternalError", "RequestTimeout")
+
+
 def uri_id(uri: str) -> str:
     """Stable image_id for items without a user key: a hash of the URI."""
     return hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per location, for fingerprints and duplicate detection: a local path made
+    absolute and normalized (`file://` dropped, `.` and `..` resolved, no trailing slash); a remote
+    URI keeps its key as written (an object key may hold `./`), minus a trailing slash."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def read_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -170,6 +200,7 @@ def _items_from_rows(rows: list[dict[str, Any]], *, base: str, where: str) -> li
         uri = str(row[uri_column]).strip()
         if "://" not in uri and not uri.startswith("/"):
             uri = posixpath.join(base, uri)
+        uri = normalize_uri(uri)
         key = str(row[id_column]).strip() if id_column and row[id_column] not in (None, "") else uri_id(uri)
         items.append(Item(image_id=key, uri=uri))
     return items
@@ -293,14 +324,57 @@ def shard_rows(plan: pa.Table, shard: int, shard_size: int) -> list[dict[str, An
 # ---------------------------------------------------------------------------- reading
 
 
-def read_bytes(rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> list[bytes | Exception]:
+def read_bytes(
+    rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None, *, retries: int = DEFAULT_READ_RETRIES, deadline: float = READ_DEADLINE_SECONDS
+) -> list[bytes | Exception]:
     """Bytes of each planned row, in order; a failed read is returned as its exception.
 
-    Files on one filesystem are fetched together (concurrently on s3/gcs/http), tar members by
-    the byte ranges planned for them, a parquet container opened once for its rows in the shard.
-    Rows the listing already failed are not read.
+    Reads that failed transiently (`is_transient`) are tried again, up to `retries` times with
+    exponential backoff, while the whole call stays within `deadline` seconds; permanent failures
+    (not found, permission denied, a damaged container) are returned at once.
     """
-    options = storage_options or {}
+    started = time.monotonic()
+    results = _read_once(rows, storage_options or {})
+    for attempt in range(retries):
+        again = [i for i, result in enumerate(results) if isinstance(result, Exception) and is_transient(result)]
+        wait = READ_BACKOFF_SECONDS * 2**attempt
+        if not again or time.monotonic() + wait - started > deadline:
+            break
+        log.warning("%d reads failed transiently (%s); retry %d of %d in %.1f s", len(again), _first_line(results[again[0]]), attempt + 1, retries, wait)
+        time.sleep(wait)
+        for i, value in zip(again, _read_once([rows[i] for i in again], storage_options or {})):
+            results[i] = value
+    return results
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a read may succeed if tried again: connection refused or reset, timeouts, throttling,
+    server errors. The exception and its causes are examined (s3fs wraps aiohttp wraps OSError)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PERMANENT_READ_ERRORS):
+            return False
+        if isinstance(current, (ConnectionError, TimeoutError)) or type(current).__name__ in TRANSIENT_ERROR_NAMES:
+            return True
+        status = getattr(current, "status", None) or getattr(current, "status_code", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        if any(code in str(current) for code in TRANSIENT_ERROR_CODES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+
+
+def _read_once(rows: list[dict[str, Any]], options: dict[str, Any]) -> list[bytes | Exception]:
+    """One attempt at every row: files on one filesystem fetched together (concurrently on
+    s3/gcs/http), tar members by the byte ranges planned for them, a parquet container opened once
+    for its rows. Rows the listing already failed are not read."""
     results: list[bytes | Exception | None] = [None] * len(rows)
     by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
     parquets: dict[str, list[int]] = defaultdict(list)

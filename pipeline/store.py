@@ -22,6 +22,8 @@ value 0 and cost no storage.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,10 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from pipeline.config import ResolvedConfig, differences
+from pipeline.config import ConfigError, ResolvedConfig, differences
 from pipeline.manifest import read_manifest
 from pipeline.models import Tap
 from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
@@ -108,6 +111,31 @@ def check_existing(resolved: ResolvedConfig) -> bool:
             "or choose another --out. Differences: " + "; ".join(diff)
         )
     return True
+
+
+def check_writable(out: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail before any listing when `--out` cannot hold a store: an existing file, a path under a
+    file, a read-only or pseudo filesystem. A probe object is written and removed, and so are the
+    local folders made for it, so a refused or failed run leaves nothing behind."""
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    path = path.rstrip("/")
+    try:
+        if fs.isfile(path):
+            raise ConfigError("--out", f"{out} is an existing file; give a folder for the store")
+        made = []
+        if isinstance(fs, LocalFileSystem):  # object stores have no folders to make
+            folder = path
+            while not os.path.lexists(folder):
+                made.append(folder)
+                folder = os.path.dirname(folder)
+            os.makedirs(path, exist_ok=True)
+        probe = f"{path}/.write-probe-{uuid.uuid4().hex}"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+        for folder in made:
+            os.rmdir(folder)
+    except OSError as error:
+        raise ConfigError("--out", f"cannot write a store at {out}: {type(error).__name__}: {error}") from error
 
 
 def remove_output(out: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -101,7 +101,8 @@ class ShardWorker:
     def load(self, shard: int, rows: list[dict[str, Any]]) -> LoadedShard:
         """Read and decode every row of the shard; failures become ImageErrors, never exceptions."""
         inputs: list[Prepared | ImageError] = []
-        for row, blob in zip(rows, read_bytes(rows, self.resolved.config.storage_options)):
+        config = self.resolved.config
+        for row, blob in zip(rows, read_bytes(rows, config.storage_options, retries=config.read_retries)):
             if row["error_kind"] is not None:
                 inputs.append(ImageError(row["error_kind"], row["error"]))
             elif row["duplicate_of"] is not None:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -25,6 +31,7 @@ from pipeline.sources import read_bytes
 from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, write_files
 
 MODEL = "vit_tiny_patch16_224"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(dataset: str, out: str, **overrides) -> ExtractConfig:
@@ -175,6 +182,51 @@ def test_the_compacted_manifest_is_read_only_when_it_covers_every_part(tmp_path,
     assert FeatureStore.open(str(out)).manifest.num_rows == 4
     (out / "manifest" / "part-000001.parquet").unlink()  # shard 1 no longer committed: read the parts
     assert FeatureStore.open(str(out)).manifest.column("shard").to_pylist() == [0, 2, 3]
+
+
+def test_a_rerun_of_a_finished_store_rewrites_nothing_and_keeps_the_summary(tmp_path, sample_paths):
+    out = tmp_path / "out.zarr"
+    cfg = config(str(sample_paths[0].parent), str(out))
+    run_local(cfg)
+    files = ("manifest.parquet", "plan.parquet", "summary.json")
+    before = {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in files}
+    assert run_local(cfg).shards_done == 0
+    assert {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in files} == before
+    assert json.loads((out / "summary.json").read_text())["run"]["ok"] == len(sample_paths)
+
+
+@pytest.mark.parametrize("damage", [b"", b"PAR1 cut short"])
+def test_an_unreadable_compacted_manifest_falls_back_to_the_parts(tmp_path, sample_paths, damage):
+    out = tmp_path / "out.zarr"
+    cfg = config(str(sample_paths[0].parent), str(out))
+    run_local(cfg)
+    (out / "manifest.parquet").write_bytes(damage)  # what a killed in-place write would have left
+    assert FeatureStore.open(str(out)).manifest.num_rows == len(sample_paths)
+    assert extract_main([*small_argv(str(sample_paths[0].parent), str(out)), "--local"]) == 0
+    assert pq.read_table(out / "manifest.parquet").num_rows == len(sample_paths)  # written whole again
+
+
+KILLED_WRITER = """
+import sys
+import pyarrow as pa
+from pipeline.manifest import parquet_bytes, put_atomically
+table = pa.table({"x": list(range(300_000))})
+print("writing", flush=True)
+for n in range(10_000):
+    put_atomically(sys.argv[1], parquet_bytes(table.slice(0, 100_000 + n)))
+"""
+
+
+def test_a_writer_killed_at_any_moment_leaves_the_old_file_or_the_new(tmp_path):
+    target = tmp_path / "manifest.parquet"
+    for attempt in range(5):
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert writer.stdout.readline() == b"writing\n"
+        time.sleep(0.05 + 0.07 * attempt)  # a different moment of a write each time, not a timing check
+        writer.kill()
+        writer.wait()
+        if target.exists():
+            assert pq.read_table(target).num_rows >= 100_000
 
 
 def test_rerun_with_a_different_config_is_refused_unless_overwrite(tmp_path, sample_paths):
@@ -367,3 +419,100 @@ def test_a_listing_that_finds_nothing_usable_names_the_dataset_and_writes_nothin
     with pytest.raises(SystemExit):
         extract_main([*small_argv(str(tmp_path / "no-such-folder"), str(good)), "--local", "--overwrite"])
     assert FeatureStore.open(str(good)).manifest.num_rows == len(sample_paths)
+
+
+@pytest.mark.parametrize("where", ["pseudo_filesystem", "under_a_file", "an_existing_file"])
+def test_an_unwritable_out_is_refused_before_listing(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
+    out = {"pseudo_filesystem": "/proc/srt.zarr", "under_a_file": str(tmp_path / "file" / "out.zarr"), "an_existing_file": str(tmp_path / "file")}[where]
+    with pytest.raises(SystemExit) as exited:  # the dataset does not exist: listing it would fail naming --dataset
+        extract_main([*small_argv(str(tmp_path / "no-such-dataset"), out), "--local"])
+    assert exited.value.code == 2
+    assert "error: --out: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_one_location_spelt_several_ways_is_one_dataset_and_one_image(tmp_path, sample_paths, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths})
+    out = str(tmp_path / "out.zarr")
+    assert run_local(config("in/", out)).ok == len(sample_paths)
+    for spelling in ("in", "./in", str(tmp_path / "in"), f"file://{tmp_path}/in/"):
+        summary = run_local(config(spelling, out))  # the same dataset: resumed, not refused
+        assert summary.shards_skipped == -(-len(sample_paths) // 2) and summary.shards_done == 0
+
+    name = sample_paths[0].name
+    (tmp_path / "list.txt").write_text(f"file://{tmp_path}/in/{name}\n{tmp_path}/in/{name}\nin/./{name}\nin/../in/{name}\n")
+    run_local(config(str(tmp_path / "list.txt"), str(tmp_path / "list.zarr")))
+    rows = FeatureStore.open(str(tmp_path / "list.zarr")).manifest.to_pylist()
+    assert [(r["uri"], r["error_kind"]) for r in rows] == [(str(tmp_path / "in" / name), None)] + [(str(tmp_path / "in" / name), "duplicate")] * 3
+
+
+@pytest.fixture
+def flaky_s3(s3_server):
+    """(storage options of an S3 endpoint that refuses connections, a function that brings it up
+    after some seconds); the same buckets as `s3_server`. The clients' own retries are turned off,
+    so what rides out the outage is ours."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    servers = []
+
+    def up_after(seconds: float) -> threading.Timer:
+        def start() -> None:
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[-1].start()
+
+        timer = threading.Timer(seconds, start)
+        timer.start()
+        return timer
+
+    options = {
+        **s3_server,
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
+        "skip_instance_cache": True,
+    }
+    yield options, up_after
+    for server in servers:
+        server.stop()
+
+
+def test_reads_are_retried_through_an_outage_and_error_rows_recomputed_on_request(tmp_path, sample_paths, s3_server, flaky_s3, caplog):
+    fs = fsspec.filesystem("s3", **s3_server)
+    for path in sample_paths:
+        fs.pipe(f"bucket/flaky/{path.name}", path.read_bytes())
+    (tmp_path / "list.txt").write_text("".join(f"s3://bucket/flaky/{p.name}\n" for p in sample_paths))
+    options, up_after = flaky_s3
+    sources = {f"s3://bucket/flaky/{p.name}": p.read_bytes() for p in sample_paths}
+
+    # No retries, endpoint down: every image is a read error naming the connection failure.
+    down = str(tmp_path / "down.zarr")
+    summary = run_local(config(str(tmp_path / "list.txt"), down, storage_options=options, read_retries=0))
+    assert summary.errors == {"read": len(sample_paths)}
+    assert all("EndpointConnectionError" in r["error"] for r in FeatureStore.open(down).manifest.to_pylist())
+
+    # Endpoint down for 2 s: the default retries (0.5 + 1 + 2 s of backoff) ride it out.
+    timer = up_after(2.0)
+    summary = run_local(config(str(tmp_path / "list.txt"), str(tmp_path / "retried.zarr"), storage_options=options))
+    timer.join()
+    assert "reads failed transiently (EndpointConnectionError" in caplog.text, "the outage hit no read"
+    assert (summary.ok, summary.errors) == (len(sample_paths), {})
+    assert_store_matches_engine(FeatureStore.open(str(tmp_path / "retried.zarr")), sources, config("x", "y"))
+
+    # A plain rerun keeps the committed error rows; --retry-errors read recomputes their shards.
+    assert run_local(config(str(tmp_path / "list.txt"), down, storage_options=options)).shards_done == 0
+    summary = run_local(config(str(tmp_path / "list.txt"), down, storage_options=options, retry_errors=("read",)))
+    assert (summary.shards_done, summary.ok) == (-(-len(sample_paths) // 2), len(sample_paths))
+    store = FeatureStore.open(down)
+    assert store.manifest.column("status").to_pylist() == ["ok"] * len(sample_paths)
+    assert store.manifest.column("row").to_pylist() == list(range(len(sample_paths)))  # each row once
+    assert_store_matches_engine(store, sources, config("x", "y"))
+
+
+def test_retry_errors_refuses_kinds_that_would_come_out_the_same(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        extract_main([*small_argv(str(tmp_path), str(tmp_path / "out.zarr")), "--retry-errors", "read,duplicate"])
+    assert exited.value.code == 2 and "--retry-errors: duplicate: only read, empty, decode errors" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +33,25 @@ def test_bomb_error_names_the_flag():
     with pytest.raises(ImageError, match=r"1200x1000 = 1200000 pixels exceeds --max-pixels 1000000"):
         decode(data, BOMB_LIMIT)
     assert decode(data, 2_000_000).size == (1200, 1000)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data behind it."""
+    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    ihdr = data.index(b"IHDR")  # length(4) "IHDR" width(4) height(4) ... crc(4) over type + 13 bytes
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_max_pixels_governs_above_pillows_own_limit():
+    claimed = png_claiming(14_000, 14_000)  # 196 M pixels: over twice Pillow's default limit of 89.5 M
+    with pytest.raises(ImageError, match="exceeds --max-pixels 100000000") as small:
+        decode(claimed, max_pixels=100_000_000)
+    assert small.value.kind == "too_large"
+    with pytest.raises(ImageError) as large:  # allowed by the flag: Pillow tries to decode it (no data)
+        decode(claimed, max_pixels=200_000_000)
+    assert large.value.kind == "decode"
 
 
 def test_sixteen_bit_keeps_its_range_and_transparency_goes_white():

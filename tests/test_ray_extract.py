@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.distributed import ACTOR_PREFIX, run_ray
+from pipeline.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_ray
 from pipeline.runner import run_local
 from pipeline.store import FeatureStore
 from tests.images_factory import encode, gradient, write_files
@@ -111,7 +111,7 @@ def test_a_killed_actor_costs_nothing_but_time(tmp_path, photos):
     summary = run_ray(cfg)
     killer.join()
     assert killed, "the test killed no actor"
-    assert summary.retries >= 1, "the kill hit no unit in flight"
+    assert 1 <= summary.retries <= UNITS_PER_ACTOR, "one retry per unit in flight on the killed actor, none bounced off it while it restarts"
     assert summary.ok == 12 and not summary.failed_shards
     assert_exactly_once(str(out), 12)
     expected, got = all_arrays(reference), all_arrays(str(out))
