@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no mask     {len(missing)} images (e.g. {missing[0]}) were not scored")
     if predictions:
         result = scores(predictions, truths)
-        print(f"maxF        {result['maxF']:.4f}\nIoU         {result['IoU']:.4f}   ({result['images']} images)")
+        print(f"maxF        {result['maxF']:.4f}\nIoU         {result['IoU']:.4f}\naccuracy    {result['accuracy']:.4f}   ({result['images']} images)")
         if out:
             with fsspec.open(f"{out}/scores.json", "w", **args.storage_options) as handle:
                 json.dump(result, handle, indent=2)

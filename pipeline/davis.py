@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.images import from_original, to_original
 from pipeline.propagation import PropagationSettings, one_hot, propagate_video, to_labels
-from pipeline.segmentation_metrics import VOID, davis_scores
+from pipeline.segmentation_metrics import VOID, davis_scores, davis_summary
 from pipeline.sources import uri_path
 from pipeline.store import FeatureStore
 
@@ -68,6 +68,13 @@ class DavisLayout:
             raise FileNotFoundError(f"no frames under {self.root}/JPEGImages/{RESOLUTION}/{video}/")
         return names
 
+    def annotated_frames(self, video: str) -> list[str]:
+        """Names (no extension) of the frames with an annotation PNG, in order: what DAVIS scores."""
+        names = sorted(PurePosixPath(p).stem for p in self.fs.glob(f"{self.path}/Annotations/{RESOLUTION}/{video}/*.png"))
+        if not names:
+            raise FileNotFoundError(f"no annotations under {self.root}/Annotations/{RESOLUTION}/{video}/")
+        return names
+
     def annotation(self, video: str, frame: str) -> np.ndarray | None:
         """Labels [H, W] uint8 of one frame, or None when it has no annotation."""
         path = f"{self.path}/Annotations/{RESOLUTION}/{video}/{frame}.png"
@@ -106,7 +113,7 @@ class VideoResult:
     video: str
     frames: int
     seconds: float  # reading features, propagation and upsampling; not writing PNGs
-    scores: dict[int, tuple[float, float]] | None  # {object: (J, F)}; None without full annotations
+    scores: dict[int, dict[str, float]] | None  # {object: {"J-Mean": ..., "F-Decay": ...}}; None without full annotations
 
 
 def store_frames(store: FeatureStore) -> dict[tuple[str, str], str]:
@@ -160,10 +167,25 @@ def propagate_davis(
         yield VideoResult(video, len(frames), seconds, scores)
 
 
+def score_results(layout: DavisLayout, results: str, videos: list[str]) -> Iterator[VideoResult]:
+    """Score a results folder in the DAVIS layout (`<results>/<video>/<frame>.png`, indexed PNGs),
+    made by any method, as the official semi-supervised evaluation does: every annotated frame
+    but the first and last."""
+    fs, path = fsspec.core.url_to_fs(results.rstrip("/"), **layout.options)
+    for video in videos:
+        started = time.perf_counter()
+        frames = layout.annotated_frames(video)
+        predicted = []
+        for frame in frames:
+            png = f"{path}/{video}/{frame}.png"
+            if not fs.exists(png):
+                raise FileNotFoundError(f"{results.rstrip('/')}/{video}/{frame}.png is missing: results are indexed PNGs named like the annotations")
+            predicted.append(read_labels(fs.cat_file(png)))
+        truth = [layout.annotation(video, frame) for frame in frames]
+        yield VideoResult(video, len(frames), time.perf_counter() - started, davis_scores(truth, predicted))
+
+
 def summarize(results: list[VideoResult]) -> dict[str, float]:
-    """J&F, J and F means over every scored object of every video (the DAVIS-2017 global figures)."""
-    pairs = [score for r in results if r.scores for score in r.scores.values()]
-    if not pairs:
-        return {}
-    j, f = (float(np.mean(values)) for values in zip(*pairs))
-    return {"J&F-Mean": (j + f) / 2, "J-Mean": j, "F-Mean": f}
+    """The DAVIS-2017 global figures (J&F, and J and F Mean, Recall, Decay) over every scored object of every video."""
+    objects = [score for r in results if r.scores for score in r.scores.values()]
+    return davis_summary(objects) if objects else {}

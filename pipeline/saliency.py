@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.images import to_original
-from pipeline.segmentation_metrics import max_f, region_similarity
+from pipeline.segmentation_metrics import max_f, pixel_accuracy, saliency_iou
 from pipeline.sources import uri_path
 from pipeline.store import FeatureStore
 from pipeline.tokencut import EPS, TAU, tokencut
@@ -45,7 +45,8 @@ def segment_store(store: FeatureStore, *, keys: bool = True, layer: int | None =
 
 
 class MaskFolder:
-    """Ground-truth masks: binary PNGs (0 / 255 or 0 / 1) in one folder, by image file stem."""
+    """Ground-truth masks: grey PNGs in one folder, by image file stem; every non-zero pixel is
+    salient, as in TokenCut's evaluation (a grey value of 100 is foreground there too)."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
         self.fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -56,17 +57,19 @@ class MaskFolder:
     def read(self, name: str) -> np.ndarray:
         if name not in self.paths:
             raise KeyError(f"no mask {name}.png for image {name}")
-        values = np.asarray(Image.open(io.BytesIO(self.fs.cat_file(self.paths[name]))).convert("L"))
-        return values > (127 if values.max() > 1 else 0)
+        return np.asarray(Image.open(io.BytesIO(self.fs.cat_file(self.paths[name]))).convert("L"))
 
 
 def scores(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
-    """maxF over the set and mean IoU of binary predictions against binary truths."""
+    """maxF over the set, mean IoU and mean pixel accuracy of binary predictions against grey
+    masks, as TokenCut's evaluation computes them (IoU is NaN if an image has both masks empty)."""
     for prediction, truth in zip(predictions, truths, strict=True):
         if prediction.shape != truth.shape:
             raise ValueError(f"a prediction of {prediction.shape} against a mask of {truth.shape}")
+    binary = [p.astype(np.float32) for p in predictions]
     return {
-        "maxF": max_f([p.astype(np.float32) for p in predictions], truths),
-        "IoU": float(np.mean([region_similarity(t, p) for p, t in zip(predictions, truths)])),
+        "maxF": max_f(binary, truths),
+        "IoU": float(np.mean([saliency_iou(p, t) for p, t in zip(binary, truths)])),
+        "accuracy": float(np.mean([pixel_accuracy(p, t) for p, t in zip(binary, truths)])),
         "images": len(predictions),
     }

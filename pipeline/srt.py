@@ -406,12 +406,38 @@ class SRT:
         if self.tolerance is not None and shifts is not None:
             raise ValueError("adaptive views (tolerance) need the whole shift set: it cannot be split into batches")
         subset = self.shifts if shifts is None else validate_shifts(shifts, self.patch)
+        return self._ensemble(images, self._tokenize, subset)
+
+    @torch.no_grad()
+    def output_ensemble(self, images: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], layer: int | None = None) -> torch.Tensor:
+        """Output-space ensembling, the paper's baseline for SRT: `head` (a dense head on token
+        grids, [N, C, h, w] -> [N, K, h, w]) runs on each shifted view's plain tokens of block
+        `layer` (default: the first requested), and its outputs, instead of the features, are
+        aligned back and averaged exactly as SRT averages features: [B, K, H/s, W/s].
+
+        With "reflect" (each cell a weighted mean, weights summing to 1) an affine head (a 1x1
+        conv) gives the same map in both orders; any non-linear head differs, which is what
+        comparing `head(srt(images)[layer])` against this measures.
+        """
+        tap = self.vit.taps([self.layers[0] if layer is None else layer])[0]
+
+        def predict(views: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
+            grid, prefix = self._tokenize(views)[tap]
+            outputs = head(grid.float())
+            if outputs.shape[0] != grid.shape[0] or outputs.shape[2:] != grid.shape[2:]:
+                raise ValueError(f"the head must keep the token grid: {tuple(grid.shape)} -> {tuple(outputs.shape)}")
+            return {tap: (outputs, prefix)}
+
+        return self.finalize(self._ensemble(images, predict, self.shifts)).dense[tap]
+
+    def _ensemble(self, images: torch.Tensor, tokenize: Tokenizer, shifts: Sequence[Shift]) -> PartialSum:
+        """Sums of what `tokenize` returns per view over `shifts`: all of them, or adaptively chosen."""
         images = images.to(device=self.vit.device, dtype=self.vit.dtype)
         geometry = {"patch": self.patch, "stride": self.stride, "boundary": self.boundary, "batch_size": self.batch_size}
         if self.tolerance is None:
-            return shift_ensemble(images, self._tokenize, subset, **geometry)
+            return shift_ensemble(images, tokenize, shifts, **geometry)
         stopping = {"tolerance": self.tolerance, "min_views": self.min_views, "check_every": self.check_every}
-        return concatenate([adaptive_ensemble(image[None], self._tokenize, subset, **geometry, **stopping) for image in images])
+        return concatenate([adaptive_ensemble(image[None], tokenize, shifts, **geometry, **stopping) for image in images])
 
     def _tokenize(self, views: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
         context = (

@@ -17,12 +17,22 @@ from bench.synthetic_segmentation import make_video, write_davis, write_saliency
 from jobs.propagate import main as propagate_main
 from jobs.saliency import main as saliency_main
 from pipeline.config import ExtractConfig
-from pipeline.davis import PALETTE, DavisLayout, frame_key, read_labels
+from pipeline.davis import PALETTE, DavisLayout, frame_key, read_labels, write_labels
 from pipeline.images import from_original, to_original
 from pipeline.propagation import PropagationSettings, one_hot, propagate_video, to_labels
 from pipeline.runner import run_local
 from pipeline.saliency import segment_store
-from pipeline.segmentation_metrics import boundary_measure, boundary_tolerance, davis_scores, max_f, region_similarity
+from pipeline.saliency import MaskFolder, scores
+from pipeline.segmentation_metrics import (
+    boundary_measure,
+    boundary_tolerance,
+    davis_scores,
+    max_f,
+    pixel_accuracy,
+    region_similarity,
+    saliency_iou,
+    statistics,
+)
 from pipeline.store import FeatureStore
 from pipeline.tokencut import tokencut
 
@@ -43,9 +53,6 @@ def square(size: int, top: int, left: int, side: int = 10) -> np.ndarray:
 def test_region_similarity_on_known_masks():
     truth, shifted = square(64, 10, 10), square(64, 10, 12)
     assert region_similarity(truth, shifted) == pytest.approx(80 / 120)  # 10x8 shared, 10x12 in either
-    void = np.zeros((64, 64), bool)
-    void[:, 20:] = True  # hides the 2 columns only the shifted square covers
-    assert region_similarity(truth, shifted, void) == pytest.approx(80 / 100)
     assert region_similarity(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
 
 
@@ -66,27 +73,81 @@ def test_boundary_measure_on_known_masks():
     assert boundary_measure(np.zeros((64, 64), bool), np.zeros((64, 64), bool)) == 1.0
 
 
-def test_davis_scores_skip_first_and_last_frames_and_ignore_void():
+def test_davis_scores_skip_first_and_last_frames():
     object_1 = square(64, 10, 10).astype(np.uint8)
-    truth = [object_1] * 4
     wrong = np.zeros((64, 64), np.uint8)
-    assert davis_scores(truth, [wrong, object_1, object_1, wrong]) == {1: (1.0, 1.0)}
-    half = object_1.copy()
-    half[10:15] = 0  # the top half missed, but void in the truth of frame 2
-    void_truth = object_1.copy()
-    void_truth[10:15, 10:20] = 255
-    scores = davis_scores([object_1, object_1, void_truth, object_1], [object_1, half, half, object_1])
-    assert scores[1][0] == pytest.approx((50 / 100 + 1.0) / 2)
+    scores = davis_scores([object_1] * 4, [wrong, object_1, object_1, wrong])
+    assert scores == {1: {"J-Mean": 1.0, "J-Recall": 1.0, "J-Decay": 0.0, "F-Mean": 1.0, "F-Recall": 1.0, "F-Decay": 0.0}}
+
+
+def test_davis_void_pixels_count_as_background_as_in_the_official_semi_supervised_evaluation():
+    # 10x10 frames: the object is rows 0-3 (40 pixels), row 4 is void (255), the prediction covers
+    # rows 0-4. The official evaluation sets void to background and passes no void mask, so the
+    # predicted void row is 10 false positives: J = 40 / 50 = 0.8 (ignoring void would give 1.0).
+    # Boundaries: the truth's is row 3, the prediction's row 4, one pixel apart; the tolerance is
+    # ceil(0.008 * 14.1) = 1 pixel, so F = 1.
+    truth = np.zeros((10, 10), np.uint8)
+    truth[:4] = 1
+    truth[4] = 255
+    prediction = np.zeros((10, 10), np.uint8)
+    prediction[:5] = 1
+    scores = davis_scores([truth, truth, truth], [truth, prediction, prediction])[1]
+    assert (scores["J-Mean"], scores["F-Mean"]) == (pytest.approx(0.8), 1.0)
+    # Objects come from the first frame after void is cleared: a void-only first frame has none.
+    assert davis_scores([np.full((10, 10), 255, np.uint8)] * 3, [np.zeros((10, 10), np.uint8)] * 3) == {}
+
+
+def test_davis_statistics_mean_recall_and_decay_by_hand():
+    # Per-frame scores [1.0, 0.2, 0.6, 0.4]: Mean 0.55; Recall: 2 of 4 frames above 0.5; Decay: bin
+    # edges round(linspace(1, 4, 5)) - 1 = [0, 1, 2, 2, 3] (2.5 rounds up: +1e-10), so the first bin
+    # is frames 0-1 (mean 0.6) and the last frames 2-3 (mean 0.5): 0.1.
+    mean, recall, decay = statistics(np.array([1.0, 0.2, 0.6, 0.4]))
+    assert (mean, recall, decay) == (pytest.approx(0.55), 0.5, pytest.approx(0.1))
+    with pytest.raises(ValueError, match="holds label 2, but the sequence has 1 objects"):
+        davis_scores([square(16, 2, 2, 4).astype(np.uint8)] * 3, [square(16, 2, 2, 4).astype(np.uint8) * 2] * 3)
 
 
 def test_max_f_on_a_hand_computed_case():
     # Image 1: truth [1,1,0,0], scores [1, .6, .4, 0]; image 2: truth [1,0,0,0], scores [.2, .9, 0, 0].
-    # At thresholds in (0, 0.2] image 1 has P = 2/3, R = 1 -> F = 1.3 * 2/3 / (0.2 + 1) = 13/18, and
+    # At thresholds k/255 below 0.2 image 1 has P = 2/3, R = 1 -> F = 1.3 * 2/3 / (0.2 + 1) = 13/18, and
     # image 2 has P = 1/2, R = 1 -> F = 0.65 / 1.15 = 13/23. Every other threshold averages lower.
     predictions = [np.array([[1.0, 0.6], [0.4, 0.0]]), np.array([[0.2, 0.9], [0.0, 0.0]])]
-    truths = [np.array([[1, 1], [0, 0]], bool), np.array([[1, 0], [0, 0]], bool)]
-    assert max_f(predictions, truths) == pytest.approx((13 / 18 + 13 / 23) / 2)
+    truths = [np.array([[1, 1], [0, 0]], np.uint8), np.array([[1, 0], [0, 0]], np.uint8)]
+    assert max_f(predictions, truths) == pytest.approx((13 / 18 + 13 / 23) / 2, abs=1e-6)
     assert max_f([t.astype(float) for t in truths], truths) == pytest.approx(1.0)
+
+
+def test_max_f_follows_tokencuts_thresholds_and_empty_cases():
+    truth = np.zeros((4, 4), np.uint8)
+    truth[:2, :2] = 255
+    empty = np.zeros((4, 4))
+    # An empty prediction has precision 1 (by definition there) and recall 0: F = 0 at every
+    # threshold k/255, k = 0..254, since 0 is never strictly above one. (Counting 0 >= 0 as positive
+    # would add an everything-salient point: P = 4/16, R = 1, F = 1.3 * 0.25 / 1.075 = 0.302.)
+    assert max_f([empty], [truth]) == 0.0
+    # Empty truth and empty prediction: precision 1 and recall 1, F = 1.
+    assert max_f([empty], [np.zeros((4, 4), np.uint8)]) == pytest.approx(1.0)
+    # Empty truth, some prediction: precision 0, recall 1, F = 0.
+    assert max_f([truth / 255.0], [np.zeros((4, 4), np.uint8)]) == 0.0
+    # A score of exactly 2/255 is above thresholds 0 and 1/255 only; with the truth on the other
+    # pixel, F is 0 there and 1 from threshold 2/255 up, where only the 1.0 pixel stays.
+    assert max_f([np.array([[1.0, 2 / 255]])], [np.array([[9, 0]], np.uint8)]) == pytest.approx(1.0)
+    # Grey values are salient wherever they are non-zero (a mask of 100 is foreground).
+    assert max_f([np.array([[1.0, 0.0]])], [np.array([[100, 0]], np.uint8)]) == pytest.approx(1.0)
+
+
+def test_saliency_iou_and_accuracy_by_hand():
+    truth = np.array([[100, 100, 0, 0]], np.uint8)  # grey 100: salient
+    prediction = np.array([[1.0, 1.0, 1.0, 0.0]])
+    assert saliency_iou(prediction, truth) == pytest.approx(2 / 3)
+    assert pixel_accuracy(prediction, truth) == pytest.approx(3 / 4)
+    assert np.isnan(saliency_iou(np.zeros((2, 2)), np.zeros((2, 2), np.uint8)))  # 0 / 0 there too
+
+
+def test_mask_folder_keeps_grey_values_for_the_metrics(tmp_path):
+    Image.fromarray(np.array([[0, 100], [255, 0]], np.uint8)).save(tmp_path / "a.png")
+    mask = MaskFolder(str(tmp_path)).read("a")
+    assert scores([np.array([[False, True], [True, False]])], [mask]) == {"maxF": pytest.approx(1.0), "IoU": 1.0, "accuracy": 1.0, "images": 1}
 
 
 def test_maps_go_to_the_original_and_back():
@@ -178,7 +239,7 @@ def test_propagation_tracks_moving_shapes_and_srt_beats_plain(davis, capsys):
     with open(root / "results-srt" / "per-sequence_results-val.csv") as handle:
         assert [row["Sequence"] for row in csv.DictReader(handle)] == ["shapes0_1", "shapes0_2", "shapes1_1", "shapes1_2"]
     # Baseline: the first mask copied to every frame (no tracking) scores 0.19 on these videos.
-    static = np.mean([np.mean([(j + f) / 2 for j, f in davis_scores(v.masks, [v.masks[0]] * len(v.masks)).values()]) for v in videos.values()])
+    static = np.mean([np.mean([(o["J-Mean"] + o["F-Mean"]) / 2 for o in davis_scores(v.masks, [v.masks[0]] * len(v.masks)).values()]) for v in videos.values()])
     assert static < 0.25
     # Measured 0.83 with SRT at stride 4 and 0.37 plain: 96-pixel frames give the plain ViT 6 x 10
     # tokens, so its masks are blocks of 16 pixels; 0.7 asks SRT to track shapes moving 2-4 pixels
@@ -186,6 +247,37 @@ def test_propagation_tracks_moving_shapes_and_srt_beats_plain(davis, capsys):
     assert scores["srt"] > 0.7
     assert scores["srt"] > scores["plain"] + 0.2
     assert "J&F" in capsys.readouterr().out
+
+
+def global_row(results_csv) -> dict[str, str]:
+    with open(results_csv) as handle:
+        return next(csv.DictReader(handle))
+
+
+def test_score_only_scores_any_methods_results_folder(davis, tmp_path, capsys):
+    root, videos, stores = davis
+    perfect = tmp_path / "perfect"  # a "method" that returns the annotations themselves
+    for video, v in videos.items():
+        for t, mask in enumerate(v.masks):
+            write_labels(str(perfect / video / f"{t:05d}.png"), mask)
+    assert propagate_main(["--score-only", str(perfect), "--davis", str(root)]) == 0
+    assert global_row(perfect / "global_results-val.csv") == {
+        "J&F-Mean": "1.000", "J-Mean": "1.000", "J-Recall": "1.000", "J-Decay": "0.000", "F-Mean": "1.000", "F-Recall": "1.000", "F-Decay": "0.000"
+    }  # fmt: skip
+
+    # Our propagation's results score the same whether scored while propagating or afterwards.
+    ours = tmp_path / "ours"
+    assert propagate_main(["--store", stores["srt"], "--davis", str(root), "--out", str(ours)]) == 0
+    while_propagating = global_row(ours / "global_results-val.csv")
+    assert propagate_main(["--score-only", str(ours), "--davis", str(root)]) == 0
+    assert global_row(ours / "global_results-val.csv") == while_propagating
+
+    (perfect / "shapes1" / "00004.png").unlink()
+    assert propagate_main(["--score-only", str(perfect), "--davis", str(root)]) == 1
+    assert "shapes1/00004.png is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        propagate_main(["--davis", str(root)])
+    assert "--store and --out are required, unless --score-only" in capsys.readouterr().err
 
 
 def test_propagation_names_missing_frames_and_bad_flags(davis, tmp_path, capsys):
@@ -228,6 +320,14 @@ def test_tokencut_solves_the_generalized_eigenproblem():
     assert abs(ours @ expected) == pytest.approx(1.0, abs=1e-4)  # the same vector up to sign
     assert cut.eigenvector[cut.seed] == np.abs(cut.eigenvector).max()  # the seed's side is foreground
     assert cut.mask[cut.seed]
+
+
+def test_tokencut_gives_the_same_cut_on_every_call():
+    features = np.random.default_rng(3).normal(size=(8, 12, 12)).astype(np.float32)
+    first = tokencut(features)
+    for _ in range(5):
+        again = tokencut(features)
+        assert np.array_equal(again.eigenvector, first.eigenvector) and np.array_equal(again.mask, first.mask) and again.seed == first.seed
 
 
 def test_tokencut_takes_the_smaller_group_and_only_the_seeds_component():

@@ -304,3 +304,35 @@ def test_spread_order_visits_distant_phases_first():
 
 def test_default_shift_set_is_16_random_lattice_shifts(any_vit):
     assert SRT(any_vit).shifts == tuple(random_shifts(16, any_vit.patch_size, seed=0))
+
+
+@pytest.mark.parametrize("boundary", ["reflect", "zeros"])
+def test_output_ensemble_averages_the_heads_outputs_over_views(tiny_vit, boundary):
+    """Against the naive chain run on the head's per-view outputs: a non-linear head's average is
+    not the head of the average (the paper's comparison); a linear head's is."""
+    images = random_images(tiny_vit, 3, 4, batch=2, seed=5)
+    shifts = [(0, 0), (3, -5), (-7, 2), (9, 9)]
+    srt = SRT(tiny_vit, layers=(6,), shifts=shifts, stride=4, boundary=boundary)
+    conv = torch.nn.Conv2d(tiny_vit.embed_dim, 5, 1).eval()
+    torch.nn.init.normal_(conv.weight, std=0.5)
+
+    def nonlinear(grid: torch.Tensor) -> torch.Tensor:
+        return conv(grid).softmax(dim=1)
+
+    tap = Tap("block", 6)
+    with torch.no_grad():
+        for head in (conv, nonlinear):
+            expected = torch.stack([
+                aggregate_naive(
+                    [head(tiny_vit.forward_taps(translate_naive(image, s, boundary)[None], [tap], norm=True)[tap].grid)[0] for s in shifts],
+                    shifts, patch=16, stride=4, boundary=boundary,
+                )
+                for image in images
+            ])  # fmt: skip
+            torch.testing.assert_close(srt.output_ensemble(images, head), expected, atol=1e-5, rtol=1e-5)
+        feature_space = srt(images)[6]
+        if boundary == "reflect":  # each cell a weighted mean with weights summing to 1: affine heads commute
+            torch.testing.assert_close(conv(feature_space), srt.output_ensemble(images, conv), atol=1e-5, rtol=1e-5)
+        assert (nonlinear(feature_space) - srt.output_ensemble(images, nonlinear)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="the head must keep the token grid"):
+        srt.output_ensemble(images, lambda grid: grid.mean(dim=(2, 3)))
