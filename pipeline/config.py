@@ -28,7 +28,50 @@ from pipeline.srt import (
 )
 from schemas import STORE_FORMAT_VERSION
 
-RESIZE_POLICIES = ("square", "aspect")
+RESIZE_POLICIES = ("square", "aspect", "aspect-floor64", "pad")
+RESAMPLERS = ("bicubic", "cv2-bilinear")
+TOKEN_STRIDE = "patch"  # a preset's stride: the model's patch size
+DEPTH_HEAD_BLOCKS = "depth-head-blocks"  # a preset's layers: the four blocks DINOv2's linear4 / DPT depth heads read
+DINOV2_DEPTH_HEAD_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}  # by model depth (dinov2/hub/depthers.py)
+
+# The paper's settings, one flag each (README: Presets). Values are flag values; every field named
+# is set, and a flag given with another value is refused rather than silently overridden.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' DAVIS path (EnsembledExtractor on DINO's eval_video_segmentation.py): the frame
+    # plus the 3x3 pixel grid (the zero shift twice, 10 views), zero fill and a plain mean, the last
+    # block after the final norm pooled to token stride; frames with the shorter side 480 and the
+    # longer one floored to a multiple of 64, resized as cv2.resize does, normalized as DINO's
+    # video evaluation does (std 0.228 for red).
+    "srt-paper-davis": {
+        "shifts": ((0, 0), *grid_shifts(1)),
+        "radius": None,
+        "random_shifts": None,
+        "boundary": "zeros",
+        "stride": TOKEN_STRIDE,
+        "layers": (-1,),
+        "norm": True,
+        "image_size": 480,
+        "resize": "aspect-floor64",
+        "resample": "cv2-bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.228, 0.224, 0.225),
+    },
+    # The authors' depth path (DinoV2DepthFeatsEnsembledExtractor on DINOv2's NYU depth models):
+    # the frame plus the 7x7 pixel grid (the zero shift twice, 50 views), zero fill and a plain mean;
+    # the four blocks the linear4 / DPT heads read, without the final norm, with their class
+    # tokens; images at their own size, each shifted view centre-padded with zeros to a multiple
+    # of the patch (DINOv2's CenterPadding), averaged on that padded canvas at token stride.
+    "srt-paper-depth": {
+        "shifts": ((0, 0), *grid_shifts(3)),
+        "radius": None,
+        "random_shifts": None,
+        "boundary": "zeros",
+        "stride": TOKEN_STRIDE,
+        "layers": DEPTH_HEAD_BLOCKS,
+        "norm": False,
+        "resize": "pad",
+    },
+}
 STORE_DTYPES = ("float16", "float32")
 CODECS = ("blosc", "zstd", "none")  # blosc (zstd inside, byte shuffle) by measurement: bench/RESULTS.md
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -81,7 +124,11 @@ class ExtractConfig(Flags):
     boundary: str = field(default="reflect", metadata=option("fill of the strip a shift uncovers", choices=BOUNDARIES))
     norm: bool = field(default=True, metadata=option("apply the model's final norm to every tap (--no-norm to skip)"))
     image_size: int = field(default=224, metadata=option("model input: square side, or shorter side with --resize aspect; a multiple of the patch size"))
-    resize: str = field(default="square", metadata=option("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size", choices=RESIZE_POLICIES))
+    resize: str = field(default="square", metadata=option("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size; aspect-floor64: shorter side, longer side floored to a multiple of 64 (DINO's video evaluation); pad: original size, each view centre-padded with zeros to a multiple of the patch after shifting (DINOv2's depth evaluation; --image-size unused, needs --boundary zeros)", choices=RESIZE_POLICIES))
+    resample: str = field(default="bicubic", metadata=option("resampling: Pillow's antialiased bicubic, or cv2-bilinear (cv2.resize's default, as DINO's evaluation reads frames; not with --resize square)", choices=RESAMPLERS))
+    mean: tuple[float, ...] | None = field(default=None, metadata=option("normalization mean, R,G,B (default: the model's)", parse="floats"))
+    std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
+    preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
     dtype: str = field(default="float16", metadata=option("stored feature dtype", choices=STORE_DTYPES))
     codec: str = field(default="blosc", metadata=option("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
     precision: str = field(default="fp32", metadata=option("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
@@ -111,6 +158,8 @@ class ResolvedConfig:
     shifts: tuple[Shift, ...]
     stride: int
     weights_id: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
     @property
     def taps(self) -> tuple[Tap, ...]:
@@ -140,6 +189,8 @@ class ResolvedConfig:
             "norm": c.norm,
             "image_size": c.image_size,
             "resize": c.resize,
+            "resample": c.resample,
+            "preset": c.preset,
             "dtype": c.dtype,
             "codec": c.codec,
             "precision": c.precision,
@@ -150,8 +201,8 @@ class ResolvedConfig:
             "embed_dim": self.facts.embed_dim,
             "num_prefix_tokens": self.facts.num_prefix_tokens,
             "num_registers": self.facts.num_registers,
-            "mean": list(self.facts.mean),
-            "std": list(self.facts.std),
+            "mean": list(self.mean),
+            "std": list(self.std),
             "store_format": STORE_FORMAT_VERSION,
         }
 
@@ -166,12 +217,48 @@ def default_stride(patch: int) -> int:
     return patch // 2 if patch % 2 == 0 else patch
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def preset_value(value: Any, facts: ModelFacts) -> Any:
+    """A preset's setting for this model: the token stride and the depth heads' blocks depend on it."""
+    if value == TOKEN_STRIDE:
+        return facts.patch_size
+    if value == DEPTH_HEAD_BLOCKS:
+        return DINOV2_DEPTH_HEAD_BLOCKS.get(facts.depth, tuple(round(facts.depth * k / 4) - 1 for k in range(1, 5)))
+    return value
+
+
+def apply_preset(config: ExtractConfig, facts: ModelFacts) -> ExtractConfig:
+    """The config with its preset's settings; a flag given with a value other than the preset's
+    is refused, naming both, so neither silently wins."""
+    if config.preset is None:
+        return config
+    if config.preset not in PRESETS:
+        raise ConfigError(config.flags["preset"], f"must be one of {tuple(PRESETS)}, got {config.preset!r}")
+    settings = {name: preset_value(value, facts) for name, value in PRESETS[config.preset].items()}
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(config)}
+    for name, value in settings.items():
+        given = getattr(config, name)
+        if given != defaults[name] and given != value:
+            wanted = "unset" if value is None else _show(value)
+            raise ConfigError(config.flags[name], f"--preset {config.preset} sets it to {wanted}; drop one of the two")
+    return dataclasses.replace(config, **settings)
+
+
 def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedConfig:
     """Validate every flag (naming it on error) and make the config explicit. Loads no weights."""
     f = config.flags
     for name in ("dataset", "out", "model"):
         if not getattr(config, name):
             raise ConfigError(f[name], "is required")
+    if facts is None:
+        try:
+            facts = describe_model(config.model)
+        except ValueError as error:
+            raise ConfigError(f["model"], str(error)) from error
+    config = apply_preset(config, facts)
     if config.pretrained and config.weights:
         raise ConfigError(f["weights"], "give either --pretrained or --weights, not both")
     for name in ("batch_size", "shard_size", "image_size", "max_pixels"):
@@ -194,15 +281,20 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         raise ConfigError(f["split_shifts"], "adaptive views (--adaptive-tol) decide per image from all its views: they cannot be split")
     if config.split_shifts != "auto" and not (config.split_shifts.isdigit() and int(config.split_shifts) >= 1):
         raise ConfigError(f["split_shifts"], f"must be 'auto' or a positive integer, got {config.split_shifts!r}")
-    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
+    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("resample", RESAMPLERS), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
         if getattr(config, name) not in allowed:
             raise ConfigError(f[name], f"must be one of {allowed}, got {getattr(config, name)!r}")
-    if facts is None:
-        try:
-            facts = describe_model(config.model)
-        except ValueError as error:
-            raise ConfigError(f["model"], str(error)) from error
+    if config.resize == "pad" and config.boundary != "zeros":
+        raise ConfigError(f["resize"], "pad fills the padding with zeros, so shifted views must be filled with zeros too: add --boundary zeros")
+    if config.resample == "cv2-bilinear" and config.resize == "square":
+        raise ConfigError(f["resample"], "cv2-bilinear resizes whole images: use it with --resize aspect or aspect-floor64")
+    for name in ("mean", "std"):
+        value = getattr(config, name)
+        if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+            raise ConfigError(f[name], f"give three values R,G,B{' (positive)' if name == 'std' else ''}, got {_show(value)}")
     patch = facts.patch_size
+    if config.resize == "aspect-floor64" and 64 % patch:
+        raise ConfigError(f["resize"], f"aspect-floor64 floors to multiples of 64, which patch size {patch} of {config.model} does not divide")
     if config.image_size % patch:
         raise ConfigError(f["image_size"], f"{config.image_size} is not a multiple of the patch size {patch} of {config.model}")
     layers, keys = _resolve_blocks(config, facts, "layers"), _resolve_blocks(config, facts, "keys")
@@ -218,7 +310,8 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         identity = weights_id(config.model, pretrained=config.pretrained, weights=config.weights, seed=config.seed, storage_options=config.storage_options)
     except (OSError, ValueError) as error:
         raise ConfigError(f["weights"], f"cannot read {config.weights}: {error}") from error
-    return ResolvedConfig(config=config, facts=facts, layers=layers, keys=keys, shifts=shifts, stride=stride, weights_id=identity)
+    mean, std = config.mean or facts.mean, config.std or facts.std
+    return ResolvedConfig(config=config, facts=facts, layers=layers, keys=keys, shifts=shifts, stride=stride, weights_id=identity, mean=tuple(mean), std=tuple(std))
 
 
 def _resolve_blocks(config: ExtractConfig, facts: ModelFacts, name: str) -> tuple[int, ...]:
@@ -258,6 +351,13 @@ def _parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _parse_words(text: str) -> tuple[str, ...]:
     return tuple(word.strip() for word in text.split(",") if word.strip())
 
@@ -282,14 +382,14 @@ def _parse_json(text: str) -> dict[str, Any]:
     return value
 
 
-_PARSERS = {"ints": _parse_ints, "shifts": _parse_shifts, "json": _parse_json, "words": _parse_words}
+_PARSERS = {"ints": _parse_ints, "floats": _parse_floats, "shifts": _parse_shifts, "json": _parse_json, "words": _parse_words}
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractConfig) -> None:
     """One flag per config field, with the field's default and help."""
     for f in dataclasses.fields(config_type):
         flag = flag_of(f.name)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         parse = meta.pop("parse", None)

@@ -10,6 +10,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,12 +32,13 @@ class ImageError(Exception):
 class ImagePolicy:
     """How every image becomes a model input of the run."""
 
-    size: int  # square side, or shorter side with resize="aspect"; a multiple of `patch`
-    resize: str  # "square" or "aspect"
+    size: int  # square side, or the shorter side ("aspect", "aspect-floor64"); unused by "pad"
+    resize: str  # "square", "aspect", "aspect-floor64" or "pad" (original size, centre-padded to the patch)
     patch: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     max_pixels: int = 89_478_485
+    resample: str = "bicubic"  # Pillow's antialiased bicubic, or "cv2-bilinear" (whole-image policies)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Prepared:
     region: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the original shown to the model
     bucket: str | None  # "HxW" under the aspect policy, None when every input has one size
     input_size: tuple[int, int]  # (H, W) of the model input; kept when the pixels are dropped
+    valid: torch.Tensor | None = None  # [1, H, W]: the real pixels of a padded input ("pad"), else None
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -96,12 +99,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def input_geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
     """Model input size and the original region (y0, x0, y1, x1) it is resampled from."""
     size, patch = policy.size, policy.patch
+    if policy.resize == "pad":  # DINOv2's CenterPadding: the extra row or column goes bottom / right
+        out_h, out_w = -(-height // patch) * patch, -(-width // patch) * patch
+        top, left = (out_h - height) // 2, (out_w - width) // 2
+        return (out_h, out_w), (float(-top), float(-left), float(out_h - top), float(out_w - left))
     if policy.resize == "square":
         side = min(height, width)
         top, left = (height - side) / 2, (width - side) / 2
         return (size, size), (top, left, top + side, left + side)
     short, long = min(height, width), max(height, width)
-    long_out = max(patch, round(long * size / short / patch) * patch)
+    if policy.resize == "aspect-floor64":  # DINO's video evaluation: long side floored to a multiple of 64
+        long_out = max(64, int(size * long / short // 64 * 64))
+    else:
+        long_out = max(patch, round(long * size / short / patch) * patch)
     out = (size, long_out) if height <= width else (long_out, size)
     return out, (0.0, 0.0, float(height), float(width))
 
@@ -110,17 +120,29 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
     """Bytes -> normalized model input with its geometry."""
     image = decode(data, policy.max_pixels)
     (out_h, out_w), (y0, x0, y1, x1) = input_geometry(image.height, image.width, policy)
-    resized = image.resize((out_w, out_h), RESAMPLE, box=(x0, y0, x1, y1))
+    if policy.resize == "pad":
+        resized = image
+    elif policy.resample == "cv2-bilinear":  # what cv2.resize does by default, on 8-bit pixels: its fixed-point rounding included
+        resized = cv2.resize(np.asarray(image), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    else:
+        resized = image.resize((out_w, out_h), RESAMPLE, box=(x0, y0, x1, y1))
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(policy.mean).view(3, 1, 1)
     std = torch.tensor(policy.std).view(3, 1, 1)
+    tensor, valid = (pixels - mean) / std, None
+    if policy.resize == "pad":  # padded after normalization: the padding is 0, the mean colour
+        top, left = round(-y0), round(-x0)
+        bottom, right = out_h - top - image.height, out_w - left - image.width
+        tensor = torch.nn.functional.pad(tensor, (left, right, top, bottom))
+        valid = torch.nn.functional.pad(torch.ones(1, image.height, image.width), (left, right, top, bottom))
     return Prepared(
-        tensor=((pixels - mean) / std).contiguous(),
+        tensor=tensor.contiguous(),
         height=image.height,
         width=image.width,
         region=(y0, x0, y1, x1),
-        bucket=f"{out_h}x{out_w}" if policy.resize == "aspect" else None,
+        bucket=None if policy.resize == "square" else f"{out_h}x{out_w}",
         input_size=(out_h, out_w),
+        valid=valid,
     )
 
 
@@ -137,19 +159,21 @@ def cell_to_pixel(
 
 def to_original(values: np.ndarray, *, height: int, width: int, region: tuple[float, float, float, float]) -> np.ndarray:
     """A 2-D map over the model input (at any resolution) -> the original's pixel grid by nearest
-    neighbour, for masks and labels; pixels outside the region shown to the model are 0."""
-    y0, x0, y1, x1 = region
-    top, left = round(y0), round(x0)
-    region_h, region_w = round(y1) - top, round(x1) - left
-    resized = np.asarray(Image.fromarray(values).resize((region_w, region_h), Image.Resampling.NEAREST))
+    neighbour, for masks and labels; pixels outside the region shown to the model are 0. A region
+    may reach past the image (a padded input): that part is dropped."""
+    top, left, bottom, right = (round(v) for v in region)
+    resized = np.asarray(Image.fromarray(values).resize((right - left, bottom - top), Image.Resampling.NEAREST))
     canvas = np.zeros((height, width), dtype=values.dtype)
-    canvas[top : top + region_h, left : left + region_w] = resized
+    inside = (slice(max(top, 0), min(bottom, height)), slice(max(left, 0), min(right, width)))
+    canvas[inside] = resized[inside[0].start - top : inside[0].stop - top, inside[1].start - left : inside[1].stop - left]
     return canvas
 
 
 def from_original(values: np.ndarray, *, region: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
     """The inverse of `to_original`: the region shown to the model, resized to `size` (h, w) by
-    nearest neighbour (labels stay labels)."""
-    y0, x0, y1, x1 = region
-    cropped = values[round(y0) : round(y1), round(x0) : round(x1)]
+    nearest neighbour (labels stay labels); parts of a region past the image are 0."""
+    top, left, bottom, right = (round(v) for v in region)
+    height, width = values.shape
+    padded = np.pad(values, ((max(-top, 0), max(bottom - height, 0)), (max(-left, 0), max(right - width, 0))))
+    cropped = padded[max(top, 0) : max(top, 0) + bottom - top, max(left, 0) : max(left, 0) + right - left]
     return np.asarray(Image.fromarray(cropped).resize((size[1], size[0]), Image.Resampling.NEAREST))

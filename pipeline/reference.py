@@ -75,14 +75,19 @@ def srt_naive(
     stride: int,
     boundary: Boundary,
     norm: bool = True,
+    pad_after_shift: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """The whole chain, one view per forward pass: [B, C, H/s, W/s] for block `layer`."""
+    """The whole chain, one view per forward pass: [B, C, H/s, W/s] for block `layer`.
+
+    `pad_after_shift` (top, bottom, left, right): images are shifted at their own size, then each
+    view is padded with zeros (DINOv2's CenterPadding); the result lives on the padded canvas."""
     tap = Tap("block", vit.resolve_layer(layer))
     results = []
     for image in images:
-        grids = [
-            vit.forward_taps(translate_naive(image, shift, boundary)[None], [tap], norm=norm)[tap].grid[0]
-            for shift in shifts
-        ]
+        views = [translate_naive(image, shift, boundary) for shift in shifts]
+        if pad_after_shift is not None:
+            top, bottom, left, right = pad_after_shift
+            views = [F.pad(view, (left, right, top, bottom)) for view in views]
+        grids = [vit.forward_taps(view[None], [tap], norm=norm)[tap].grid[0] for view in views]
         results.append(aggregate_naive(grids, shifts, patch=vit.patch_size, stride=stride, boundary=boundary))
     return torch.stack(results)

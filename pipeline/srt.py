@@ -264,11 +264,14 @@ def shift_ensemble(
     stride: int,
     boundary: Boundary,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    valid: torch.Tensor | None = None,
 ) -> PartialSum:
     """Sum the aligned token grids of every (image, shift) view, `batch_size` views per forward.
 
     Views are ordered image-major, so a micro-batch holds few images and memory is bounded by
-    batch_size views whatever the number of shifts.
+    batch_size views whatever the number of shifts. `valid` [B, 1, H, W] marks each input's real
+    pixels when it is a padded canvas: every view is masked to it after translation, so a view is
+    the shifted image padded afterwards (DINOv2's CenterPadding), content shifted out is cut off.
     """
     batch, _, height, width = images.shape
     out_h, out_w = height // stride, width // stride
@@ -285,6 +288,8 @@ def shift_ensemble(
         chunk = views[start : start + batch_size]
         stacked = torch.stack([translate(padded[b], pad, shift, (height, width)) for b, shift in chunk])
         owners = [b for b, _ in chunk]
+        if valid is not None:
+            stacked = stacked * valid[owners].to(stacked.dtype)
         rows = torch.stack([row_weights[shift[0]] for _, shift in chunk])
         cols = torch.stack([col_weights[shift[1]] for _, shift in chunk])
         for key, (grid, tokens) in tokenize(stacked).items():
@@ -320,6 +325,7 @@ def adaptive_ensemble(
     min_views: int,
     check_every: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    valid: torch.Tensor | None = None,
 ) -> PartialSum:
     """Views of one image [1, 3, H, W] in the given order, `check_every` at a time, until (with at
     least `min_views` seen) the running mean moved by less than `tolerance` (relative) since the
@@ -327,7 +333,7 @@ def adaptive_ensemble(
     running = previous = None
     for start in range(0, len(shifts), check_every):
         chunk = shifts[start : start + check_every]
-        step = shift_ensemble(image, tokenize, chunk, patch=patch, stride=stride, boundary=boundary, batch_size=batch_size)
+        step = shift_ensemble(image, tokenize, chunk, patch=patch, stride=stride, boundary=boundary, batch_size=batch_size, valid=valid)
         running = step if running is None else running + step
         current = finalize(running, boundary)
         enough = start + len(chunk) >= min_views
@@ -400,16 +406,19 @@ class SRT:
         return finalize(partial, self.boundary)
 
     @torch.no_grad()
-    def partial(self, images: torch.Tensor, shifts: Sequence[Sequence[int]] | None = None) -> PartialSum:
-        """Sums over `shifts` (default: the whole set); add parts with `combine`, then `finalize`."""
+    def partial(self, images: torch.Tensor, shifts: Sequence[Sequence[int]] | None = None, valid: torch.Tensor | None = None) -> PartialSum:
+        """Sums over `shifts` (default: the whole set); add parts with `combine`, then `finalize`.
+        `valid` [B, 1, H, W]: the real pixels of padded inputs (see `shift_ensemble`)."""
         self.vit.check_input(images)
         if self.tolerance is not None and shifts is not None:
             raise ValueError("adaptive views (tolerance) need the whole shift set: it cannot be split into batches")
         subset = self.shifts if shifts is None else validate_shifts(shifts, self.patch)
-        return self._ensemble(images, self._tokenize, subset)
+        return self._ensemble(images, self._tokenize, subset, valid)
 
     @torch.no_grad()
-    def output_ensemble(self, images: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], layer: int | None = None) -> torch.Tensor:
+    def output_ensemble(
+        self, images: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], layer: int | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Output-space ensembling, the paper's baseline for SRT: `head` (a dense head on token
         grids, [N, C, h, w] -> [N, K, h, w]) runs on each shifted view's plain tokens of block
         `layer` (default: the first requested), and its outputs, instead of the features, are
@@ -428,16 +437,20 @@ class SRT:
                 raise ValueError(f"the head must keep the token grid: {tuple(grid.shape)} -> {tuple(outputs.shape)}")
             return {tap: (outputs, prefix)}
 
-        return self.finalize(self._ensemble(images, predict, self.shifts)).dense[tap]
+        return self.finalize(self._ensemble(images, predict, self.shifts, valid)).dense[tap]
 
-    def _ensemble(self, images: torch.Tensor, tokenize: Tokenizer, shifts: Sequence[Shift]) -> PartialSum:
+    def _ensemble(self, images: torch.Tensor, tokenize: Tokenizer, shifts: Sequence[Shift], valid: torch.Tensor | None) -> PartialSum:
         """Sums of what `tokenize` returns per view over `shifts`: all of them, or adaptively chosen."""
         images = images.to(device=self.vit.device, dtype=self.vit.dtype)
+        valid = None if valid is None else valid.to(images.device)
         geometry = {"patch": self.patch, "stride": self.stride, "boundary": self.boundary, "batch_size": self.batch_size}
         if self.tolerance is None:
-            return shift_ensemble(images, tokenize, shifts, **geometry)
+            return shift_ensemble(images, tokenize, shifts, **geometry, valid=valid)
         stopping = {"tolerance": self.tolerance, "min_views": self.min_views, "check_every": self.check_every}
-        return concatenate([adaptive_ensemble(image[None], tokenize, shifts, **geometry, **stopping) for image in images])
+        return concatenate([
+            adaptive_ensemble(image[None], tokenize, shifts, **geometry, **stopping, valid=None if valid is None else valid[i : i + 1])
+            for i, image in enumerate(images)
+        ])  # fmt: skip
 
     def _tokenize(self, views: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
         context = (

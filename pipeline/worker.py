@@ -39,7 +39,7 @@ class LoadedShard:
 
     def without_pixels(self) -> LoadedShard:
         """The same shard minus its input tensors: what a commit needs, cheap to ship."""
-        inputs = [dataclasses.replace(i, tensor=torch.empty(0)) if isinstance(i, Prepared) else i for i in self.inputs]
+        inputs = [dataclasses.replace(i, tensor=torch.empty(0), valid=None) if isinstance(i, Prepared) else i for i in self.inputs]
         return LoadedShard(self.shard, self.rows, inputs)
 
     def groups(self, images_per_call: int) -> list[list[int]]:
@@ -81,7 +81,7 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         tolerance=p["adaptive_tol"],
         min_views=p["min_views"] or 1,
     )
-    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, vit.mean, vit.std, p["max_pixels"])
+    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"))
     return srt, policy
 
 
@@ -121,7 +121,9 @@ class ShardWorker:
         partials = []
         for members in loaded.groups(self.images_per_call):
             images = torch.stack([loaded.inputs[i].tensor for i in members])
-            partials.append(self.srt.partial(images, shifts).to("cpu"))
+            padded = loaded.inputs[members[0]].valid is not None
+            valid = torch.stack([loaded.inputs[i].valid for i in members]) if padded else None
+            partials.append(self.srt.partial(images, shifts, valid).to("cpu"))
         return partials
 
     def commit(self, loaded: LoadedShard, partials: list[PartialSum], started: float | None = None) -> ShardStats:

@@ -24,11 +24,12 @@ from jobs.extract import main as extract_main
 from pipeline.config import ConfigError, ExtractConfig, resolve
 from pipeline.images import ImagePolicy, prepare
 from pipeline.runner import run_local
-from pipeline.srt import SRT
+from pipeline.reference import srt_naive
+from pipeline.srt import SRT, grid_shifts
 from pipeline.store import FeatureStore, StoreMismatchError
 from tests.conftest import cached_vit
 from pipeline.sources import read_bytes
-from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, write_files
+from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, encode, gradient, write_files
 
 MODEL = "vit_tiny_patch16_224"
 ROOT = Path(__file__).resolve().parent.parent
@@ -516,3 +517,53 @@ def test_retry_errors_refuses_kinds_that_would_come_out_the_same(tmp_path, capsy
     with pytest.raises(SystemExit) as exited:
         extract_main([*small_argv(str(tmp_path), str(tmp_path / "out.zarr")), "--retry-errors", "read,duplicate"])
     assert exited.value.code == 2 and "--retry-errors: duplicate: only read, empty, decode errors" in capsys.readouterr().err
+
+
+def test_the_davis_preset_sets_the_papers_settings_and_refuses_contradicting_flags(tmp_path, capsys):
+    resolved = resolve(ExtractConfig(dataset="d", out="o", model=MODEL, preset="srt-paper-davis", boundary="zeros"))  # agreeing flags are fine
+    c = resolved.config
+    assert resolved.shifts == ((0, 0), *grid_shifts(1)) and len(resolved.shifts) == 10  # the frame, then the 3x3 grid
+    assert (resolved.stride, c.boundary, resolved.layers, c.norm) == (16, "zeros", (11,), True)
+    assert (c.image_size, c.resize, c.resample) == (480, "aspect-floor64", "cv2-bilinear")
+    fingerprint = resolved.fingerprint()
+    assert (fingerprint["preset"], fingerprint["mean"], fingerprint["std"]) == ("srt-paper-davis", [0.485, 0.456, 0.406], [0.228, 0.224, 0.225])
+    for argv, flag in ((["--stride", "8"], "--stride"), (["--radius", "2"], "--radius"), (["--random-shifts", "4"], "--random-shifts"), (["--std", "0.5,0.5,0.5"], "--std")):
+        with pytest.raises(SystemExit):
+            extract_main(["--dataset", str(tmp_path), "--out", str(tmp_path / "o.zarr"), "--model", MODEL, "--preset", "srt-paper-davis", *argv])
+        assert f"error: {flag}: --preset srt-paper-davis sets it to" in capsys.readouterr().err
+
+
+def test_a_davis_preset_store_holds_the_authors_features(tmp_path):
+    frame = encode(gradient(60, 90, seed=7), "PNG")
+    write_files(tmp_path / "frames", {"00000.png": frame})
+    out = str(tmp_path / "out.zarr")
+    run_local(ExtractConfig(dataset=str(tmp_path / "frames"), out=out, model=MODEL, preset="srt-paper-davis", dtype="float32"))
+    store = FeatureStore.open(out)
+    record = store.manifest.to_pylist()[0]
+    assert (record["input_height"], record["input_width"], record["n_views"]) == (480, 704, 10)  # 720 floored to 704
+    assert store.config["preset"] == "srt-paper-davis"
+    # The same settings spelt out, independently of the preset and of the store's engine building.
+    vit = cached_vit(MODEL)
+    policy = ImagePolicy(480, "aspect-floor64", 16, (0.485, 0.456, 0.406), (0.228, 0.224, 0.225), resample="cv2-bilinear")
+    srt = SRT(vit, layers=(-1,), shifts=[(0, 0), *grid_shifts(1)], stride=16, boundary="zeros")
+    expected = srt(prepare(frame, policy).tensor[None])[-1][0]
+    np.testing.assert_allclose(store.dense(record["image_id"]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_depth_preset_store_holds_the_authors_features(tmp_path):
+    image = encode(gradient(41, 57, seed=8), "PNG")
+    write_files(tmp_path / "nyu", {"0001.png": image})
+    out = str(tmp_path / "out.zarr")
+    model = "vit_small_patch14_reg4_dinov2"
+    run_local(ExtractConfig(dataset=str(tmp_path / "nyu"), out=out, model=model, preset="srt-paper-depth", dtype="float32"))
+    store = FeatureStore.open(out)
+    record = store.manifest.to_pylist()[0]
+    assert (record["input_height"], record["input_width"], record["n_views"], record["region"]) == (42, 70, 50, [0.0, -6.0, 42.0, 64.0])
+    assert store.layers == [2, 5, 8, 11] and store.config["norm"] is False  # what DINOv2's linear4 head reads
+    vit = cached_vit(model)
+    pixels = prepare(image, ImagePolicy(224, "pad", 14, vit.mean, vit.std)).tensor[None, :, 0:41, 6:63]  # the image itself
+    shifts = [(0, 0), *grid_shifts(3)]
+    for layer in (2, 11):
+        expected = srt_naive(vit, pixels, layer=layer, shifts=shifts, stride=14, boundary="zeros", norm=False, pad_after_shift=(0, 1, 6, 7))
+        np.testing.assert_allclose(store.dense(record["image_id"], layer), expected[0], atol=1e-4, rtol=1e-4)
+        assert store.vector("cls", record["image_id"], layer).shape == (vit.embed_dim,)  # a class token per layer

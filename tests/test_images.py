@@ -5,13 +5,14 @@ from __future__ import annotations
 import struct
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import ImageError, ImagePolicy, cell_to_pixel, decode, input_geometry, prepare
-from tests.images_factory import BOMB_LIMIT, bad_input_files, encode
+from pipeline.images import ImageError, ImagePolicy, cell_to_pixel, decode, from_original, input_geometry, prepare, to_original
+from tests.images_factory import BOMB_LIMIT, bad_input_files, encode, gradient
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -105,3 +106,36 @@ def test_cell_to_pixel_maps_feature_cells_back_to_the_original():
     region, size = (0.0, 75.0, 300.0, 375.0), (224, 224)
     assert cell_to_pixel(0, 0, stride=8, input_size=size, region=region) == pytest.approx((4 * 300 / 224, 75 + 4 * 300 / 224))
     assert cell_to_pixel(27, 27, stride=8, input_size=size, region=region) == pytest.approx((300 - 4 * 300 / 224, 375 - 4 * 300 / 224))
+
+
+def test_aspect_floor64_with_cv2_bilinear_reads_frames_as_dinos_video_evaluation():
+    # DINO's read_frame: the shorter side to 480, the longer to int(480 * long / short // 64 * 64),
+    # cv2.resize (bilinear) on 8-bit pixels, /255, then (x - mean) / std with std 0.228 for red.
+    mean, std = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
+    policy = ImagePolicy(480, "aspect-floor64", 16, mean, std, resample="cv2-bilinear")
+    assert input_geometry(480, 854, policy) == ((480, 832), (0.0, 0.0, 480.0, 854.0))  # a DAVIS frame
+    assert input_geometry(854, 480, policy)[0] == (832, 480)
+    assert input_geometry(500, 700, policy)[0] == (480, 640)  # 672 floored to 640
+    rgb = np.asarray(gradient(100, 150, seed=4))
+    prepared = prepare(encode(Image.fromarray(rgb), "PNG"), policy)
+    resized = cv2.resize(rgb, (704, 480), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0  # 720 floored to 704
+    expected = (resized - np.array(mean, np.float32)) / np.array(std, np.float32)
+    assert prepared.bucket == "480x704"
+    torch.testing.assert_close(prepared.tensor, torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6, rtol=1e-6)
+
+
+def test_pad_policy_centre_pads_like_dinov2_and_maps_back():
+    policy = ImagePolicy(224, "pad", 14, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    # 41 x 57 -> 42 x 70: 1 row (0 above, 1 below), 13 columns (6 left, 7 right), as CenterPadding splits them.
+    assert input_geometry(41, 57, policy) == ((42, 70), (0.0, -6.0, 42.0, 64.0))
+    rgb = np.asarray(gradient(41, 57, seed=2))
+    prepared = prepare(encode(Image.fromarray(rgb), "PNG"), policy)
+    assert prepared.tensor.shape == (3, 42, 70) and prepared.bucket == "42x70"
+    inside = (torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.25
+    torch.testing.assert_close(prepared.tensor[:, 0:41, 6:63], inside)
+    assert prepared.tensor[:, 41].abs().max() == 0 and prepared.tensor[:, :, :6].abs().max() == 0
+    assert prepared.valid.shape == (1, 42, 70) and prepared.valid.sum() == 41 * 57 and prepared.valid[0, 0:41, 6:63].all()
+    labels = (np.arange(41 * 57).reshape(41, 57) % 7).astype(np.uint8)
+    on_input = from_original(labels, region=prepared.region, size=(42, 70))
+    assert on_input.shape == (42, 70) and (on_input[0:41, 6:63] == labels).all() and on_input[41].max() == 0
+    assert (to_original(on_input, height=41, width=57, region=prepared.region) == labels).all()

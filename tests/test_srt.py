@@ -336,3 +336,20 @@ def test_output_ensemble_averages_the_heads_outputs_over_views(tiny_vit, boundar
         assert (nonlinear(feature_space) - srt.output_ensemble(images, nonlinear)).abs().max() > 1e-3
     with pytest.raises(ValueError, match="the head must keep the token grid"):
         srt.output_ensemble(images, lambda grid: grid.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("stride", [16, 4])
+def test_views_padded_after_shifting_match_the_naive_chain(tiny_vit, stride):
+    """DINOv2's depth path: shift the image at its own size, then centre-pad each view. The engine
+    runs on the padded canvas with each view masked to the real pixels."""
+    image = torch.randn(1, 3, 41, 57, generator=torch.Generator().manual_seed(9))
+    pads = (3, 4, 3, 4)  # top, bottom, left, right: 41 -> 48, 57 -> 64
+    canvas = F.pad(image, (pads[2], pads[3], pads[0], pads[1]))
+    valid = F.pad(torch.ones(1, 1, 41, 57), (pads[2], pads[3], pads[0], pads[1]))
+    shifts = [(0, 0), (3, -5), (-7, 2), (9, 9), (0, 0)]
+    srt = SRT(tiny_vit, layers=(6,), shifts=shifts, stride=stride, boundary="zeros", norm=False)
+    naive = srt_naive(tiny_vit, image, layer=6, shifts=shifts, stride=stride, boundary="zeros", norm=False, pad_after_shift=pads)
+    engine = srt.finalize(srt.partial(canvas, valid=valid)).dense[Tap("block", 6)]
+    torch.testing.assert_close(engine, naive, atol=1e-5, rtol=1e-5)
+    unmasked = srt.finalize(srt.partial(canvas)).dense[Tap("block", 6)]  # content shifted into the padding kept
+    assert (unmasked - naive).abs().max() > 1e-3
