@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)  ## extract SRT features of the bundled photos on a local Ray instance (CPU), then picture them
-	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr --model vit_small_patch16_224
+	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr
 	$(PYTHON) jobs/visualize.py --store out/samples.zarr --out out/samples.png
 
 test: $(STAMP)  ## the whole test suite (CI runs exactly this)

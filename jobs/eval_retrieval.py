@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.ranking import evaluate, load_ground_truth  # noqa: E402
+from pipeline.ranking import check_names, evaluate, load_ground_truth  # noqa: E402
 from pipeline.retrieval import DESCRIPTORS, DescriptorSpec, exact_rankings  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
@@ -29,6 +29,7 @@ def evaluate_stores(gt: str, stores: list[str], descriptors: list[str], *, layer
         store = FeatureStore.open(uri, storage_options)
         for kind in descriptors:
             rankings = exact_rankings(store, DescriptorSpec(kind, layer, gem_p), [q.image for q in queries])
+            check_names(queries, set(next(iter(rankings.values()))), uri)
             results[f"{uri} {kind}"] = evaluate(rankings, queries)
     return results
 
@@ -44,15 +45,20 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gt", required=True, help="ground truth: revisited .pkl or .csv")
     parser.add_argument("--store", action="append", required=True, help="feature store URI (repeat to compare)")
     parser.add_argument("--descriptor", action="append", choices=DESCRIPTORS, help="descriptor (repeat to compare; default pooled)")
-    parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--gem-p", type=float, default=3.0)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--storage-options", type=json.loads, default={})
+    parser.add_argument("--layer", type=int, default=None, help="stored layer (default: the store's only layer)")
+    parser.add_argument("--gem-p", type=float, default=3.0, help="GeM exponent of --descriptor gem (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec storage options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         results = evaluate_stores(args.gt, args.store, args.descriptor or ["pooled"], layer=args.layer, gem_p=args.gem_p, storage_options=args.storage_options)

@@ -1,4 +1,4 @@
-"""Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
+r"""Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
 
     python jobs/extract.py --dataset data/samples --out out/samples.zarr      # local Ray instance
     ray job submit --working-dir . -- python jobs/extract.py --dataset s3://bucket/images \

@@ -29,8 +29,10 @@ def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, we
     options = storage_options or {}
     built = load_index(index_uri, options)
     store = FeatureStore.open(built.sidecar["store"], options)
+    built.check_store(store)
     spec = DescriptorSpec(**built.sidecar["descriptor"])
     names = list(image_ids)
+    image_ids = [store.find(name) for name in image_ids]
     vectors = [vectors_of(store, image_ids, spec)] if image_ids else []
     if images:
         vit = load_store_model(store.config["model"], store.config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
@@ -48,16 +50,21 @@ def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, we
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", required=True)
-    parser.add_argument("--image-id", action="append", default=[], help="query by an image of the store (repeatable)")
+    parser.add_argument("--index", required=True, help="index folder URI (jobs/build_index.py)")
+    parser.add_argument("--image-id", action="append", default=[], help="query by an image of the store: its image_id, file name or URI (repeatable)")
     parser.add_argument("--image", action="append", default=[], help="query with a new image file or URI (repeatable)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--pretrained", action="store_true")
-    parser.add_argument("--weights", default=None)
+    parser.add_argument("--k", type=int, default=10, help="matches per query (default: %(default)s)")
+    parser.add_argument("--pretrained", action="store_true", help="the store was extracted with timm's pretrained weights: load them for new images")
+    parser.add_argument("--weights", default=None, help="the store's checkpoint URI, for new images")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    parser.add_argument("--storage-options", type=json.loads, default={})
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec storage options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.image_id and not args.image:
         parser.error("give --image-id or --image")

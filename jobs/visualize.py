@@ -34,8 +34,11 @@ def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weigh
     """The picture (a PIL image): one row per image, three tiles per row."""
     options = storage_options or {}
     config = store.config
-    vit = load_store_model(config["model"], config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
+    image_ids = [store.find(name) for name in image_ids]
+    for image_id in image_ids:
+        store.transform(image_id)  # an error row fails here, saying why it has no features
     layer = store.layer_index(layer)
+    vit = load_store_model(config["model"], config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
     _, policy = build_engine(vit, config, batch_size=1)
     plain_engine = SRT(vit, layers=(layer,), shifts=[(0, 0)], stride=vit.patch_size, norm=config["norm"])
     plan = store.plan()
@@ -56,15 +59,20 @@ def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weigh
     return grid(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True)
+    parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--out", required=True, help="PNG path or URI")
-    parser.add_argument("--image-id", action="append", default=[], help="images to show (default: the first 4 ok images)")
-    parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--pretrained", action="store_true")
-    parser.add_argument("--weights", default=None)
-    parser.add_argument("--storage-options", type=json.loads, default={})
+    parser.add_argument("--image-id", action="append", default=[], help="images to show: image_id, file name or URI (repeatable; default: the first 4 ok images)")
+    parser.add_argument("--layer", type=int, default=None, help="stored layer (default: the store's only layer)")
+    parser.add_argument("--pretrained", action="store_true", help="the store was extracted with timm's pretrained weights (for the plain maps)")
+    parser.add_argument("--weights", default=None, help="the store's checkpoint URI (for the plain maps)")
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec storage options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         store = FeatureStore.open(args.store, args.storage_options)

@@ -40,6 +40,7 @@ ACTOR_PREFIX = "srt-extract"
 UNITS_PER_ACTOR = 2  # one computing, one reading and decoding
 BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
+PROGRESS_SECONDS = 0.5
 
 
 @ray.remote(max_restarts=-1, max_concurrency=UNITS_PER_ACTOR)
@@ -55,13 +56,13 @@ class ExtractActor:
         """Returns once the model is loaded: lets the driver time actor start-up."""
         return True
 
-    def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardStats:
+    def process(self, shard: int, rows: list[dict[str, Any]], counter: Any) -> ShardStats:
         """Data-parallel unit: the whole shard, committed here. Its time counts from when it
         gets the model, so time spent reading while another unit computes is not counted twice."""
         loaded = self.worker.load(shard, rows)
         with self.model_lock:
             started = time.perf_counter()
-            partials = self.worker.compute(loaded)
+            partials = self.worker.compute(loaded, progress=lambda images: counter.add.remote(shard, images))
         return self.worker.commit(loaded, partials, started)
 
     @ray.method(num_returns=2)
@@ -78,6 +79,22 @@ class ExtractActor:
         loaded = payloads[0][0]
         groups = zip(*(partials for _, partials in payloads))
         return self.worker.commit(loaded, [combine(list(parts)) for parts in groups], started)
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Images computed per shard, added by actors after each image group and taken by the driver
+    about twice a second, so the progress bar moves within shards."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[int] = collections.Counter()
+
+    def add(self, shard: int, images: int) -> None:
+        self.counts[shard] += images
+
+    def take(self) -> collections.Counter[int]:
+        counts, self.counts = self.counts, collections.Counter()
+        return counts
 
 
 @dataclass
@@ -124,6 +141,9 @@ class ActorPoolScheduler:
         # one until its ready() answers, since units sent meanwhile fail at once ("restarting").
         self.unavailable: dict[str, float] = {}
         self.pings: dict[Any, str] = {}  # ready() ref -> actor name
+        self.counter = ProgressCounter.remote()
+        self.shown: collections.Counter[int] = collections.Counter()  # images of uncommitted shards already on the bar
+        self.next_progress = 0.0
         for shard in job.pending:
             if len(batches) == 1:
                 self.queue.append(Unit(shard))
@@ -142,9 +162,21 @@ class ActorPoolScheduler:
                 else:
                     self._finish(self.running.pop(ref), bar)
             self._duplicate_stragglers()
+            self._show_progress(bar)
             if not refs and self.queue:
                 wake = min([u.not_before for u in self.queue] + list(self.unavailable.values()))
                 time.sleep(min(1.0, max(0.0, wake - time.monotonic())))
+
+    def _show_progress(self, bar) -> None:
+        """Move the bar by the image groups computed since last time (never past a shard's size)."""
+        if time.monotonic() < self.next_progress:
+            return
+        self.next_progress = time.monotonic() + PROGRESS_SECONDS
+        for shard, images in ray.get(self.counter.take.remote()).items():
+            if (shard, None) not in self.done:
+                step = min(images, self.job.images_in([shard]) - self.shown[shard])
+                self.shown[shard] += step
+                bar.update(step)
 
     def _available(self) -> list[tuple[str, Any]]:
         return [a for a in self.actors if a[0] not in self.unavailable]
@@ -186,7 +218,7 @@ class ActorPoolScheduler:
         rows = shard_rows(self.job.plan, unit.shard, self.shard_size)
         payload = None
         if unit.batch is None:
-            ref = actor.process.remote(unit.shard, rows)
+            ref = actor.process.remote(unit.shard, rows, self.counter)
         elif unit.batch == "commit":
             ref = actor.commit.remote(unit.shard, *unit.payloads)
         else:
@@ -230,7 +262,7 @@ class ActorPoolScheduler:
         self.done.add(unit.key)
         self.durations.append(time.monotonic() - started)
         self.summary.add(stats, worker=name)
-        bar.update(self.job.images_in([unit.shard]))
+        bar.update(self.job.images_in([unit.shard]) - self.shown.pop(unit.shard, 0))
         bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
 
     def _retry(self, unit: Unit, error: Exception) -> None:

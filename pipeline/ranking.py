@@ -72,6 +72,14 @@ def evaluate(rankings: dict[str, list[str]], queries: Sequence[Query], ks: Seque
     return results
 
 
+def check_names(queries: Sequence[Query], known: set[str], where: str) -> None:
+    """Every positive and junk name must be a database image: a misspelt one would silently count
+    as a positive never found."""
+    named = {name for q in queries for group in (*q.positives.values(), *q.junk.values()) for name in group}
+    if unknown := sorted(named - known):
+        raise ValueError(f"{len(unknown)} names of the ground truth are not ok images of {where}, e.g. {unknown[:5]}")
+
+
 def rank_database(scores: np.ndarray, names: Sequence[str]) -> list[str]:
     """Names by decreasing score; equal scores keep database order."""
     order = np.argsort(-scores, kind="stable")
@@ -88,7 +96,7 @@ def load_ground_truth(uri: str, storage_options: dict | None = None) -> list[Que
         raw = handle.read()
     if uri.endswith(".pkl"):
         return _revisited(pickle.loads(raw))
-    return _csv(raw.decode())
+    return _csv(raw.decode(), uri)
 
 
 def _revisited(data: dict) -> list[Query]:
@@ -108,9 +116,12 @@ def _revisited(data: dict) -> list[Query]:
     return queries
 
 
-def _csv(text: str) -> list[Query]:
+def _csv(text: str, uri: str) -> list[Query]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not {"query", "positives"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{uri}: a ground-truth CSV has the columns query, positives (space-separated names) and optionally junk; found {reader.fieldnames}")
     queries = []
-    for row in csv.DictReader(io.StringIO(text)):
+    for row in reader:
         positives = frozenset(row["positives"].split())
         junk = frozenset((row.get("junk") or "").split())
         queries.append(Query(image=row["query"].strip(), positives={"all": positives}, junk={"all": junk}))

@@ -26,9 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import differences
 from pipeline.images import prepare
 from pipeline.models import ViT, check_same_model
 from pipeline.ranking import rank_database
+from pipeline.sources import normalize_uri
 from pipeline.srt import SRTOutput
 from pipeline.store import FeatureStore
 from pipeline.worker import build_engine
@@ -131,6 +133,15 @@ class RetrievalIndex:
     def uris(self, image_ids: Sequence[str]) -> list[str]:
         return [self._uris[i] for i in image_ids]
 
+    def check_store(self, store: FeatureStore) -> None:
+        """Refuse a store whose config changed since the index was built (re-extracted with other
+        weights or another model): its vectors would not match the index's, and queries return junk."""
+        if diff := differences(self.sidecar["fingerprint"], fingerprint_of(store)):
+            raise ValueError(
+                f"the index was built from {self.sidecar['store']} when it had another config; rebuild it "
+                "(jobs/build_index.py with a new --index). Differences: " + "; ".join(diff)
+            )
+
     @functools.cached_property
     def _image_ids(self) -> list[str]:
         """FAISS id -> image_id, converted once rather than on every search."""
@@ -139,6 +150,11 @@ class RetrievalIndex:
     @functools.cached_property
     def _uris(self) -> dict[str, str]:
         return dict(zip(self._image_ids, self.ids.column("uri").to_pylist()))
+
+
+def fingerprint_of(store: FeatureStore) -> dict[str, Any]:
+    """What decides a store's vectors (its provenance less the package version)."""
+    return {k: v for k, v in store.config.items() if k != "package_version"}
 
 
 def build_index(
@@ -157,24 +173,25 @@ def build_index(
     """
     manifest = store.manifest
     committed = sorted(set(manifest.column("shard").to_pylist()))
-    fingerprint = {k: v for k, v in store.config.items() if k != "package_version"}
     if existing is None:
         ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).num_rows
         if ok == 0:
             raise ValueError(f"{store.uri} has no image with status ok to index")
         dim = next(store_descriptors(store, spec, batch_size=1))[1].shape[1]
-        if whiten and not 1 <= whiten <= dim:
-            raise ValueError(f"--whiten must be in 1..{dim} (the descriptor size), got {whiten}")
+        if whiten and not 1 <= whiten <= min(dim, ok):
+            raise ValueError(
+                f"--whiten {whiten}: PCA-whitening keeps at most as many dimensions as the descriptor has ({dim}) "
+                f"and as there are images to learn it from ({ok} ok images in {store.uri}); give --whiten {min(dim, ok)} or less"
+            )
         description, params = factory_string(index_type, ok, dim, whiten)
         index = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             index.train(_training_sample(store, spec, max(256 * params.get("nlist", 1), 4 * (whiten or 0), 10_000)))
-        sidecar = {"store": store.uri, "fingerprint": fingerprint, "descriptor": asdict(spec), "factory": description, "params": params, "shards": []}
+        sidecar = {"store": normalize_uri(store.uri), "fingerprint": fingerprint_of(store), "descriptor": asdict(spec), "factory": description, "params": params, "shards": []}
         ids = IDS_SCHEMA.empty_table()
     else:
+        existing.check_store(store)
         index, ids, sidecar = existing.index, existing.ids, dict(existing.sidecar)
-        if sidecar["fingerprint"] != fingerprint:
-            raise ValueError(f"the index was built from a store with a different config than {store.uri}")
         if sidecar["descriptor"] != asdict(spec):
             raise ValueError(f"the index holds {sidecar['descriptor']} descriptors, not {asdict(spec)}")
     new_shards = [s for s in committed if s not in set(sidecar["shards"])]

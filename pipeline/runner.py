@@ -196,9 +196,9 @@ def run_local(config: ExtractConfig, *, device: str | None = None) -> RunSummary
         loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
         with progress(job) as bar:
             for loaded in loads:
-                stats = worker.process(loaded)
+                stats = worker.process(loaded, progress=bar.update)
                 summary.add(stats)
-                bar.update(len(loaded.rows))
+                bar.update(len(loaded.rows) - loaded.decoded)  # error rows, done without the model
                 bar.set_postfix(views_per_s=f"{summary.views / (time.perf_counter() - started):.1f}", errors=sum(summary.errors.values()))
     summary.seconds = time.perf_counter() - started
     finish(job, summary)

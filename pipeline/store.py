@@ -25,6 +25,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
@@ -40,6 +41,7 @@ from zarr.errors import ContainsArrayError
 from pipeline.config import ConfigError, ResolvedConfig, differences
 from pipeline.manifest import read_manifest
 from pipeline.models import Tap
+from pipeline.sources import normalize_uri
 from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
 
 ATTRIBUTE = "srt"
@@ -259,6 +261,25 @@ class FeatureStore:
         if image_id not in self._rows:
             raise KeyError(f"image_id {image_id!r} is not in {self.uri}'s manifest")
         return self.manifest.slice(self._rows[image_id], 1).to_pylist()[0]
+
+    def find(self, name: str) -> str:
+        """The image_id that `name` names: an image_id, the image's URI (any spelling of it), its file
+        name, or its file name without extension, as long as exactly one image of the manifest matches."""
+        if name in self._rows:
+            return name
+        ids, uris = self.manifest.column("image_id").to_pylist(), self.manifest.column("uri").to_pylist()
+        wanted = normalize_uri(name) if "/" in name else None
+        base = PurePosixPath(name).name
+        found = [
+            image_id for image_id, uri in zip(ids, uris)
+            if normalize_uri(uri) == wanted or (file := PurePosixPath(uri.split("#")[-1]).name) == base or PurePosixPath(file).stem == base
+        ]  # fmt: skip
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise KeyError(f"{name!r} names {len(found)} images of {self.uri} ({', '.join(found[:5])}); give its image_id or its full URI")
+        example = f" (e.g. {ids[0]} or {PurePosixPath(uris[0].split('#')[-1]).name})" if ids else ""
+        raise KeyError(f"no image {name!r} in {self.uri}: give an image_id, a URI or a file name from its manifest{example}")
 
     def _ok_record(self, image_id: str) -> dict[str, Any]:
         record = self.record(image_id)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,11 @@ class LoadedShard:
         """The same shard minus its input tensors: what a commit needs, cheap to ship."""
         inputs = [dataclasses.replace(i, tensor=torch.empty(0), valid=None) if isinstance(i, Prepared) else i for i in self.inputs]
         return LoadedShard(self.shard, self.rows, inputs)
+
+    @property
+    def decoded(self) -> int:
+        """Inputs that became model inputs (the rest are error rows, done without the model)."""
+        return sum(isinstance(item, Prepared) for item in self.inputs)
 
     def groups(self, images_per_call: int) -> list[list[int]]:
         """Indices of decoded inputs, grouped by input size, at most `images_per_call` a group."""
@@ -116,14 +122,17 @@ class ShardWorker:
                     inputs.append(error)
         return LoadedShard(shard, rows, inputs)
 
-    def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None) -> list[PartialSum]:
-        """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, on CPU."""
+    def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None, progress: Callable[[int], object] | None = None) -> list[PartialSum]:
+        """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, on CPU;
+        `progress(images)` after each group, so progress bars move within a shard."""
         partials = []
         for members in loaded.groups(self.images_per_call):
             images = torch.stack([loaded.inputs[i].tensor for i in members])
             padded = loaded.inputs[members[0]].valid is not None
             valid = torch.stack([loaded.inputs[i].valid for i in members]) if padded else None
             partials.append(self.srt.partial(images, shifts, valid).to("cpu"))
+            if progress is not None:
+                progress(len(members))
         return partials
 
     def commit(self, loaded: LoadedShard, partials: list[PartialSum], started: float | None = None) -> ShardStats:
@@ -160,9 +169,9 @@ class ShardWorker:
         stats.seconds = time.perf_counter() - started
         return stats
 
-    def process(self, loaded: LoadedShard) -> ShardStats:
+    def process(self, loaded: LoadedShard, progress: Callable[[int], object] | None = None) -> ShardStats:
         started = time.perf_counter()
-        return self.commit(loaded, self.compute(loaded), started)
+        return self.commit(loaded, self.compute(loaded, progress=progress), started)
 
     def _fill(
         self,

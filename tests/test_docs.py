@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
@@ -64,3 +65,21 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test: .*\n\t\$\(PYTHON\) -m pytest", makefile, re.MULTILINE)
+
+
+@pytest.mark.parametrize("job", ["extract", "distill", "query", "visualize", "eval_retrieval"])
+def test_every_flag_of_every_job_says_what_it_does(job):
+    parser = importlib.import_module(f"jobs.{job}").build_parser()
+    silent = [action.option_strings[0] for action in parser._actions if action.option_strings and not action.help]
+    assert not silent
+
+
+def test_extract_help_shows_its_examples_as_written():
+    text = build_parser().format_help()
+    assert "--dataset s3://bucket/images \\\n        --out s3://bucket/feats.zarr --pretrained" in text
+
+
+def test_the_demo_uses_the_default_model_so_the_help_example_resumes_it():
+    demo = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "jobs/extract.py" in line)
+    assert "--model" not in demo and "--dataset data/samples --out out/samples.zarr" in demo
+    assert "python jobs/extract.py --dataset data/samples --out out/samples.zarr " in build_parser().format_help()

@@ -23,7 +23,9 @@ import pytest
 from jobs.extract import main as extract_main
 from pipeline.config import ConfigError, ExtractConfig, resolve
 from pipeline.images import ImagePolicy, prepare
-from pipeline.runner import run_local
+from pipeline.runner import plan_job, run_local
+from pipeline.sources import shard_rows
+from pipeline.worker import ShardWorker
 from pipeline.reference import srt_naive
 from pipeline.srt import SRT, grid_shifts
 from pipeline.store import FeatureStore, StoreMismatchError
@@ -567,3 +569,14 @@ def test_a_depth_preset_store_holds_the_authors_features(tmp_path):
         expected = srt_naive(vit, pixels, layer=layer, shifts=shifts, stride=14, boundary="zeros", norm=False, pad_after_shift=(0, 1, 6, 7))
         np.testing.assert_allclose(store.dense(record["image_id"], layer), expected[0], atol=1e-4, rtol=1e-4)
         assert store.vector("cls", record["image_id"], layer).shape == (vit.embed_dim,)  # a class token per layer
+
+
+def test_progress_moves_per_image_group_and_counts_each_image_once(tmp_path, sample_paths):
+    write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths} | {"broken.jpg": b"not an image"})
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "out.zarr"), shard_size=5)
+    job = plan_job(cfg)
+    worker = ShardWorker(job.resolved, vit=cached_vit(MODEL))
+    loaded = worker.load(0, shard_rows(job.plan, 0, 5))
+    groups: list[int] = []
+    worker.process(loaded, progress=groups.append)
+    assert groups == [1] * len(sample_paths) and loaded.decoded == len(sample_paths)  # 9 views fill a forward pass of 9: one image a group

@@ -196,3 +196,30 @@ def test_ray_job_accounts_for_damaged_containers_on_s3(s3_server):
     expected = put_damaged_dataset("s3://bucket/ray/damaged", s3_server)
     run_ray(config("s3://bucket/ray/damaged", "s3://bucket/ray/damaged.zarr", storage_options=s3_server, num_actors=2, cpus_per_actor=1))
     assert_every_input_accounted_for("s3://bucket/ray/damaged.zarr", expected, s3_server)
+
+
+class RecordingBar:
+    """Stands in for the tqdm bar: records every step the scheduler shows."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.steps = total, []
+        self.format_dict = {"elapsed": 1.0}
+
+    def update(self, n: int) -> None:
+        self.steps.append(n)
+
+    def set_postfix(self, **_) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+
+def test_the_progress_bar_counts_every_image_once(tmp_path, photos, monkeypatch):
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr("pipeline.distributed.progress", lambda job: bars.append(RecordingBar(job.images_in(job.pending))) or bars[-1])
+    run_ray(config(str(photos), str(tmp_path / "out.zarr"), shard_size=6, image_size=64, num_actors=2, cpus_per_actor=1, split_shifts="1"))
+    assert sum(bars[0].steps) == bars[0].total == 12 and min(bars[0].steps) >= 0

@@ -22,8 +22,9 @@ from tests.retrieval_set import write_ground_truth, write_retrieval_set
 MAP_THRESHOLD = 0.6
 
 
-def extraction(dataset: str, out: str) -> ExtractConfig:
-    return ExtractConfig(dataset=dataset, out=out, model="vit_tiny_patch16_224", image_size=112, radius=1, stride=8, shard_size=8)
+def extraction(dataset: str, out: str, **overrides) -> ExtractConfig:
+    settings = dict(dataset=dataset, out=out, model="vit_tiny_patch16_224", image_size=112, radius=1, stride=8, shard_size=8)
+    return ExtractConfig(**settings | overrides)
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,46 @@ def test_exact_rankings_match_names_by_uri_stem(retrieval_set):
     assert rankings["coffee_flip"][0] == "coffee_flip" and len(rankings["coffee_flip"]) == 24
     with pytest.raises(KeyError, match="not ok images"):
         exact_rankings(store, DescriptorSpec("pooled"), ["no_such_image"])
+
+
+def test_ground_truth_with_unknown_names_or_columns_is_refused_naming_them(retrieval_set, tmp_path):
+    text = open(retrieval_set["csv"]).read()
+    (tmp_path / "misspelt.csv").write_text(text.replace("coffee_flip", "cofee_flip", 1))
+    with pytest.raises(ValueError, match=r"1 names of the ground truth are not ok images of .*'cofee_flip'"):
+        evaluate_stores(str(tmp_path / "misspelt.csv"), [retrieval_set["store"]], ["pooled"])
+    (tmp_path / "header.csv").write_text(text.replace("query,positives", "image,matches", 1))
+    with pytest.raises(ValueError, match=r"header.csv: a ground-truth CSV has the columns query, positives .* found \['image', 'matches'\]"):
+        evaluate_stores(str(tmp_path / "header.csv"), [retrieval_set["store"]], ["pooled"])
+
+
+def test_a_stale_index_is_refused_naming_what_changed(retrieval_set, tmp_path):
+    shutil.copytree(retrieval_set["store"], tmp_path / "store.zarr")
+    save_index(build_index(FeatureStore.open(str(tmp_path / "store.zarr")), DescriptorSpec("pooled")), str(tmp_path / "index"))
+    record = FeatureStore.open(str(tmp_path / "store.zarr")).manifest.to_pylist()[0]
+    assert query(str(tmp_path / "index"), image_ids=[record["image_id"]], k=1)[0]["image_id"] == record["image_id"]
+    run_local(extraction(str(retrieval_set["folder"] / "images"), str(tmp_path / "store.zarr"), seed=5, overwrite=True))  # other weights
+    with pytest.raises(ValueError, match=r"rebuild it .* Differences: .*weights: stored 'random:seed=0', requested 'random:seed=5'"):
+        query(str(tmp_path / "index"), image_ids=[record["image_id"]], k=1)
+
+
+def test_images_are_named_by_id_uri_or_file_name(retrieval_set, tmp_path, capsys):
+    store = FeatureStore.open(retrieval_set["store"])
+    record = next(r for r in store.manifest.to_pylist() if r["uri"].endswith("coffee_flip.jpg"))
+    for name in (record["image_id"], record["uri"], "coffee_flip.jpg", "coffee_flip", "file://" + record["uri"]):
+        assert store.find(name) == record["image_id"], name
+    with pytest.raises(KeyError, match=r"no image 'nope.jpg' in .*: give an image_id, a URI or a file name"):
+        store.find("nope.jpg")
+    save_index(build_index(store, DescriptorSpec("pooled")), str(tmp_path / "index"))
+    assert query(str(tmp_path / "index"), image_ids=["coffee_flip.jpg"], k=1)[0]["image_id"] == record["image_id"]
+    from jobs.visualize import main as visualize_main
+
+    with pytest.raises(SystemExit):
+        visualize_main(["--store", retrieval_set["store"], "--image-id", "nope.jpg", "--out", str(tmp_path / "x.png")])
+    assert "no image 'nope.jpg'" in capsys.readouterr().err
+
+
+def test_whitening_larger_than_the_store_allows_is_refused_before_faiss(retrieval_set):
+    store = FeatureStore.open(retrieval_set["store"])  # 24 images of 192 dimensions
+    with pytest.raises(ValueError, match=r"--whiten 100: .* \(192\) and as there are images to learn it from \(24 ok images .*give --whiten 24 or less"):
+        build_index(store, DescriptorSpec("pooled"), whiten=100)
+    assert build_index(store, DescriptorSpec("pooled"), whiten=24).index.ntotal == 24
