@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = from_args(args, DistillConfig)
     try:
+        config = from_args(args, DistillConfig)
         validate(config)
     except ConfigError as error:
         parser.error(str(error))

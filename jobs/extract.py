@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pipeline.config import ConfigError, add_arguments, from_args  # noqa: E402
 from pipeline.distributed import run_ray  # noqa: E402
-from pipeline.runner import run_local  # noqa: E402
+from pipeline.runner import interrupted_note, run_local  # noqa: E402
 from pipeline.sources import SourceError  # noqa: E402
 from pipeline.store import StoreMismatchError  # noqa: E402
 
@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = from_args(args)
     try:
+        config = from_args(args)
         summary = run_local(config) if args.local else run_ray(config)
     except (ConfigError, SourceError, StoreMismatchError) as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted_note(config)}", file=sys.stderr)
+        return 130
     print(summary.render())
     print(f"features    {config.out}")
     return 1 if summary.failed_shards else 0

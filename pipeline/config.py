@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,11 +107,11 @@ def option(help: str, **extra: Any) -> dict[str, Any]:
 
 @dataclass
 class ExtractConfig(Flags):
-    dataset: str = field(default="", metadata=option("dataset URI: directory, glob, file list (.txt/.csv/.parquet), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://)", required=True))
-    out: str = field(default="", metadata=option("output Zarr store URI (resumed if it exists)", required=True))
+    dataset: str = field(default="", metadata=option("dataset URI: directory, glob, file list (.txt/.csv/.parquet), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://)", required=True, uri="input"))
+    out: str = field(default="", metadata=option("output Zarr store URI (resumed if it exists)", required=True, uri="output"))
     model: str = field(default="vit_small_patch16_224.dino", metadata=option("timm ViT name"))
     pretrained: bool = field(default=False, metadata=option("load timm's pretrained weights (needs the model hub)"))
-    weights: str | None = field(default=None, metadata=option("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)"))
+    weights: str | None = field(default=None, metadata=option("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)", uri="input"))
     seed: int = field(default=0, metadata=option("seed for random-init weights (neither --pretrained nor --weights)"))
     layers: tuple[int, ...] = field(default=(-1,), metadata=option("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
     keys: tuple[int, ...] = field(default=(), metadata=option("blocks whose attention keys are stored too, beside the block outputs (TokenCut's features), e.g. -1", parse="ints"))
@@ -217,6 +218,30 @@ def default_stride(patch: int) -> int:
     return patch // 2 if patch % 2 == 0 else patch
 
 
+def job_working_copy() -> bool:
+    """Whether this driver runs under `ray job submit --working-dir`: its working directory is then a
+    temporary copy, gone when the job ends. Ray's job supervisor hands the job's runtime env to the
+    entrypoint in this variable."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return bool(raw) and bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+
+
+def with_absolute_uris(config: Any) -> Any:
+    """The config with local paths made absolute here, on the driver, before anything is stored or
+    shipped: actors and Ray Train workers run in other working directories, and a store or index
+    must name the same place from anywhere. An output relative to a job's temporary working copy
+    would vanish with it, so it is refused."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.metadata.get("uri")
+        if not kind or not value:
+            continue
+        if kind == "output" and "://" not in value and not os.path.isabs(value) and job_working_copy():
+            raise ConfigError(flag_of(f.name), f"{value} is relative, and this job runs in Ray's temporary copy of its --working-dir ({os.getcwd()}), which is deleted after the job: give an absolute path or a URI")
+        changes[f.name] = normalize_uri(value)
+    return dataclasses.replace(config, **changes)
+
+
 def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -253,6 +278,7 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     for name in ("dataset", "out", "model"):
         if not getattr(config, name):
             raise ConfigError(f[name], "is required")
+    config = with_absolute_uris(config)
     if facts is None:
         try:
             facts = describe_model(config.model)
@@ -393,6 +419,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractCo
         meta = dict(f.metadata)
         help_text = meta.pop("help")
         parse = meta.pop("parse", None)
+        meta.pop("uri", None)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
@@ -411,5 +438,6 @@ def _show(value: Any) -> str:
 
 
 def from_args(args: argparse.Namespace, config_type: type = ExtractConfig) -> ExtractConfig:
-    return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
+    """The config of parsed flags, its local paths absolute (raises ConfigError, see `with_absolute_uris`)."""
+    return with_absolute_uris(config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)}))
 

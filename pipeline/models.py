@@ -262,6 +262,17 @@ def load_vit(
     return ViT(model=model, name=name, weights_id=identity).to(device or default_device())
 
 
+def fetch_pretrained(name: str) -> None:
+    """Download timm's pretrained weights of `name` into the local cache now, on the driver: the
+    actors on this node then load them from there, and a cluster that cannot reach the hub fails
+    at planning in one line instead of in every actor after minutes of retries."""
+    try:
+        _create(name, pretrained=True, seed=0)
+    except Exception as error:  # hub, network and cache errors come in many types
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        raise OSError(f"weights for {name} could not be downloaded ({reason}); pass --weights URI of a local or fsspec checkpoint") from error
+
+
 def check_same_model(vit: ViT, name: str, identity: str) -> None:
     """Refuse a model other than the one a store was made with (queries must match the database)."""
     if vit.name != name or vit.weights_id != identity:

@@ -22,10 +22,20 @@ import zarr
 from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
-from pipeline.config import ExtractConfig, ResolvedConfig, resolve
+from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
 from pipeline.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
+from pipeline.models import fetch_pretrained
 from pipeline.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
-from pipeline.store import check_existing, check_writable, create_store, open_group, plan_uri, read_plan, remove_output
+from pipeline.store import (
+    check_existing,
+    check_writable,
+    create_store,
+    open_group,
+    plan_uri,
+    read_plan,
+    remove_output,
+    stored_provenance,
+)
 from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
@@ -54,9 +64,18 @@ def plan_job(config: ExtractConfig) -> Job:
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     options = config.storage_options
     check_writable(config.out, options)
+    if config.pretrained:
+        try:
+            fetch_pretrained(config.model)
+        except OSError as error:
+            raise ConfigError("--pretrained", str(error)) from error
     resumed = check_existing(resolved)
     if resumed:
         plan = read_plan(config.out, options)
+        log.info(
+            "resuming the plan of %d items listed by the first run into %s: files added to --dataset since are not "
+            "extracted; extract them into another --out, or pass --overwrite to list the dataset again", len(plan), config.out
+        )
     else:  # the old output (--overwrite) goes, and the new one is written, only once listing succeeded
         plan = make_plan(usable_items(config.dataset, options), config.shard_size)
         if config.overwrite:
@@ -92,6 +111,15 @@ def usable_items(dataset: str, storage_options: dict[str, Any]) -> list[Item]:
         reasons = "; ".join(f"{item.uri}: {item.error}" for item in broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
         raise SourceError(f"--dataset {dataset}: nothing usable, every input failed at listing: {reasons}")
     return items
+
+
+def interrupted_note(config: ExtractConfig) -> str:
+    """What a stopped run leaves (Ctrl-C): committed shards stay, and the same command resumes."""
+    if stored_provenance(config.out, config.storage_options) is None:
+        return f"nothing was written to {config.out} yet"
+    total = -(-int(open_group(config.out, "r", config.storage_options).attrs["plan_size"]) // config.shard_size)
+    done = len(committed_shards(config.out, config.storage_options))
+    return f"{done} of {total} shards of {config.out} are committed; rerun the same command to resume"
 
 
 @dataclass
@@ -155,7 +183,7 @@ class RunSummary:
         lines = [
             f"images      {d['images']} ({d['ok']} ok, {d['errors']} errors)" + (f"; {d['shards_skipped']} shards already done" if self.shards_skipped else ""),
             f"time        {d['seconds']:.1f} s ({self.startup_seconds:.1f} s start-up), {d['images_per_second'] or 0:.2f} images/s, {self.views / self.seconds if self.seconds else 0:.1f} views/s",
-            f"written     {self.bytes_written / 1e6:.1f} MB of features (before compression)",
+            f"stored      {self.bytes_written / 1e6:.1f} MB of features (before compression)",
         ]
         if self.errors:
             lines.append("errors      " + ", ".join(f"{kind}: {n}" for kind, n in self.errors.most_common(5)))

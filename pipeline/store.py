@@ -196,18 +196,12 @@ def write_shard(
     resolved: ResolvedConfig,
     shard: int,
     arrays: dict[str, np.ndarray],
-) -> int:
-    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks.
-
-    Returns the bytes handed to the store (before compression).
-    """
+) -> None:
+    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks."""
     start = shard * resolved.config.shard_size
-    written = 0
     for path, block in arrays.items():
         target = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), resolved)
         target[start : start + len(block)] = block.astype(resolved.config.dtype, copy=False)
-        written += block.nbytes
-    return written
 
 
 # ---------------------------------------------------------------------------- reader

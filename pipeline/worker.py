@@ -148,15 +148,19 @@ class ShardWorker:
             return stats
         count = len(loaded.rows)
         blocks: dict[str, np.ndarray] = {}
+        filled: Counter[str] = Counter()  # rows of each block that hold an image's values
         views_of: dict[int, int] = {}
         for members, partial in zip(loaded.groups(self.images_per_call), partials):
             output = self.srt.finalize(partial)
             bucket = loaded.inputs[members[0]].bucket
             for tap in self.srt.taps:
-                self._fill(blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap])
+                for path in self._fill(blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap]):
+                    filled[path] += len(members)
             views_of.update(zip(members, output.n_views.tolist()))
         stats.views = sum(views_of.values())
-        stats.bytes_written = write_shard(self.group, self.resolved, loaded.shard, blocks)
+        write_shard(self.group, self.resolved, loaded.shard, blocks)
+        itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the fp32 blocks nor their empty rows
+        stats.bytes_written = sum(rows * math.prod(blocks[path].shape[1:]) * itemsize for path, rows in filled.items())
         rows = [self._manifest_row(row, item, views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
         if not write_part(config.out, loaded.shard, rows, config.storage_options):
             stats.committed = False
@@ -183,8 +187,8 @@ class ShardWorker:
         dense: torch.Tensor,
         prefix: torch.Tensor,
         pooled: torch.Tensor,
-    ) -> None:
-        """Copy one group's outputs into the shard-sized blocks they belong to."""
+    ) -> list[str]:
+        """Copy one group's outputs into the shard-sized blocks they belong to; returns their paths."""
         facts = self.resolved.facts
         name = tap.name
         per_image = {dense_path(tap, bucket): dense, f"pooled/{name}": pooled}
@@ -195,6 +199,7 @@ class ShardWorker:
         for path, values in per_image.items():
             block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=np.float32))
             block[members] = values.numpy()
+        return list(per_image)
 
     def _manifest_row(self, row: dict[str, Any], item: Prepared | ImageError, n_views: int | None) -> dict[str, Any]:
         record = {"image_id": row["image_id"], "uri": row["uri"], "shard": row["shard"], "row": row["row"]}

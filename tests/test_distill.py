@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -23,6 +24,7 @@ from pipeline.store import FeatureStore
 from tests.conftest import cached_vit
 
 MODEL = "vit_tiny_patch16_224"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +154,21 @@ def test_another_config_in_the_same_out_is_refused(teacher_store, tmp_path, caps
     assert "--out" in capsys.readouterr().err and json.loads((tmp_path / "s" / "distill.json").read_text())["lr"] == 3e-4
 
 
-def test_two_ray_train_workers_complete_and_checkpoint(teacher_store, tmp_path):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def test_two_ray_train_workers_complete_and_checkpoint_from_relative_paths(teacher_store, tmp_path, monkeypatch):
+    # The README's form: paths relative to where the command runs, which Ray Train workers do not share.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "try").mkdir()
+    (tmp_path / "try" / "feats.zarr").symlink_to(teacher_store)
+    flags = ["--steps", "4", "--checkpoint-every", "2", "--num-workers", "2", "--batch-size", "2", "--holdout", "0.25"]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # jobs/ is not installed
     try:
-        cfg = config(teacher_store, tmp_path / "ray", steps=4, checkpoint_every=2, num_workers=2, batch_size=2)
-        validate(cfg)
-        run_ray(cfg)
+        assert distill_main(["--store", "try/feats.zarr", "--out", "try/student/", *flags]) == 0
+        # The same places spelt absolutely are the same config: resumed (nothing left to do), not refused.
+        assert distill_main(["--store", str(tmp_path / "try" / "feats.zarr"), "--out", str(tmp_path / "try" / "student"), *flags]) == 0
     finally:
         ray.shutdown()
-    assert sorted(p.name for p in (tmp_path / "ray" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
-    sidecar = read_sidecar(cfg.out)
+    assert sorted(p.name for p in (tmp_path / "try" / "student" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    sidecar = read_sidecar(str(tmp_path / "try" / "student"))
     assert sidecar["steps"] == 4 and sidecar["held_out_distance"]["student"] is not None
 
 

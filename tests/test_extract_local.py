@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -580,3 +581,49 @@ def test_progress_moves_per_image_group_and_counts_each_image_once(tmp_path, sam
     groups: list[int] = []
     worker.process(loaded, progress=groups.append)
     assert groups == [1] * len(sample_paths) and loaded.decoded == len(sample_paths)  # 9 views fill a forward pass of 9: one image a group
+
+
+def test_relative_paths_are_made_absolute_on_the_driver(tmp_path, sample_paths, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths})
+    assert extract_main([*small_argv("in", "try/job.zarr"), "--local"]) == 0
+    assert f"features    {tmp_path / 'try' / 'job.zarr'}" in capsys.readouterr().out
+    assert FeatureStore.open(str(tmp_path / "try" / "job.zarr")).config["dataset"] == str(tmp_path / "in")
+    # Under `ray job submit --working-dir`, the working directory is a temporary copy: a relative
+    # output would be written there and deleted with it.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}))
+    with pytest.raises(SystemExit) as exited:
+        extract_main([*small_argv("in", "try/other.zarr"), "--local"])
+    assert exited.value.code == 2
+    assert "error: --out: try/other.zarr is relative, and this job runs in Ray's temporary copy of its --working-dir" in capsys.readouterr().err
+
+
+def test_the_summary_counts_the_bytes_stored(tmp_path, sample_paths):
+    out = str(tmp_path / "out.zarr")
+    summary = run_local(config(str(sample_paths[0].parent), out, resize="aspect", shard_size=3))  # float16, size buckets
+    store = FeatureStore.open(out)
+    channels = cached_vit(MODEL).embed_dim
+    per_image = [channels * (r["input_height"] // 8) * (r["input_width"] // 8) + 2 * channels for r in store.manifest.to_pylist()]  # dense, cls, pooled
+    assert summary.bytes_written == 2 * sum(per_image)
+    assert f"stored      {summary.bytes_written / 1e6:.1f} MB" in summary.render()
+
+
+def test_a_resumed_run_says_its_plan_is_fixed(tmp_path, sample_paths, caplog):
+    write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths[:2]})
+    out = str(tmp_path / "out.zarr")
+    run_local(config(str(tmp_path / "in"), out))
+    write_files(tmp_path / "in", {sample_paths[2].name: sample_paths[2].read_bytes()})  # added after the first run
+    with caplog.at_level("INFO", logger="srt"):
+        assert run_local(config(str(tmp_path / "in"), out)).images == 0
+    assert "resuming the plan of 2 items listed by the first run" in caplog.text and "pass --overwrite to list the dataset again" in caplog.text
+
+
+def test_offline_pretrained_weights_fail_at_planning_in_one_line(tmp_path):
+    out = tmp_path / "out.zarr"
+    argv = [sys.executable, str(ROOT / "jobs" / "extract.py"), *small_argv(str(ROOT / "data" / "samples"), str(out)), "--pretrained", "--local"]
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}  # no hub, nothing cached
+    done = subprocess.run(argv, capture_output=True, text=True, env=offline, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(errors) == 1 and f"--pretrained: weights for {MODEL} could not be downloaded" in errors[0] and "pass --weights URI" in errors[0]
+    assert not out.exists()

@@ -133,7 +133,8 @@ def test_stragglers_get_a_second_copy_and_the_first_commit_wins(tmp_path, photos
 def test_a_stopped_driver_resumes_with_only_the_uncommitted_shards(tmp_path, photos):
     out = tmp_path / "resumed.zarr"
     argv = [sys.executable, str(ROOT / "jobs" / "extract.py"), "--dataset", str(photos), "--out", str(out), "--model", "vit_small_patch16_224", "--image-size", "64", "--radius", "2", "--shard-size", "1", "--num-actors", "1", "--cpus-per-actor", "1", "--max-pixels", "1000000", "--stride", "8"]
-    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(list((out / "manifest").glob("part-*.parquet"))) < 2:
         time.sleep(0.05)
@@ -141,6 +142,9 @@ def test_a_stopped_driver_resumes_with_only_the_uncommitted_shards(tmp_path, pho
     driver.wait(timeout=60)
     committed = len(list((out / "manifest").glob("part-*.parquet")))
     assert 2 <= committed < 12, f"the driver was stopped after {committed} of 12 shards"
+    said = log.read_text()
+    assert driver.returncode == 130 and "Traceback" not in said
+    assert f"interrupted: {committed} of 12 shards of {out} are committed; rerun the same command to resume" in said
     summary = run_ray(config(str(photos), str(out), shard_size=1, image_size=64, radius=2, model="vit_small_patch16_224", num_actors=1))
     assert (summary.shards_done, summary.shards_skipped) == (12 - committed, committed)
     assert_exactly_once(str(out), 12)

@@ -62,6 +62,11 @@ def test_job_submit_extracts_into_a_store(tmp_path, sample_paths, ray_head):
     assert store.manifest.num_rows == 4 and set(store.manifest.column("status").to_pylist()) == {"ok"}
     assert store.dense(store.manifest.column("image_id")[0].as_py()).shape == (192, 4, 4)
 
+    # A relative --out would land in Ray's temporary copy of the working directory: refused up front.
+    relative = [*job[: job.index("--out") + 1], "try/job.zarr", *job[job.index("--out") + 2 :]]
+    done = subprocess.run(relative, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "error: --out: try/job.zarr is relative" in done.stdout + done.stderr
+
     wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     refused = subprocess.run([RAY, "job", "list", "--address", address], env=wrong, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "Invalid authentication token" in refused.stdout + refused.stderr

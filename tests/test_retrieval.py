@@ -237,3 +237,12 @@ def test_whitening_larger_than_the_store_allows_is_refused_before_faiss(retrieva
     with pytest.raises(ValueError, match=r"--whiten 100: .* \(192\) and as there are images to learn it from \(24 ok images .*give --whiten 24 or less"):
         build_index(store, DescriptorSpec("pooled"), whiten=100)
     assert build_index(store, DescriptorSpec("pooled"), whiten=24).index.ntotal == 24
+
+
+def test_an_index_built_from_a_relative_store_path_is_queried_from_anywhere(retrieval_set, tmp_path, monkeypatch):
+    shutil.copytree(retrieval_set["store"], tmp_path / "here" / "store.zarr")
+    monkeypatch.chdir(tmp_path / "here")
+    save_index(build_index(FeatureStore.open("store.zarr"), DescriptorSpec("pooled")), str(tmp_path / "index"))
+    monkeypatch.chdir(tmp_path)
+    assert load_index(str(tmp_path / "index")).sidecar["store"] == str(tmp_path / "here" / "store.zarr")
+    assert len(query(str(tmp_path / "index"), image_ids=["coffee_flip"], k=2)) == 2
