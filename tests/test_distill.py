@@ -15,7 +15,6 @@ import torch
 
 from bench.results import sample_photos
 from jobs.distill import main as distill_main
-from jobs.distill import run_ray
 from pipeline.config import ConfigError, ExtractConfig
 from pipeline.distill import DistillConfig, latest_checkpoint, read_sidecar, split_rows, train_worker, validate
 from pipeline.models import load_vit
