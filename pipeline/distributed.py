@@ -16,7 +16,10 @@ written only if absent), so every image lands in the manifest exactly once.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
+import math
+import os
 import statistics
 import threading
 import time
@@ -28,7 +31,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 
-from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig
+from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
 from pipeline.runner import Job, RunSummary, finish, plan_job, progress
 from pipeline.sources import shard_rows
 from pipeline.srt import PartialSum, Shift, combine, split_shifts
@@ -41,6 +44,7 @@ UNITS_PER_ACTOR = 2  # one computing, one reading and decoding
 BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
+START_REPORT_SECONDS = 15.0
 
 
 @ray.remote(max_restarts=-1, max_concurrency=UNITS_PER_ACTOR)
@@ -122,7 +126,12 @@ class Running:
 
 
 class ActorPoolScheduler:
-    """Hands units to actors with at most UNITS_PER_ACTOR in flight each; retries and duplicates."""
+    """Hands units to actors with at most UNITS_PER_ACTOR in flight each; retries and duplicates.
+
+    Driver work per event does not grow with the number of pending units: due units wait in a
+    deque, retries waiting out their backoff in a heap, and submission stops at the first unit no
+    actor has room for.
+    """
 
     def __init__(self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary) -> None:
         config = job.resolved.config
@@ -130,7 +139,8 @@ class ActorPoolScheduler:
         self.shard_size = config.shard_size
         self.max_retries = config.max_retries
         self.straggler_timeout = config.straggler_timeout
-        self.queue: collections.deque[Unit] = collections.deque()
+        self.queue: collections.deque[Unit] = collections.deque()  # due units, in order
+        self.delayed: list[tuple[float, int, Unit]] = []  # (not_before, tiebreak, unit): a heap of backed-off retries
         self.running: dict[Any, Running] = {}
         self.load = {name: 0 for name, _ in actors}
         self.done: set[tuple[int, Any]] = set()  # unit keys finished (first result wins)
@@ -151,7 +161,7 @@ class ActorPoolScheduler:
                 self.queue.extend(Unit(shard, b) for b in range(len(batches)))
 
     def run(self, bar) -> None:
-        while self.queue or self.running:
+        while self.queue or self.delayed or self.running:
             self._ping_unavailable()
             self._submit_ready()
             refs = [*self.running, *self.pings]
@@ -163,9 +173,9 @@ class ActorPoolScheduler:
                     self._finish(self.running.pop(ref), bar)
             self._duplicate_stragglers()
             self._show_progress(bar)
-            if not refs and self.queue:
-                wake = min([u.not_before for u in self.queue] + list(self.unavailable.values()))
-                time.sleep(min(1.0, max(0.0, wake - time.monotonic())))
+            if not refs and (self.queue or self.delayed):
+                wakes = [*self.unavailable.values(), *([self.delayed[0][0]] if self.delayed else [])]
+                time.sleep(min(1.0, max(0.0, min(wakes, default=time.monotonic() + 1.0) - time.monotonic())))
 
     def _show_progress(self, bar) -> None:
         """Move the bar by the image groups computed since last time (never past a shard's size)."""
@@ -199,20 +209,21 @@ class ActorPoolScheduler:
         del self.unavailable[name]
 
     def _submit_ready(self) -> None:
-        available = self._available()
-        if not available:
-            return
         now = time.monotonic()
-        waiting = len(self.queue)
-        for _ in range(waiting):
-            unit = self.queue.popleft()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.queue.append(heapq.heappop(self.delayed)[2])
+        available = self._available()
+        while self.queue and available:
             name, actor = min(available, key=lambda a: self.load[a[0]])
-            if unit.key in self.done:
-                continue
-            if unit.not_before > now or self.load[name] >= UNITS_PER_ACTOR:
-                self.queue.append(unit)
-                continue
-            self._start(unit, name, actor)
+            if self.load[name] >= UNITS_PER_ACTOR:
+                return
+            unit = self.queue.popleft()
+            if unit.key not in self.done:
+                self._start(unit, name, actor)
+
+    def _delay(self, unit: Unit) -> None:
+        """Queue a retry once its backoff has passed."""
+        heapq.heappush(self.delayed, (unit.not_before, id(unit), unit))
 
     def _start(self, unit: Unit, name: str, actor: Any) -> None:
         rows = shard_rows(self.job.plan, unit.shard, self.shard_size)
@@ -280,11 +291,11 @@ class ActorPoolScheduler:
             self.payloads.pop(unit.shard, None)
             for b in range(len(self.batches)):
                 self.done.discard((unit.shard, b))
-                self.queue.append(Unit(unit.shard, b, unit.attempt + 1, time.monotonic() + BACKOFF_SECONDS * 2**unit.attempt))
+                self._delay(Unit(unit.shard, b, unit.attempt + 1, time.monotonic() + BACKOFF_SECONDS * 2**unit.attempt))
             return
         unit.attempt += 1
         unit.not_before = time.monotonic() + BACKOFF_SECONDS * 2 ** (unit.attempt - 1)
-        self.queue.append(unit)
+        self._delay(unit)
 
     def _duplicate_stragglers(self) -> None:
         """Start a second copy of a unit that has run far longer than usual, on the least-busy actor."""
@@ -310,23 +321,74 @@ class ActorPoolScheduler:
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
 
 
-def actor_plan(config: ExtractConfig) -> tuple[int, dict[str, float], int]:
-    """(number of actors, resources of each, threads of each) from the flags and the cluster."""
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0.0), int(resources.get("CPU", 0))
+def actor_plan(config: ExtractConfig, *, fixed: bool) -> tuple[int, dict[str, float], int]:
+    """(number of actors, resources of each, threads of each) from the flags and the cluster.
+
+    Threads not given by --cpus-per-actor are fitted to the cluster (its CPUs shared among the
+    actors, within one node). A request the cluster cannot place fails here, naming the flags,
+    when the cluster is `fixed` (a local instance this job started); one that may still autoscale
+    is waited for, saying so (`wait_until_started`).
+    """
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    gpus, cpus = sum(n.get("GPU", 0.0) for n in nodes), int(sum(n.get("CPU", 0) for n in nodes))
+    largest = int(max((n.get("CPU", 0) for n in nodes), default=0))
     # A cluster with GPUs, or a head with no CPUs that waits for GPU workers to autoscale.
     use_gpus = gpus > 0 or cpus == 0
     if use_gpus:
         threads = config.cpus_per_actor or 1
         count = config.num_actors or int(gpus // config.gpus_per_actor)
         each = {"num_gpus": config.gpus_per_actor, "num_cpus": threads}
+        flags = "--num-actors, --gpus-per-actor, --cpus-per-actor"
     else:
-        threads = config.cpus_per_actor or min(4, cpus)
-        count = config.num_actors or max(1, cpus // threads)
+        count = config.num_actors or max(1, cpus // min(4, cpus))
+        threads = config.cpus_per_actor or max(1, min(cpus // count, largest))
         each = {"num_gpus": 0, "num_cpus": threads}
+        flags = "--num-actors, --cpus-per-actor"
     if count < 1:
         raise ConfigError("--num-actors", "the cluster shows no GPUs yet (autoscaling?); give the number of GPU actors to start")
+    if problem := placement_problem(count, each, nodes):
+        if fixed:
+            raise ConfigError(flags, f"{problem}; ask for less")
+        log.warning("%s; waiting, since this cluster may autoscale (if it does not, ask for less with %s)", problem, flags)
     return count, each, threads
+
+
+def placement_problem(count: int, each: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """Why `count` actors needing `each` cannot all be placed on these nodes as they are, or None.
+    An actor must fit on one node."""
+    def room(node: dict[str, float]) -> float:
+        return min(
+            node.get("CPU", 0) // each["num_cpus"] if each["num_cpus"] else math.inf,
+            node.get("GPU", 0) // each["num_gpus"] if each["num_gpus"] else math.inf,
+        )
+
+    placeable = sum(room(node) for node in nodes)
+    if placeable >= count:
+        return None
+    asked = f"{count} actors of {each['num_cpus']:g} CPUs" + (f" and {each['num_gpus']:g} GPUs" if each["num_gpus"] else "") + " each"
+    shape = ", ".join(f"{n.get('CPU', 0):g} CPUs" + (f" + {n.get('GPU', 0):g} GPUs" if n.get("GPU") else "") for n in nodes)
+    return f"{asked} do not fit the cluster's {len(nodes)} node(s) ({shape}): {int(placeable)} fit"
+
+
+def wait_until_started(actors: list[tuple[str, Any]], each: dict[str, float]) -> None:
+    """Block until every actor has loaded its model, saying every START_REPORT_SECONDS what it waits
+    for: an actor Ray cannot place yet (an autoscaling cluster, a busy one) never waits silently."""
+    pending = {actor.ready.remote(): name for name, actor in actors}
+    started = time.monotonic()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=START_REPORT_SECONDS)
+        for ref in ready:
+            ray.get(ref)  # an actor that failed to start raises here
+            pending.pop(ref)
+        if pending:
+            log.warning(
+                "waiting %.0f s for %d of %d actors to start (each asks %s); the cluster has %s available of %s",
+                time.monotonic() - started, len(pending), len(actors), each, _cpus_gpus(ray.available_resources()), _cpus_gpus(ray.cluster_resources()),
+            )
+
+
+def _cpus_gpus(resources: dict[str, float]) -> str:
+    return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
 
 
 def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
@@ -344,12 +406,16 @@ def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
 def run_ray(config: ExtractConfig) -> RunSummary:
     """Extract on a Ray cluster (the one `ray job submit` or RAY_ADDRESS names, else a local one)."""
     started = time.perf_counter()
-    job = plan_job(config)
+    resolved = resolve(config)  # bad flags fail before Ray starts
+    config = resolved.config
+    # A local instance started here cannot grow: actors that do not fit fail before any work.
+    fixed = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    count, resources, threads = actor_plan(config, fixed=fixed)
+    job = plan_job(config, resolved)
     summary = RunSummary(shards_skipped=job.shards - len(job.pending))
     if job.pending:
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True)
-        count, resources, threads = actor_plan(config)
         batches = shift_batches(job, count)
         summary.shift_batches = len(batches)
         run_id = uuid.uuid4().hex[:8]
@@ -357,7 +423,7 @@ def run_ray(config: ExtractConfig) -> RunSummary:
             (f"{ACTOR_PREFIX}-{run_id}-{i}", ExtractActor.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}", **resources).remote(job.resolved, threads))
             for i in range(count)
         ]
-        ray.get([actor.ready.remote() for _, actor in actors])
+        wait_until_started(actors, resources)
         summary.startup_seconds = time.perf_counter() - started
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))

@@ -57,9 +57,11 @@ class Job:
         return sum(min(size, total - s * size) for s in shards)
 
 
-def plan_job(config: ExtractConfig) -> Job:
-    """Everything before the first image; raises ConfigError, StoreMismatchError or SourceError."""
-    resolved = resolve(config)
+def plan_job(config: ExtractConfig, resolved: ResolvedConfig | None = None) -> Job:
+    """Everything before the first image; raises ConfigError, StoreMismatchError or SourceError.
+    `resolved`: the config already resolved by the caller (resolving hashes a weights file)."""
+    resolved = resolved or resolve(config)
+    config = resolved.config  # local paths absolute, preset applied
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     options = config.storage_options

@@ -227,3 +227,40 @@ def test_the_progress_bar_counts_every_image_once(tmp_path, photos, monkeypatch)
     monkeypatch.setattr("pipeline.distributed.progress", lambda job: bars.append(RecordingBar(job.images_in(job.pending))) or bars[-1])
     run_ray(config(str(photos), str(tmp_path / "out.zarr"), shard_size=6, image_size=64, num_actors=2, cpus_per_actor=1, split_shifts="1"))
     assert sum(bars[0].steps) == bars[0].total == 12 and min(bars[0].steps) >= 0
+
+
+def extract_command(dataset: Path, out: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "extract.py"), "--dataset", str(dataset), "--out", str(out), "--model", "vit_tiny_patch16_224",
+            "--image-size", "32", "--radius", "1", "--shard-size", "2", *flags]  # fmt: skip
+
+
+@pytest.mark.timeout(120)  # it used to wait forever for an actor that could never be placed
+def test_actors_without_a_thread_count_are_fitted_to_the_cluster(tmp_path, photos):
+    done = subprocess.run(extract_command(photos, tmp_path / "out.zarr", "--num-actors", "2", "--split-shifts", "2"), capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "12 ok" in done.stdout
+
+
+def test_actors_that_cannot_be_placed_on_a_local_instance_fail_at_once_naming_the_flags(tmp_path, photos):
+    done = subprocess.run(extract_command(photos, tmp_path / "out.zarr", "--cpus-per-actor", "1024"), capture_output=True, text=True, timeout=110)
+    assert done.returncode == 2
+    assert "error: --num-actors, --cpus-per-actor: 1 actors of 1024 CPUs each do not fit the cluster's 1 node(s)" in done.stderr
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@ray.remote
+class Holder:
+    def ready(self) -> bool:
+        return True
+
+
+def test_an_actor_the_cluster_cannot_place_yet_is_waited_for_out_loud(tmp_path, photos, monkeypatch, caplog):
+    monkeypatch.setattr("pipeline.distributed.START_REPORT_SECONDS", 0.5)
+    holder = Holder.options(num_cpus=3).remote()  # the fixture's cluster has 4 CPUs: 1 stays free
+    ray.get(holder.ready.remote())
+    release = threading.Timer(3.0, lambda: ray.kill(holder))
+    release.start()
+    summary = run_ray(config(str(photos), str(tmp_path / "out.zarr"), num_actors=2, cpus_per_actor=2, split_shifts="1"))
+    release.join()
+    assert summary.ok == 12
+    assert "waiting" in caplog.text and "actors to start (each asks {'num_gpus': 0, 'num_cpus': 2})" in caplog.text
