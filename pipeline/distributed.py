@@ -133,7 +133,7 @@ class ActorPoolScheduler:
     actor has room for.
     """
 
-    def __init__(self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary) -> None:
+    def __init__(self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary, counter: Any) -> None:
         config = job.resolved.config
         self.job, self.actors, self.batches, self.summary = job, actors, batches, summary
         self.shard_size = config.shard_size
@@ -151,7 +151,7 @@ class ActorPoolScheduler:
         # one until its ready() answers, since units sent meanwhile fail at once ("restarting").
         self.unavailable: dict[str, float] = {}
         self.pings: dict[Any, str] = {}  # ready() ref -> actor name
-        self.counter = ProgressCounter.remote()
+        self.counter = counter  # a ProgressCounter the actors report image groups to
         self.shown: collections.Counter[int] = collections.Counter()  # images of uncommitted shards already on the bar
         self.next_progress = 0.0
         for shard in job.pending:
@@ -427,11 +427,12 @@ def run_ray(config: ExtractConfig) -> RunSummary:
         summary.startup_seconds = time.perf_counter() - started
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
+        counter = ProgressCounter.remote()
         try:
             with progress(job) as bar:
-                ActorPoolScheduler(job, actors, batches, summary).run(bar)
+                ActorPoolScheduler(job, actors, batches, summary, counter).run(bar)
         finally:
-            for _, actor in actors:
+            for actor in [counter, *(actor for _, actor in actors)]:
                 ray.kill(actor, no_restart=True)
     summary.seconds = time.perf_counter() - started
     finish(job, summary)

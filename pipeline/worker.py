@@ -12,6 +12,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,24 +104,27 @@ class ShardWorker:
         # Enough images per SRT call that views fill whole micro-batches, bounded for memory.
         views = len(resolved.shifts)
         self.images_per_call = min(MAX_IMAGES_PER_CALL, math.lcm(c.batch_size, views) // views)
+        self.decoders = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode")
 
     def load(self, shard: int, rows: list[dict[str, Any]]) -> LoadedShard:
-        """Read and decode every row of the shard; failures become ImageErrors, never exceptions."""
-        inputs: list[Prepared | ImageError] = []
+        """Read and decode every row of the shard; failures become ImageErrors, never exceptions.
+        Images decode in parallel on the worker's threads (Pillow releases the GIL while decoding
+        and resizing: 1.9x at 224² and 1.6x at 448² on 2 threads, bench/RESULTS.md)."""
         config = self.resolved.config
-        for row, blob in zip(rows, read_bytes(rows, config.storage_options, retries=config.read_retries)):
-            if row["error_kind"] is not None:
-                inputs.append(ImageError(row["error_kind"], row["error"]))
-            elif row["duplicate_of"] is not None:
-                inputs.append(ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}"))
-            elif isinstance(blob, Exception):
-                inputs.append(ImageError("read", f"{type(blob).__name__}: {blob}"))
-            else:
-                try:
-                    inputs.append(prepare(blob, self.policy))
-                except ImageError as error:
-                    inputs.append(error)
-        return LoadedShard(shard, rows, inputs)
+        blobs = read_bytes(rows, config.storage_options, retries=config.read_retries)
+        return LoadedShard(shard, rows, list(self.decoders.map(self._input_of, rows, blobs)))
+
+    def _input_of(self, row: dict[str, Any], blob: bytes | Exception) -> Prepared | ImageError:
+        if row["error_kind"] is not None:
+            return ImageError(row["error_kind"], row["error"])
+        if row["duplicate_of"] is not None:
+            return ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}")
+        if isinstance(blob, Exception):
+            return ImageError("read", f"{type(blob).__name__}: {blob}")
+        try:
+            return prepare(blob, self.policy)
+        except ImageError as error:
+            return error
 
     def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None, progress: Callable[[int], object] | None = None) -> list[PartialSum]:
         """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, on CPU;
