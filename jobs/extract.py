@@ -1,52 +1,15 @@
-r"""Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
+"""Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
 
-    python jobs/extract.py --dataset data/samples --out out/samples.zarr      # local Ray instance
-    ray job submit --working-dir . -- python jobs/extract.py --dataset s3://bucket/images \
-        --out s3://bucket/feats.zarr --pretrained                                # a Ray cluster
-    python jobs/extract.py ... --local                                           # no Ray at all
-
-A rerun against the same --out resumes: only shards without a manifest part are computed.
+The `srt-extract` command, run from a checkout (`python jobs/extract.py ...`, also as the entrypoint of
+`ray job submit --working-dir . -- python jobs/extract.py ...`). Its code: pipeline/commands/extract.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or `ray job submit --working-dir .`
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout whose package is not installed
 
-from pipeline.config import ConfigError, add_arguments, from_args  # noqa: E402
-from pipeline.distributed import run_ray  # noqa: E402
-from pipeline.runner import interrupted_note, run_local  # noqa: E402
-from pipeline.sources import SourceError  # noqa: E402
-from pipeline.store import StoreMismatchError  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = from_args(args)
-        summary = run_local(config) if args.local else run_ray(config)
-    except (ConfigError, SourceError, StoreMismatchError) as error:
-        parser.error(str(error))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {interrupted_note(config)}", file=sys.stderr)
-        return 130
-    print(summary.render())
-    print(f"features    {config.out}")
-    return 1 if summary.failed_shards else 0
-
+from pipeline.commands.extract import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,9 @@ Consumers:
     retrieval    descriptors and FAISS indexes over a store
     ranking      retrieval metrics (revisited Oxford/Paris protocol) and ground-truth formats
     pictures     feature maps to RGB (joint PCA) for looking at what SRT does
+    raydata      SRT inside a Ray Data pipeline (SRTPredictor), a store as a Ray Dataset (read_store)
+Entry points:
+    commands     the command-line jobs, installed as srt-* console scripts (jobs/*.py run them from a checkout)
 """
 
 __version__ = "0.1.0"

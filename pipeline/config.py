@@ -11,12 +11,13 @@ import argparse
 import dataclasses
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__
 from pipeline.models import ModelFacts, Tap, describe_model, weights_id
-from pipeline.sources import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS, normalize_uri
+from pipeline.sources import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS, normalize_uri, read_uri
 from pipeline.srt import (
     BOUNDARIES,
     DEFAULT_BATCH_SIZE,
@@ -435,6 +436,61 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractCo
 
 def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+CONFIG_FILE_HELP = "YAML, JSON or TOML file of flag values, keys named like the flags (batch_size: 64, layers: [5, 11]); flags given here override it"
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None, config_type: type) -> argparse.Namespace:
+    """Parse `argv`, taking defaults from the `--config` file when one is given (so explicit flags
+    win); an unknown key or a bad file fails naming `--config`."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config")
+    path = early.parse_known_args(argv)[0].config
+    if path:
+        values = read_config_file(path, config_type)
+        parser.set_defaults(**values)
+        for action in parser._actions:  # a required flag the file gives is no longer required
+            if action.dest in values:
+                action.required = False
+    return parser.parse_args(argv)
+
+
+def read_config_file(path: str, config_type: type) -> dict[str, Any]:
+    """Flag values from a YAML, JSON or TOML file, converted as the flags' own parsers convert them."""
+    import yaml
+
+    try:
+        text = read_uri(path).decode()
+        values = tomllib.loads(text) if path.endswith(".toml") else json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ConfigError("--config", f"cannot read {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of flag names to values")
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    if unknown := sorted(set(values) - set(fields)):
+        raise ConfigError("--config", f"{path}: unknown keys {unknown}; keys are the flags' names, e.g. {sorted(fields)[:4]}")
+    return {name: _from_file(fields[name], value) for name, value in values.items()}
+
+
+def _from_file(field: dataclasses.Field, value: Any) -> Any:
+    parse = field.metadata.get("parse")
+    if parse and isinstance(value, str):
+        return _PARSERS[parse](value)
+    if isinstance(value, list):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def masked(config: Any) -> dict[str, Any]:
+    """Every field of a config, with storage-option values that look like credentials hidden:
+    what is printed at start and kept in summary.json."""
+    values = dataclasses.asdict(config)
+    options = values.get("storage_options") or {}
+    values["storage_options"] = {k: "***" if any(word in k.lower() for word in SECRET_WORDS) else v for k, v in options.items()}
+    return values
 
 
 def from_args(args: argparse.Namespace, config_type: type = ExtractConfig) -> ExtractConfig:

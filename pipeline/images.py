@@ -118,7 +118,11 @@ def input_geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[
 
 def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
     """Bytes -> normalized model input with its geometry."""
-    image = decode(data, policy.max_pixels)
+    return prepare_image(decode(data, policy.max_pixels), policy)
+
+
+def prepare_image(image: Image.Image, policy: ImagePolicy) -> Prepared:
+    """A decoded upright RGB image -> normalized model input with its geometry."""
     (out_h, out_w), (y0, x0, y1, x1) = input_geometry(image.height, image.width, policy)
     if policy.resize == "pad":
         resized = image

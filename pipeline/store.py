@@ -172,11 +172,32 @@ def _fixed_shapes(resolved: ResolvedConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def axes(path: str, stride: int) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Dimension names and attributes of the array at `path`, so that xarray, dask or plain zarr
+    show what each axis is. Size-bucket arrays (`dense/L{L}/{H}x{W}`) name their spatial axes after
+    the bucket: arrays of one group must agree on the sizes of shared names."""
+    kind, tap, *bucket = path.split("/")
+    attributes: dict[str, Any] = {
+        "kind": kind,
+        "layer": int(tap[1:]),
+        "tap": "attention keys" if tap.startswith("K") else "block output",
+        "rows": "plan row = image (manifest.parquet: row); rows of error images are 0",
+    }
+    if kind == "dense":
+        attributes["stride_px"] = stride  # a cell covers stride x stride pixels of the model input (manifest: region)
+        suffix = f"_{bucket[0]}" if bucket else ""
+        return ("image", "channel", f"y{suffix}", f"x{suffix}"), attributes
+    if kind == "registers":
+        return ("image", "register", "channel"), attributes
+    return ("image", "channel"), attributes
+
+
 def _create(group: zarr.Group, path: str, shape: tuple[int, ...], resolved: ResolvedConfig) -> zarr.Array:
     """Dense: one image per chunk, one work shard per Zarr shard. Vectors: one work shard per chunk.
     Creating an existing array opens it."""
     per_shard = (resolved.config.shard_size, *shape[1:])
     dense = path.startswith("dense/")
+    names, attributes = axes(path, resolved.stride)
     try:
         return group.create_array(
             path,
@@ -186,6 +207,8 @@ def _create(group: zarr.Group, path: str, shape: tuple[int, ...], resolved: Reso
             dtype=resolved.config.dtype,
             compressors=compressors(resolved.config.codec),
             fill_value=0,
+            dimension_names=names,
+            attributes=attributes,
         )
     except ContainsArrayError:  # another worker created this size bucket first
         return group[path]

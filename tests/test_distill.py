@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -14,7 +13,7 @@ import safetensors.torch
 import torch
 
 from bench.results import sample_photos
-from jobs.distill import main as distill_main
+from pipeline.commands.distill import main as distill_main
 from pipeline.config import ConfigError, ExtractConfig
 from pipeline.distill import DistillConfig, latest_checkpoint, read_sidecar, split_rows, train_worker, validate
 from pipeline.models import load_vit
@@ -23,7 +22,6 @@ from pipeline.store import FeatureStore
 from tests.conftest import cached_vit
 
 MODEL = "vit_tiny_patch16_224"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +157,7 @@ def test_two_ray_train_workers_complete_and_checkpoint_from_relative_paths(teach
     (tmp_path / "try").mkdir()
     (tmp_path / "try" / "feats.zarr").symlink_to(teacher_store)
     flags = ["--steps", "4", "--checkpoint-every", "2", "--num-workers", "2", "--batch-size", "2", "--holdout", "0.25"]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # jobs/ is not installed
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         assert distill_main(["--store", "try/feats.zarr", "--out", "try/student/", *flags]) == 0
         # The same places spelt absolutely are the same config: resumed (nothing left to do), not refused.

@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
-from jobs.distill import build_parser as build_distill_parser
-from jobs.extract import build_parser
+from pipeline import __version__
+from pipeline.commands import COMMANDS
+from pipeline.commands.distill import build_parser as build_distill_parser
+from pipeline.commands.extract import build_parser
 from pipeline.config import ExtractConfig
 from pipeline.distill import DistillConfig
 
@@ -50,13 +55,13 @@ def test_readme_lists_every_flag_with_its_config_default(section, config_type, _
 @pytest.mark.parametrize(("section", "config_type", "parser_of"), JOBS)
 def test_cli_flags_and_defaults_come_from_the_config(section, config_type, parser_of):
     parser = parser_of()
-    cli = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "local")}
+    cli = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "local", "config")}
     config = config_type()
     assert cli.keys() == {f.name for f in dataclasses.fields(config_type)}
     for name, default in cli.items():
         if not parser._option_string_actions["--" + name.replace("_", "-")].required:
             assert default == getattr(config, name), name
-    assert set(readme_flags(section)) == {"--" + name.replace("_", "-") for name in cli} | {"--local"}
+    assert set(readme_flags(section)) == {"--" + name.replace("_", "-") for name in cli} | {"--local", "--config"}
 
 
 def test_ci_runs_the_readme_test_command():
@@ -69,7 +74,7 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.parametrize("job", ["extract", "distill", "query", "visualize", "eval_retrieval"])
 def test_every_flag_of_every_job_says_what_it_does(job):
-    parser = importlib.import_module(f"jobs.{job}").build_parser()
+    parser = importlib.import_module(f"pipeline.commands.{job}").build_parser()
     silent = [action.option_strings[0] for action in parser._actions if action.option_strings and not action.help]
     assert not silent
 
@@ -83,3 +88,26 @@ def test_the_demo_uses_the_default_model_so_the_help_example_resumes_it():
     demo = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "jobs/extract.py" in line)
     assert "--model" not in demo and "--dataset data/samples --out out/samples.zarr" in demo
     assert "python jobs/extract.py --dataset data/samples --out out/samples.zarr " in build_parser().format_help()
+
+
+def test_the_installed_wheel_runs_its_commands_outside_the_checkout(tmp_path, sample_paths):
+    """`pip install` of the built wheel into a fresh environment gives working commands. The heavy
+    dependencies come from this environment (no index here); the package only from the wheel."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")], check=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("srt_pipeline-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "fresh")], check=True, timeout=300)
+    fresh_site = next((tmp_path / "fresh" / "lib").glob("python3*/site-packages"))
+    (fresh_site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, ray, ...: not the editable checkout
+    bin_dir = tmp_path / "fresh" / "bin"
+    subprocess.run([bin_dir / "python", "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, timeout=300)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    where = subprocess.run([bin_dir / "python", "-c", "import pipeline; print(pipeline.__file__)"], cwd=outside, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(fresh_site))
+    assert all((bin_dir / script).exists() for script in ("srt", *COMMANDS))
+    version = subprocess.run([bin_dir / "srt", "--version"], cwd=outside, capture_output=True, text=True)
+    assert version.stdout.strip() == f"srt-pipeline {__version__}"
+    argv = ["--dataset", str(sample_paths[0].parent), "--out", "feats.zarr", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--radius", "1", "--local"]
+    done = subprocess.run([bin_dir / "srt-extract", *argv], cwd=outside, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"features    {outside / 'feats.zarr'}" in done.stdout and "4 ok" in done.stdout

@@ -20,18 +20,18 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from jobs.extract import main as extract_main
+from pipeline.commands.extract import main as extract_main
 from pipeline.config import ConfigError, ExtractConfig, resolve
 from pipeline.images import ImagePolicy, prepare
-from pipeline.runner import plan_job, run_local
-from pipeline.sources import shard_rows
-from pipeline.worker import ShardWorker
 from pipeline.reference import srt_naive
+from pipeline.runner import plan_job, run_local
+from pipeline.sources import read_bytes, shard_rows
 from pipeline.srt import SRT, grid_shifts
 from pipeline.store import FeatureStore, StoreMismatchError
+from pipeline.worker import ShardWorker
 from tests.conftest import cached_vit
-from pipeline.sources import read_bytes
 from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, encode, gradient, write_files
 
 MODEL = "vit_tiny_patch16_224"
@@ -627,3 +627,26 @@ def test_offline_pretrained_weights_fail_at_planning_in_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(errors) == 1 and f"--pretrained: weights for {MODEL} could not be downloaded" in errors[0] and "pass --weights URI" in errors[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json", ".toml"])
+def test_a_config_file_gives_the_flags_and_flags_override_it(tmp_path, sample_paths, suffix, caplog):
+    values = {"dataset": str(sample_paths[0].parent), "out": str(tmp_path / "out.zarr"), "model": MODEL, "image_size": 64, "radius": 1,
+              "layers": [5, 11], "shard_size": 2, "storage_options": {"anon": False, "secret": "hunter2"}}  # fmt: skip
+    text = {".yaml": yaml.safe_dump(values), ".json": json.dumps(values), ".toml": "\n".join(
+        f"{k} = {json.dumps(v)}" for k, v in values.items() if k != "storage_options") + '\n[storage_options]\nanon = false\nsecret = "hunter2"\n'}[suffix]  # fmt: skip
+    (tmp_path / f"run{suffix}").write_text(text)
+    with caplog.at_level("INFO", logger="srt"):
+        assert extract_main(["--config", str(tmp_path / f"run{suffix}"), "--image-size", "32", "--local"]) == 0
+    store = FeatureStore.open(str(tmp_path / "out.zarr"))
+    assert (store.config["image_size"], store.layers) == (32, [5, 11])  # the flag won, the file gave the rest
+    summary = json.loads((tmp_path / "out.zarr" / "summary.json").read_text())
+    assert summary["flags"]["storage_options"] == {"anon": False, "secret": "***"} and summary["flags"]["radius"] == 1
+    assert "hunter2" not in caplog.text and '"secret": "***"' in caplog.text
+
+
+def test_a_config_file_with_an_unknown_key_is_refused_naming_it(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("dataset: x\nout: y\nbatchsize: 64\n")
+    with pytest.raises(SystemExit) as exited:
+        extract_main(["--config", str(tmp_path / "run.yaml"), "--local"])
+    assert exited.value.code == 2 and "error: --config: " in (err := capsys.readouterr().err) and "unknown keys ['batchsize']" in err

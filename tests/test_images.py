@@ -11,7 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import ImageError, ImagePolicy, cell_to_pixel, decode, from_original, input_geometry, prepare, to_original
+from pipeline.images import (
+    ImageError,
+    ImagePolicy,
+    cell_to_pixel,
+    decode,
+    from_original,
+    input_geometry,
+    prepare,
+    to_original,
+)
 from tests.images_factory import BOMB_LIMIT, bad_input_files, encode, gradient
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from jobs.visualize import TILE
-from jobs.visualize import main as visualize_main
+from pipeline.commands.visualize import TILE
+from pipeline.commands.visualize import main as visualize_main
 from pipeline.pictures import pca_rgb
 from pipeline.runner import run_local
 from pipeline.store import FeatureStore

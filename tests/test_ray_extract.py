@@ -19,7 +19,13 @@ from pipeline.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_ray
 from pipeline.runner import run_local
 from pipeline.store import FeatureStore
 from tests.images_factory import encode, gradient, write_files
-from tests.test_extract_local import assert_every_input_accounted_for, assert_store_matches_engine, config, put_damaged_dataset, write_damaged_dataset
+from tests.test_extract_local import (
+    assert_every_input_accounted_for,
+    assert_store_matches_engine,
+    config,
+    put_damaged_dataset,
+    write_damaged_dataset,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,7 +178,7 @@ def test_ray_job_reads_and_writes_s3(tmp_path, photos, s3_server):
     ],
 )
 def test_bad_flags_fail_before_any_actor_starts(tmp_path, photos, capsys, argv, message):
-    from jobs.extract import main
+    from pipeline.commands.extract import main
 
     with pytest.raises(SystemExit) as exited:
         main(["--dataset", str(photos), "--out", str(tmp_path / "never.zarr"), *argv])

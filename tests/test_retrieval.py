@@ -8,11 +8,19 @@ import shutil
 import numpy as np
 import pytest
 
-from jobs.eval_retrieval import evaluate_stores
-from jobs.query import query
+from pipeline.commands.eval_retrieval import evaluate_stores
+from pipeline.commands.query import query
 from pipeline.config import ExtractConfig
 from pipeline.ranking import Query, average_precision, evaluate, rank_database, ranks_without_junk
-from pipeline.retrieval import DescriptorSpec, build_index, exact_rankings, factory_string, load_index, save_index, vectors_of
+from pipeline.retrieval import (
+    DescriptorSpec,
+    build_index,
+    exact_rankings,
+    factory_string,
+    load_index,
+    save_index,
+    vectors_of,
+)
 from pipeline.runner import run_local
 from pipeline.store import FeatureStore
 from tests.retrieval_set import write_ground_truth, write_retrieval_set
@@ -225,7 +233,7 @@ def test_images_are_named_by_id_uri_or_file_name(retrieval_set, tmp_path, capsys
         store.find("nope.jpg")
     save_index(build_index(store, DescriptorSpec("pooled")), str(tmp_path / "index"))
     assert query(str(tmp_path / "index"), image_ids=["coffee_flip.jpg"], k=1)[0]["image_id"] == record["image_id"]
-    from jobs.visualize import main as visualize_main
+    from pipeline.commands.visualize import main as visualize_main
 
     with pytest.raises(SystemExit):
         visualize_main(["--store", retrieval_set["store"], "--image-id", "nope.jpg", "--out", str(tmp_path / "x.png")])

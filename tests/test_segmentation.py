@@ -14,15 +14,14 @@ from PIL import Image
 
 import pipeline.propagation as propagation
 from bench.synthetic_segmentation import make_video, write_davis, write_saliency
-from jobs.propagate import main as propagate_main
-from jobs.saliency import main as saliency_main
+from pipeline.commands.propagate import main as propagate_main
+from pipeline.commands.saliency import main as saliency_main
 from pipeline.config import ExtractConfig
 from pipeline.davis import PALETTE, DavisLayout, frame_key, read_labels, write_labels
 from pipeline.images import from_original, to_original
 from pipeline.propagation import PropagationSettings, one_hot, propagate_video, to_labels
 from pipeline.runner import run_local
-from pipeline.saliency import segment_store
-from pipeline.saliency import MaskFolder, scores
+from pipeline.saliency import MaskFolder, scores, segment_store
 from pipeline.segmentation_metrics import (
     boundary_measure,
     boundary_tolerance,

@@ -1,0 +1,54 @@
+"""The command-line jobs, installed as console scripts (pyproject.toml); jobs/*.py run the same
+code from a checkout and under `ray job submit`.
+
+    srt --version          the package version and its commands
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib.metadata import PackageNotFoundError, version
+
+from pipeline import __version__
+
+COMMANDS = {
+    "srt-extract": "extract SRT features of an image dataset into a Zarr store (jobs/extract.py)",
+    "srt-index": "build or extend a FAISS retrieval index from a store (jobs/build_index.py)",
+    "srt-query": "query an index by stored image or new image files (jobs/query.py)",
+    "srt-eval-retrieval": "mAP and recall of stores on a retrieval ground truth (jobs/eval_retrieval.py)",
+    "srt-visualize": "picture plain and SRT feature maps (jobs/visualize.py)",
+    "srt-propagate": "DAVIS label propagation from a store, or scoring a results folder (jobs/propagate.py)",
+    "srt-saliency": "TokenCut salient regions from a store, with maxF and IoU (jobs/saliency.py)",
+    "srt-distill": "self-distil a student toward a store's SRT features (jobs/distill.py)",
+}
+
+
+def add_store_flags(parser: argparse.ArgumentParser, *, layer: bool = True, weights_for: str | None = None) -> None:
+    """The flags of commands that read a store: its --layer, the weights it was extracted with
+    (when the command runs its model, `weights_for` saying why), and --storage-options."""
+    if layer:
+        parser.add_argument("--layer", type=int, default=None, help="stored layer (default: the store's only layer)")
+    if weights_for:
+        parser.add_argument("--pretrained", action="store_true", help=f"the store was extracted with timm's pretrained weights: load them {weights_for}")
+        parser.add_argument("--weights", default=None, help=f"the store's checkpoint URI, {weights_for}")
+    parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec storage options")
+
+
+def installed_version() -> str:
+    try:
+        return version("srt-pipeline")
+    except PackageNotFoundError:  # a checkout run without installing
+        return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="srt",
+        description="SRT feature pipeline. Commands:\n" + "\n".join(f"  {name:<20} {what}" for name, what in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"srt-pipeline {installed_version()}")
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0

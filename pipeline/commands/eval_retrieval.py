@@ -1,0 +1,69 @@
+"""Evaluate retrieval (mAP, recall@k) of one or more stores and descriptors, side by side.
+
+    python jobs/eval_retrieval.py --gt gnd_roxford5k.pkl --store plain.zarr --store srt.zarr
+    python jobs/eval_retrieval.py --gt groups.csv --store srt.zarr --descriptor cls --descriptor pooled
+
+Ground truth: the revisited Oxford/Paris pickle (easy/medium/hard protocols) or a CSV with
+columns query, positives (space-separated image names) and optional junk. Rankings are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.commands import add_store_flags
+from pipeline.ranking import check_names, evaluate, load_ground_truth
+from pipeline.retrieval import DESCRIPTORS, DescriptorSpec, exact_rankings
+from pipeline.store import FeatureStore
+
+
+def evaluate_stores(gt: str, stores: list[str], descriptors: list[str], *, layer=None, gem_p=3.0, storage_options=None) -> dict[str, dict]:
+    """{"store descriptor": {protocol: metrics}} for every store and descriptor."""
+    queries = load_ground_truth(gt, storage_options)
+    results = {}
+    for uri in stores:
+        store = FeatureStore.open(uri, storage_options)
+        for kind in descriptors:
+            rankings = exact_rankings(store, DescriptorSpec(kind, layer, gem_p), [q.image for q in queries])
+            check_names(queries, set(next(iter(rankings.values()))), uri)
+            results[f"{uri} {kind}"] = evaluate(rankings, queries)
+    return results
+
+
+def render(results: dict[str, dict]) -> str:
+    columns = list(results)
+    protocols = list(next(iter(results.values())))
+    metrics = [m for m in next(iter(next(iter(results.values())).values())) if m != "queries"]
+    lines = ["| protocol | metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for protocol in protocols:
+        for metric in metrics:
+            lines.append(f"| {protocol} | {metric} | " + " | ".join(f"{100 * results[c][protocol][metric]:.2f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gt", required=True, help="ground truth: revisited .pkl or .csv")
+    parser.add_argument("--store", action="append", required=True, help="feature store URI (repeat to compare)")
+    parser.add_argument("--descriptor", action="append", choices=DESCRIPTORS, help="descriptor (repeat to compare; default pooled)")
+    parser.add_argument("--gem-p", type=float, default=3.0, help="GeM exponent of --descriptor gem (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+    add_store_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        results = evaluate_stores(args.gt, args.store, args.descriptor or ["pooled"], layer=args.layer, gem_p=args.gem_p, storage_options=args.storage_options)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        parser.error(str(error))
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

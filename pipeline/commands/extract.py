@@ -1,0 +1,60 @@
+r"""Extract SRT features of an image dataset into a Zarr store with a Parquet manifest.
+
+    python jobs/extract.py --dataset data/samples --out out/samples.zarr      # local Ray instance
+    ray job submit --working-dir . -- python jobs/extract.py --dataset s3://bucket/images \
+        --out s3://bucket/feats.zarr --pretrained                                # a Ray cluster
+    python jobs/extract.py ... --local                                           # no Ray at all
+
+A rerun against the same --out resumes: only shards without a manifest part are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import (
+    CONFIG_FILE_HELP,
+    ConfigError,
+    ExtractConfig,
+    add_arguments,
+    from_args,
+    parse_with_config_file,
+)
+from pipeline.distributed import run_ray
+from pipeline.runner import interrupted_note, run_local
+from pipeline.sources import SourceError
+from pipeline.store import StoreMismatchError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--config", help=CONFIG_FILE_HELP)
+    parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        args = parse_with_config_file(parser, argv, ExtractConfig)
+    except ConfigError as error:
+        parser.error(str(error))
+    try:
+        config = from_args(args)
+        summary = run_local(config) if args.local else run_ray(config)
+    except (ConfigError, SourceError, StoreMismatchError) as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted_note(config)}", file=sys.stderr)
+        return 130
+    print(summary.render())
+    print(f"features    {config.out}")
+    return 1 if summary.failed_shards else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

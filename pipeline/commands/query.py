@@ -1,0 +1,77 @@
+"""Query a retrieval index by image_id of its store, or with new image files.
+
+    python jobs/query.py --index out/samples.index --image-id 54d59ef0582be3cd --k 5
+    python jobs/query.py --index out/samples.index --image photo.jpg --json
+
+New images go through the store's own model, layers, shifts and image policy; give the weights
+the store was made with (--pretrained or --weights; random-init stores reuse their seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import fsspec
+import numpy as np
+
+from pipeline.commands import add_store_flags
+from pipeline.models import load_store_model
+from pipeline.retrieval import DescriptorSpec, describe_images, load_index, vectors_of
+from pipeline.store import FeatureStore
+
+
+def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, weights=None, storage_options=None) -> list[dict]:
+    """Top-k matches of each query: [{"query", "rank", "image_id", "score", "uri"}]."""
+    options = storage_options or {}
+    built = load_index(index_uri, options)
+    store = FeatureStore.open(built.sidecar["store"], options)
+    built.check_store(store)
+    spec = DescriptorSpec(**built.sidecar["descriptor"])
+    names = list(image_ids)
+    image_ids = [store.find(name) for name in image_ids]
+    vectors = [vectors_of(store, image_ids, spec)] if image_ids else []
+    if images:
+        vit = load_store_model(store.config["model"], store.config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
+        blobs = []
+        for uri in images:
+            with fsspec.open(uri, "rb", **options) as handle:
+                blobs.append(handle.read())
+        vectors.append(describe_images(store, vit, blobs, spec))
+        names += list(images)
+    scores, found = built.search(np.concatenate(vectors), k)
+    return [
+        {"query": name, "rank": rank, "image_id": image_id, "score": float(score), "uri": uri}
+        for name, row_scores, row_ids in zip(names, scores, found)
+        for rank, (image_id, score, uri) in enumerate(zip(row_ids, row_scores, built.uris(row_ids)))
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True, help="index folder URI (jobs/build_index.py)")
+    parser.add_argument("--image-id", action="append", default=[], help="query by an image of the store: its image_id, file name or URI (repeatable)")
+    parser.add_argument("--image", action="append", default=[], help="query with a new image file or URI (repeatable)")
+    parser.add_argument("--k", type=int, default=10, help="matches per query (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    add_store_flags(parser, layer=False, weights_for="for new query images")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.image_id and not args.image:
+        parser.error("give --image-id or --image")
+    try:
+        rows = query(args.index, image_ids=args.image_id, images=args.image, k=args.k, pretrained=args.pretrained, weights=args.weights, storage_options=args.storage_options)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        parser.error(str(error))
+    for row in rows:
+        print(json.dumps(row) if args.json else f"{row['query'][:40]:40}  {row['rank']:3}  {row['score']:.4f}  {row['image_id']}  {row['uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
