@@ -32,6 +32,7 @@ from schemas import STORE_FORMAT_VERSION
 
 RESIZE_POLICIES = ("square", "aspect", "aspect-floor64", "pad")
 RESAMPLERS = ("bicubic", "cv2-bilinear")
+OUTPUTS = ("dense", "cls", "pooled", "registers")  # the store's array kinds
 TOKEN_STRIDE = "patch"  # a preset's stride: the model's patch size
 DEPTH_HEAD_BLOCKS = "depth-head-blocks"  # a preset's layers: the four blocks DINOv2's linear4 / DPT depth heads read
 DINOV2_DEPTH_HEAD_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}  # by model depth (dinov2/hub/depthers.py)
@@ -131,6 +132,7 @@ class ExtractConfig(Flags):
     mean: tuple[float, ...] | None = field(default=None, metadata=option("normalization mean, R,G,B (default: the model's)", parse="floats"))
     std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
     preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
+    outputs: tuple[str, ...] = field(default=OUTPUTS, metadata=option("what to store, comma-separated: dense (the maps: nearly all the bytes), cls, pooled, registers (where the model has them); cls,pooled suits retrieval", parse="words"))
     dtype: str = field(default="float16", metadata=option("stored feature dtype", choices=STORE_DTYPES))
     codec: str = field(default="blosc", metadata=option("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
     precision: str = field(default="fp32", metadata=option("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
@@ -193,6 +195,7 @@ class ResolvedConfig:
             "resize": c.resize,
             "resample": c.resample,
             "preset": c.preset,
+            "outputs": list(c.outputs),
             "dtype": c.dtype,
             "codec": c.codec,
             "precision": c.precision,
@@ -313,6 +316,9 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
             raise ConfigError(f[name], f"must be one of {allowed}, got {getattr(config, name)!r}")
     if config.resize == "pad" and config.boundary != "zeros":
         raise ConfigError(f["resize"], "pad fills the padding with zeros, so shifted views must be filled with zeros too: add --boundary zeros")
+    if not config.outputs or any(o not in OUTPUTS for o in config.outputs):
+        raise ConfigError(f["outputs"], f"give some of {', '.join(OUTPUTS)}, got {','.join(config.outputs) or 'nothing'}")
+    config = dataclasses.replace(config, outputs=tuple(o for o in OUTPUTS if o in config.outputs))  # one order: one fingerprint
     if config.resample == "cv2-bilinear" and config.resize == "square":
         raise ConfigError(f["resample"], "cv2-bilinear resizes whole images: use it with --resize aspect or aspect-floor64")
     for name in ("mean", "std"):

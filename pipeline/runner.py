@@ -24,7 +24,7 @@ from zarr.errors import ZarrUserWarning
 
 from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, masked, resolve
 from pipeline.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
-from pipeline.models import fetch_pretrained
+from pipeline.models import ViT, fetch_pretrained
 from pipeline.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
 from pipeline.store import (
     check_existing,
@@ -216,13 +216,14 @@ def progress(job: Job) -> tqdm:
     return tqdm(total=job.images_in(job.pending), unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0)
 
 
-def run_local(config: ExtractConfig, *, device: str | None = None) -> RunSummary:
-    """Extract in this process: reads and decodes of the next shard overlap the model on this one."""
+def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | None = None) -> RunSummary:
+    """Extract in this process: reads and decodes of the next shard overlap the model on this one.
+    `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in)."""
     started = time.perf_counter()
     job = plan_job(config)
     summary = RunSummary(shards_skipped=job.shards - len(job.pending))
     if job.pending:
-        worker = ShardWorker(job.resolved, device=device)
+        worker = ShardWorker(job.resolved, vit=vit, device=device)
         summary.startup_seconds = time.perf_counter() - started
         loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
         with progress(job) as bar:

@@ -38,14 +38,14 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from pipeline.config import ConfigError, ResolvedConfig, differences
+from pipeline.config import OUTPUTS, ConfigError, ResolvedConfig, differences
 from pipeline.manifest import read_manifest
 from pipeline.models import Tap
 from pipeline.sources import normalize_uri
 from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
 
 ATTRIBUTE = "srt"
-KINDS = ("dense", "cls", "registers", "pooled")
+VECTOR_KINDS = tuple(kind for kind in OUTPUTS if kind != "dense")
 
 
 class StoreMismatchError(ValueError):
@@ -154,7 +154,8 @@ def create_store(resolved: ResolvedConfig, plan_size: int) -> zarr.Group:
     group.attrs.update({ATTRIBUTE: resolved.provenance(), "plan_size": plan_size})
     for tap in resolved.taps:
         for kind, shape in _fixed_shapes(resolved).items():
-            _create(group, f"{kind}/{tap.name}", (plan_size, *shape), resolved)
+            if kind in resolved.config.outputs:
+                _create(group, f"{kind}/{tap.name}", (plan_size, *shape), resolved)
     return group
 
 
@@ -321,15 +322,23 @@ class FeatureStore:
     def tap(self, layer: int | None = None, keys: bool = False) -> Tap:
         return Tap("keys" if keys else "block", self.layer_index(layer, keys))
 
+    def stored(self, kind: str) -> None:
+        """Raise naming the flag when the store was extracted without `kind` (--outputs)."""
+        outputs = self.config.get("outputs", list(OUTPUTS))
+        if kind not in outputs:
+            raise KeyError(f"{self.uri} stores no {kind} arrays: it was extracted with --outputs {','.join(outputs)} (extract again with {kind} in --outputs)")
+
     def dense(self, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
         """[C, H/s, W/s] SRT map of one image: a block's output, or with `keys` its attention keys."""
+        self.stored("dense")
         record = self._ok_record(image_id)
         return self.group[dense_path(self.tap(layer, keys), record["bucket"])][record["row"]]
 
     def vector(self, kind: str, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
         """`kind` in cls, registers, pooled: the per-image vectors of one image."""
-        if kind not in KINDS[1:]:
-            raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
+        if kind not in VECTOR_KINDS:
+            raise ValueError(f"kind must be one of {VECTOR_KINDS}, got {kind!r}")
+        self.stored(kind)
         path = f"{kind}/{self.tap(layer, keys).name}"
         if path not in self.group:
             raise KeyError(f"{self.uri} has no {kind} array (the model has none)")
@@ -354,6 +363,7 @@ class FeatureStore:
         `kind` is cls, registers, pooled (plan order) or dense (plan order within each size
         bucket). Only the chunks of the requested rows are read.
         """
+        self.stored(kind)
         tap = self.tap(layer, keys)
         ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
         ids, rows = ok.column("image_id").to_pylist(), ok.column("row").to_numpy()

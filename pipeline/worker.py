@@ -200,6 +200,7 @@ class ShardWorker:
             per_image[f"cls/{name}"] = prefix[:, 0]
         if facts.num_registers:
             per_image[f"registers/{name}"] = prefix[:, -facts.num_registers :]
+        per_image = {path: values for path, values in per_image.items() if path.split("/", 1)[0] in self.resolved.config.outputs}
         for path, values in per_image.items():
             block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=np.float32))
             block[members] = values.numpy()

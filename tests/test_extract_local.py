@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
+import zarr
 
 from pipeline.commands.extract import main as extract_main
 from pipeline.config import ConfigError, ExtractConfig, resolve
@@ -650,3 +651,22 @@ def test_a_config_file_with_an_unknown_key_is_refused_naming_it(tmp_path, capsys
     with pytest.raises(SystemExit) as exited:
         extract_main(["--config", str(tmp_path / "run.yaml"), "--local"])
     assert exited.value.code == 2 and "error: --config: " in (err := capsys.readouterr().err) and "unknown keys ['batchsize']" in err
+
+
+def test_outputs_store_only_what_is_asked_for(tmp_path, sample_paths, capsys):
+    full, vectors = str(tmp_path / "full.zarr"), str(tmp_path / "vectors.zarr")
+    everything = run_local(config(str(sample_paths[0].parent), full))
+    some = run_local(config(str(sample_paths[0].parent), vectors, outputs=("pooled", "cls")))
+    group = zarr.open_group(vectors, mode="r")
+    assert sorted(group.group_keys()) == ["cls", "pooled"]
+    store, reference = FeatureStore.open(vectors), FeatureStore.open(full)
+    image_id = store.manifest.column("image_id")[0].as_py()
+    np.testing.assert_array_equal(store.vector("pooled", image_id), reference.vector("pooled", image_id))
+    with pytest.raises(KeyError, match=r"stores no dense arrays: it was extracted with --outputs cls,pooled"):
+        store.dense(image_id)
+    assert some.bytes_written == 2 * 2 * 192 * len(sample_paths) < everything.bytes_written / 5  # cls + pooled, fp16
+    with pytest.raises(StoreMismatchError, match=r"outputs: stored \['cls', 'pooled'\], requested \['dense', 'cls', 'pooled', 'registers'\]"):
+        run_local(config(str(sample_paths[0].parent), vectors))
+    with pytest.raises(SystemExit):
+        extract_main([*small_argv(str(sample_paths[0].parent), str(tmp_path / "x.zarr")), "--outputs", "pooled,logits", "--local"])
+    assert "error: --outputs: give some of dense, cls, pooled, registers, got pooled,logits" in capsys.readouterr().err
