@@ -151,6 +151,7 @@ class ActorPoolScheduler:
         # one until its ready() answers, since units sent meanwhile fail at once ("restarting").
         self.unavailable: dict[str, float] = {}
         self.pings: dict[Any, str] = {}  # ready() ref -> actor name
+        self.next_warning: dict[str, float] = {}  # actor name -> when to say again that it is not back
         self.counter = counter  # a ProgressCounter the actors report image groups to
         self.shown: collections.Counter[int] = collections.Counter()  # images of uncommitted shards already on the bar
         self.next_progress = 0.0
@@ -202,8 +203,13 @@ class ActorPoolScheduler:
         name = self.pings.pop(ref)
         try:
             ray.get(ref)
-        except RayError:  # still restarting: ask again a little later
-            self.unavailable[name] = time.monotonic() + BACKOFF_SECONDS
+        except RayError as error:  # still restarting: ask again a little later, and say so now and then
+            now = time.monotonic()
+            self.unavailable[name] = now + BACKOFF_SECONDS
+            if now >= self.next_warning.get(name, 0.0):
+                self.next_warning[name] = now + START_REPORT_SECONDS
+                others = "its units go to the other actors" if self._available() else "no actor can take units until one is back"
+                log.warning("actor %s is not back yet (%s); %s", name, str(error).splitlines()[0][:200], others)
             return
         log.info("actor %s is back", name)
         del self.unavailable[name]
