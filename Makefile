@@ -21,6 +21,7 @@ test: $(STAMP)  ## the whole test suite (CI runs exactly this)
 bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.md
 	$(PYTHON) -m bench.bench_srt
 	$(PYTHON) -m bench.bench_store
+	$(PYTHON) -m bench.bench_dataplane
 	$(PYTHON) -m bench.bench_ray
 	$(PYTHON) -m bench.bench_retrieval
 	$(PYTHON) -m bench.quality
