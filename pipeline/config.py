@@ -170,6 +170,12 @@ class ResolvedConfig:
         """Everything stored per image: block outputs, then attention keys."""
         return tuple(Tap("block", layer) for layer in self.layers) + tuple(Tap("keys", layer) for layer in self.keys)
 
+    def flags(self) -> dict[str, Any]:
+        """Every flag as this run uses it (defaults resolved: blocks, shifts, stride, normalization),
+        credential-like storage options masked: logged at start and kept in summary.json."""
+        used = {"layers": list(self.layers), "keys": list(self.keys), "shifts": [list(s) for s in self.shifts], "stride": self.stride}
+        return {**masked(self.config), **used, "mean": list(self.mean), "std": list(self.std)}
+
     def provenance(self) -> dict[str, Any]:
         """What is stored in the group attributes: the fingerprint plus the package version."""
         return {**self.fingerprint(), "package_version": __version__}

@@ -22,7 +22,7 @@ import zarr
 from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
-from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, masked, resolve
+from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
 from pipeline.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
 from pipeline.models import ViT, fetch_pretrained
 from pipeline.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
@@ -62,7 +62,7 @@ def plan_job(config: ExtractConfig, resolved: ResolvedConfig | None = None) -> J
     `resolved`: the config already resolved by the caller (resolving hashes a weights file)."""
     resolved = resolved or resolve(config)
     config = resolved.config  # local paths absolute, preset applied
-    log.info("config %s", json.dumps(masked(config), default=str))
+    log.info("config %s", json.dumps(resolved.flags(), default=str))
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     options = config.storage_options
@@ -208,7 +208,7 @@ def finish(job: Job, summary: RunSummary) -> None:
         warnings.simplefilter("ignore", ZarrUserWarning)
         zarr.consolidate_metadata(open_group(out, "r+", options, use_consolidated=False).store)
     if summary.shards_done or not job.resumed:
-        run = json.dumps({"config": job.resolved.provenance(), "flags": masked(config), "run": summary.as_dict()}, indent=2, default=str)
+        run = json.dumps({"config": job.resolved.provenance(), "flags": job.resolved.flags(), "run": summary.as_dict()}, indent=2, default=str)
         put_atomically(f"{out}/summary.json", run.encode(), options)
 
 

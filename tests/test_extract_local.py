@@ -643,6 +643,7 @@ def test_a_config_file_gives_the_flags_and_flags_override_it(tmp_path, sample_pa
     assert (store.config["image_size"], store.layers) == (32, [5, 11])  # the flag won, the file gave the rest
     summary = json.loads((tmp_path / "out.zarr" / "summary.json").read_text())
     assert summary["flags"]["storage_options"] == {"anon": False, "secret": "***"} and summary["flags"]["radius"] == 1
+    assert (summary["flags"]["stride"], len(summary["flags"]["shifts"])) == (8, 9)  # as used: the default stride, the grid listed
     assert "hunter2" not in caplog.text and '"secret": "***"' in caplog.text
 
 
