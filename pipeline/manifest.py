@@ -117,7 +117,7 @@ def compact(out: str, storage_options: dict[str, Any] | None = None) -> bool:
     found everything done rewrites nothing). Returns whether it wrote."""
     fs, path = _manifest_fs(out, storage_options)
     files = _part_files(fs, path)
-    if _compacted(out, storage_options, _shards_of(files)) is not None:
+    if _compacted(out, storage_options, _shards_of(files), columns=["shard"]) is not None:
         return False
     put_atomically(compacted_uri(out), parquet_bytes(read_manifest(out, storage_options)), storage_options)
     return True
@@ -133,12 +133,13 @@ def _shards_of(files: list[str]) -> set[int]:
     return {int(PART_PATTERN.search(p).group(1)) for p in files}
 
 
-def _compacted(out: str, storage_options: dict[str, Any] | None, shards: set[int]) -> pa.Table | None:
-    """The compacted table if it is there, readable, and holds exactly the committed shards."""
+def _compacted(out: str, storage_options: dict[str, Any] | None, shards: set[int], columns: list[str] | None = None) -> pa.Table | None:
+    """The compacted table (its `columns`, default all) if it is there, readable, and holds exactly
+    the committed shards."""
     fs, path = fsspec.core.url_to_fs(compacted_uri(out), **(storage_options or {}))
     try:
         with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, schema=MANIFEST_SCHEMA)
+            table = pq.read_table(handle, schema=MANIFEST_SCHEMA, columns=columns)
     except (OSError, pa.ArrowException) as error:
         if not isinstance(error, FileNotFoundError):
             log.warning("ignoring unreadable %s (%s); reading the manifest parts", compacted_uri(out), error)
