@@ -70,6 +70,8 @@ class TarMemberError(OSError):
     """A tar member's planned bytes are not there any more (truncated or rewritten container)."""
 
 
+RANGE_MERGE_GAP = 64 << 10  # ranges of one object closer than this are fetched together
+RANGE_MERGE_BLOCK = 256 << 20  # but no single request larger than this
 DEFAULT_READ_RETRIES = 5
 READ_BACKOFF_SECONDS = 0.5  # then 1, 2, 4, 8: about 15 s of outage ridden out by default
 READ_DEADLINE_SECONDS = 120.0  # per call (one shard): retries stop once they would pass it
@@ -409,8 +411,26 @@ def _fetch(fs: fsspec.AbstractFileSystem, paths: list[str], rows: list[dict[str,
     if isinstance(fs, LocalFileSystem):  # never open a special file: a FIFO would block the worker
         blobs = [_read_local(path, start, end) for path, start, end in zip(paths, starts, ends)]
     else:
-        blobs = fs.cat_ranges(paths, starts, ends, on_error="return")
+        blobs = _cat_merged(fs, paths, starts, ends)
     return [blob if isinstance(blob, Exception) or row["offset"] is None else _tar_member_data(blob, row) for blob, row in zip(blobs, rows)]
+
+
+def _cat_merged(fs: fsspec.AbstractFileSystem, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[bytes | Exception]:
+    """`cat_ranges` with neighbouring ranges of one object fetched as one request: a shard's tar
+    members lie back to back, so a shard costs a request per container, not per member."""
+    ranged = [i for i, start in enumerate(starts) if start is not None]
+    whole = [i for i, start in enumerate(starts) if start is None]
+    results: list[bytes | Exception | None] = [None] * len(paths)
+    if whole:
+        for i, blob in zip(whole, fs.cat_ranges([paths[i] for i in whole], None, None, on_error="return")):
+            results[i] = blob
+    if ranged:
+        merged = fsspec.utils.merge_offset_ranges([paths[i] for i in ranged], [starts[i] for i in ranged], [ends[i] for i in ranged], max_gap=RANGE_MERGE_GAP, max_block=RANGE_MERGE_BLOCK)
+        blocks = fs.cat_ranges(*merged, on_error="return")
+        for i in ranged:
+            block, (start, end) = next((b, (s, e)) for b, p, s, e in zip(blocks, *merged) if p == paths[i] and s <= starts[i] and ends[i] <= e)
+            results[i] = block if isinstance(block, Exception) else block[starts[i] - start : ends[i] - start]
+    return results
 
 
 def _read_local(path: str, start: int | None, end: int | None) -> bytes | Exception:
