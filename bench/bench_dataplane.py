@@ -11,13 +11,10 @@ up. The stand-in keeps the real model's output shapes (ViT-S/16: 384 channels) a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.results import table, write_section
+from bench.results import loopback_s3, table, write_section
 from pipeline.config import ExtractConfig
 from pipeline.images import ImagePolicy, prepare
 from pipeline.models import TokenMap, ViT, load_vit
@@ -77,25 +74,6 @@ def job_rate(dataset: str, out: str, size: int, shard_size: int, vit: ViT, stora
     return summary.images / (summary.seconds - summary.startup_seconds)
 
 
-@contextlib.contextmanager
-def s3_server() -> Iterator[dict]:
-    """moto's S3 server on loopback with a bucket; yields s3fs storage options."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1").create_bucket(Bucket="bench")
-    try:
-        yield {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    finally:
-        server.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=384)
@@ -105,7 +83,7 @@ def main() -> None:
     blobs = imagenet_like(args.images)
     vit = stand_in(load_vit(MODEL, device="cpu"))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, s3_server() as s3:
+    with tempfile.TemporaryDirectory() as tmp, loopback_s3("bench") as s3:
         root = Path(tmp)
         (root / "images").mkdir()
         with tarfile.open(root / "shard-000.tar", "w") as archive:

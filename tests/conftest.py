@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.results import loopback_s3
 from pipeline.models import ViT, load_vit
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -48,23 +49,6 @@ def sample_paths() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto's server mode) on loopback; yields s3fs storage options."""
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-    boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket="bucket")
-    yield {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    server.stop()
+    """A real S3-compatible server (moto's server mode) on loopback, bucket "bucket"; yields s3fs storage options."""
+    with loopback_s3("bucket") as options:
+        yield options
