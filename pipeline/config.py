@@ -248,7 +248,7 @@ def with_absolute_uris(config: Any) -> Any:
             continue
         if kind == "output" and "://" not in value and not os.path.isabs(value) and job_working_copy():
             raise ConfigError(flag_of(f.name), f"{value} is relative, and this job runs in Ray's temporary copy of its --working-dir ({os.getcwd()}), which is deleted after the job: give an absolute path or a URI")
-        changes[f.name] = normalize_uri(value)
+        changes[f.name] = tuple(map(normalize_uri, value)) if isinstance(value, tuple) else normalize_uri(value)
     return dataclasses.replace(config, **changes)
 
 
@@ -397,7 +397,7 @@ def _parse_floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _parse_words(text: str) -> tuple[str, ...]:
+def parse_words(text: str) -> tuple[str, ...]:
     return tuple(word.strip() for word in text.split(",") if word.strip())
 
 
@@ -421,7 +421,7 @@ def _parse_json(text: str) -> dict[str, Any]:
     return value
 
 
-_PARSERS = {"ints": _parse_ints, "floats": _parse_floats, "shifts": _parse_shifts, "json": _parse_json, "words": _parse_words}
+_PARSERS = {"ints": _parse_ints, "floats": _parse_floats, "shifts": _parse_shifts, "json": _parse_json, "words": parse_words}
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractConfig) -> None:

@@ -19,11 +19,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +38,16 @@ from pipeline.images import prepare
 from pipeline.models import Tap, ViT, load_store_model, seed_of, weights_id
 from pipeline.sources import read_bytes, read_uri
 from pipeline.store import FeatureStore
+from pipeline.training import (
+    Report,
+    batches,
+    by_bucket,
+    checkpoint_file,
+    join,
+    latest_checkpoint,
+    save_checkpoint,
+    write_bytes,
+)
 from pipeline.worker import build_engine
 
 LOSSES = ("mse", "l1")
@@ -149,26 +158,6 @@ def split_rows(store: FeatureStore, holdout: float) -> tuple[list[dict[str, Any]
     return [r for r in ok if r["image_id"] not in held], [r for r in ok if r["image_id"] in held]
 
 
-def by_bucket(rows: list[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Batches of rows sharing a model input size, in row order; incomplete batches come last."""
-    pending: dict[str | None, list[dict[str, Any]]] = {}
-    for row in rows:
-        group = pending.setdefault(row["bucket"], [])
-        group.append(row)
-        if len(group) == batch_size:
-            yield pending.pop(row["bucket"])
-    yield from pending.values()
-
-
-def batches(rows: list[dict[str, Any]], batch_size: int, seed: int) -> Iterator[list[dict[str, Any]]]:
-    """Endless `by_bucket` batches, reshuffled every epoch (seeded: a resumed run replays the order)."""
-    if not rows:
-        raise ValueError("no training images for this worker: use fewer workers than training images")
-    for epoch in itertools.count():
-        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-        yield from by_bucket([rows[i] for i in order], batch_size)
-
-
 class TargetLoader:
     """Model inputs (the store's own image policy) and pooled SRT targets of manifest rows."""
 
@@ -237,51 +226,25 @@ def holdout_distance(student: nn.Module, loader: TargetLoader, rows: list[dict[s
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _join(out: str, *parts: str) -> str:
-    return "/".join([out.rstrip("/"), *parts])
-
-
-def latest_checkpoint(out: str, storage_options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """(folder URI, state) of the last complete checkpoint under `out`, or None."""
-    fs, path = fsspec.core.url_to_fs(out, **storage_options)
-    states = sorted(fs.glob(f"{path.rstrip('/')}/checkpoints/step-*/state.json"))
-    if not states:
-        return None
-    folder = _join(out, "checkpoints", states[-1].rstrip("/").split("/")[-2])
-    return folder, json.loads(fs.cat_file(states[-1]))
-
-
-def _write(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:
-    with fsspec.open(uri, "wb", **storage_options) as handle:
-        handle.write(data)
-
-
 def model_bytes(vit: ViT) -> bytes:
     """The student's timm state dict as safetensors: what `load_vit(weights=...)` reads."""
     return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in vit.model.state_dict().items()})
 
 
-def save_checkpoint(out: str, state: dict[str, Any], vit: ViT, optimizer: torch.optim.Optimizer, schedule: Any, storage_options: dict[str, Any]) -> str:
-    folder = _join(out, "checkpoints", f"step-{state['step']:07d}")
-    _write(f"{folder}/model.safetensors", model_bytes(vit), storage_options)
+def save_model_checkpoint(out: str, state: dict[str, Any], vit: ViT, optimizer: torch.optim.Optimizer, schedule: Any, storage_options: dict[str, Any]) -> str:
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
-    _write(f"{folder}/training.pt", buffer.getvalue(), storage_options)
-    _write(f"{folder}/state.json", json.dumps(state, indent=2).encode(), storage_options)  # the commit point
-    return folder
+    return save_checkpoint(out, state, {"model.safetensors": model_bytes(vit), "training.pt": buffer.getvalue()}, storage_options)
 
 
 def restore_checkpoint(folder: str, vit: ViT, optimizer: torch.optim.Optimizer, schedule: Any, storage_options: dict[str, Any]) -> None:
-    vit.model.load_state_dict(safetensors.torch.load(read_uri(f"{folder}/model.safetensors", storage_options)))
-    training = torch.load(io.BytesIO(read_uri(f"{folder}/training.pt", storage_options)), weights_only=True)
+    vit.model.load_state_dict(safetensors.torch.load(checkpoint_file(folder, "model.safetensors", storage_options)))
+    training = torch.load(io.BytesIO(checkpoint_file(folder, "training.pt", storage_options)), weights_only=True)
     optimizer.load_state_dict(training["optimizer"])
     schedule.load_state_dict(training["schedule"])
 
 
 # ---------------------------------------------------------------------------- the loop
-
-
-Report = Callable[[dict[str, Any]], None]
 
 
 def lr_factor(config: DistillConfig) -> Callable[[int], float]:
@@ -351,7 +314,7 @@ def train_worker(config: DistillConfig, *, rank: int = 0, world: int = 1, device
                 student.eval()
                 state["student_distance"] = holdout_distance(tap, loader, held_rows, device, config.batch_size) if rank == 0 else None
             if rank == 0:
-                save_checkpoint(config.out, state, vit, optimizer, schedule, options)
+                save_model_checkpoint(config.out, state, vit, optimizer, schedule, options)
             if world > 1:
                 torch.distributed.barrier()  # no worker runs ahead of a checkpoint it might resume from
     if rank == 0:
@@ -360,13 +323,13 @@ def train_worker(config: DistillConfig, *, rank: int = 0, world: int = 1, device
 
 
 def read_sidecar(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    return json.loads(read_uri(_join(out, "model.json"), storage_options or {}))
+    return json.loads(read_uri(join(out, "model.json"), storage_options or {}))
 
 
 def write_model(config: DistillConfig, store: FeatureStore, vit: ViT, layer: int, state: dict[str, Any], trained: int, held: int) -> None:
     """The final student and a sidecar naming its teacher store and config."""
     options = config.storage_options
-    _write(_join(config.out, "model.safetensors"), model_bytes(vit), options)
+    write_bytes(join(config.out, "model.safetensors"), model_bytes(vit), options)
     teacher = store.config
     sidecar = {
         "model": teacher["model"],
@@ -377,6 +340,6 @@ def write_model(config: DistillConfig, store: FeatureStore, vit: ViT, layer: int
         "images": {"train": trained, "held_out": held},
         "final_loss": state["loss"],
         "held_out_distance": {"teacher": state.get("teacher_distance"), "student": state.get("student_distance")},
-        "use": f"python jobs/extract.py --model {teacher['model']} --weights {_join(config.out, 'model.safetensors')} --shifts 0,0 --stride {vit.patch_size} ...",
+        "use": f"python jobs/extract.py --model {teacher['model']} --weights {join(config.out, 'model.safetensors')} --shifts 0,0 --stride {vit.patch_size} ...",
     }
-    _write(_join(config.out, "model.json"), json.dumps(sidecar, indent=2).encode(), options)
+    write_bytes(join(config.out, "model.json"), json.dumps(sidecar, indent=2).encode(), options)

@@ -334,6 +334,19 @@ class FeatureStore:
         record = self._ok_record(image_id)
         return self.group[dense_path(self.tap(layer, keys), record["bucket"])][record["row"]]
 
+    def dense_rows(self, records: list[dict[str, Any]], layer: int | None = None) -> np.ndarray:
+        """[n, C, h, w] maps of ok manifest records of one size bucket, read in one indexed call."""
+        self.stored("dense")
+        buckets = {r["bucket"] for r in records}
+        if len(buckets) != 1:
+            raise ValueError(f"records of one size bucket expected, got {sorted(map(str, buckets))}")
+        return self.group[dense_path(self.tap(layer), records[0]["bucket"])].oindex[[r["row"] for r in records]]
+
+    def vector_rows(self, kind: str, records: list[dict[str, Any]], layer: int | None = None) -> np.ndarray:
+        """[n, ...] per-image vectors (cls, registers, pooled) of ok manifest records."""
+        self.stored(kind)
+        return self.group[f"{kind}/{self.tap(layer).name}"].oindex[[r["row"] for r in records]]
+
     def vector(self, kind: str, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
         """`kind` in cls, registers, pooled: the per-image vectors of one image."""
         if kind not in VECTOR_KINDS:

@@ -21,6 +21,8 @@ COMMANDS = {
     "srt-propagate": "DAVIS label propagation from a store, or scoring a results folder (jobs/propagate.py)",
     "srt-saliency": "TokenCut salient regions from a store, with maxF and IoU (jobs/saliency.py)",
     "srt-distill": "self-distil a student toward a store's SRT features (jobs/distill.py)",
+    "srt-probe": "linear depth or segmentation probes on stores, side by side (jobs/probe.py)",
+    "srt-discover": "single-object boxes by TokenCut or LOST from a store, with CorLoc (jobs/discover.py)",
 }
 
 
