@@ -28,3 +28,4 @@ bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.
 	$(PYTHON) -m bench.quality
 	$(PYTHON) -m bench.bench_segmentation
 	$(PYTHON) -m bench.bench_distill
+	$(PYTHON) -m bench.bench_probes

@@ -62,7 +62,7 @@ SAME_IMAGES = ("model", "weights", "norm", "image_size", "resize", "mean", "std"
 class ProbeConfig(Flags):
     train: tuple[str, ...] = field(default=(), metadata=option("training feature stores, comma-separated: one probe each", required=True, uri="input", parse="words"))
     test: tuple[str, ...] = field(default=(), metadata=option("test feature stores, comma-separated, one per --train store", required=True, uri="input", parse="words"))
-    truth: str = field(default="", metadata=option("ground truth: a folder of depth PNG/.npy or label PNG files named like the images (same relative path or unique stem), or a list file of 'image truth' lines (NYU's nyu_train.txt)", required=True, uri="input"))
+    truth: str = field(default="", metadata=option("ground truth: a folder of depth PNG/.npy or label PNG files named like the images (by file stem; folders shared with the image's path break ties), or a list file of 'image truth' lines (NYU's nyu_train.txt)", required=True, uri="input"))
     out: str = field(default="", metadata=option("output folder URI: heads, checkpoints, scores (resumed if it holds checkpoints)", required=True, uri="output"))
     task: str = field(default="depth", metadata=option("what the probe predicts", choices=TASKS))
     names: tuple[str, ...] = field(default=(), metadata=option("a name per pair for the table and the folders (default: the training stores' folder names)", parse="words"))

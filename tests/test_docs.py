@@ -16,8 +16,10 @@ from pipeline import __version__
 from pipeline.commands import COMMANDS
 from pipeline.commands.distill import build_parser as build_distill_parser
 from pipeline.commands.extract import build_parser
+from pipeline.commands.probe import build_parser as build_probe_parser
 from pipeline.config import ExtractConfig
 from pipeline.distill import DistillConfig
+from pipeline.probe import ProbeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +43,7 @@ def shown(field: dataclasses.Field) -> str:
     return "{}" if default == {} else str(default)
 
 
-JOBS = [("Flags", ExtractConfig, build_parser), ("Self-distillation", DistillConfig, build_distill_parser)]
+JOBS = [("Flags", ExtractConfig, build_parser), ("Self-distillation", DistillConfig, build_distill_parser), ("Probes and object discovery", ProbeConfig, build_probe_parser)]
 
 
 @pytest.mark.parametrize(("section", "config_type", "_"), JOBS)
@@ -72,7 +74,7 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"^test: .*\n\t\$\(PYTHON\) -m pytest", makefile, re.MULTILINE)
 
 
-@pytest.mark.parametrize("job", ["extract", "distill", "query", "visualize", "eval_retrieval"])
+@pytest.mark.parametrize("job", ["extract", "distill", "query", "visualize", "eval_retrieval", "probe"])
 def test_every_flag_of_every_job_says_what_it_does(job):
     parser = importlib.import_module(f"pipeline.commands.{job}").build_parser()
     silent = [action.option_strings[0] for action in parser._actions if action.option_strings and not action.help]

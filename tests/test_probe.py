@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.quality import make_scene
+from bench.bench_probes import write_scene_dataset
 from pipeline.commands.discover import main as discover_main
 from pipeline.commands.probe import main as probe_main
 from pipeline.config import ConfigError, ExtractConfig
@@ -27,26 +27,13 @@ SIZE = 64
 SPLITS = {"train": 16, "test": 6}
 
 
-def write_scenes(root, split: str, count: int) -> None:
-    """Images, depth PNGs in millimetres and label PNGs (0 unlabelled border, 1 background, 2 shape)."""
-    for folder in ("images", "depth", "labels"):
-        (root / folder / split).mkdir(parents=True)
-    for i in range(count):
-        scene = make_scene(SIZE, seed=1000 * (split == "test") + i)
-        Image.fromarray((scene.image * 255).astype(np.uint8)).save(root / "images" / split / f"scene{i}.png")
-        Image.fromarray((scene.depth * 1000).astype(np.uint16)).save(root / "depth" / split / f"scene{i}.png")
-        labels = 1 + scene.mask.astype(np.uint8)
-        labels[:2] = 0
-        Image.fromarray(labels).save(root / "labels" / split / f"scene{i}.png")
-
-
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     """Plain (one view, stride 16) and SRT (grid of 9 views, stride 8) stores of both splits."""
     root = tmp_path_factory.mktemp("probe")
     stores = {}
     for split, count in SPLITS.items():
-        write_scenes(root, split, count)
+        write_scene_dataset(root, split, count, SIZE)
         for kind, flags in {"plain": {"shifts": ((0, 0),), "stride": 16}, "srt": {"radius": 1, "stride": 8}}.items():
             out = str(root / f"{kind}_{split}.zarr")
             run_local(ExtractConfig(dataset=str(root / "images" / split), out=out, model=MODEL, image_size=SIZE, layers=(5, 11), keys=(11,), resize="aspect", **flags))
@@ -167,18 +154,13 @@ def test_side_by_side_with_output_ensembling_on_ray_train_and_a_list_file(scenes
 
 def test_discovery_boxes_and_corloc_from_a_store(scenes, tmp_path, capsys):
     root, stores = scenes
-    truth = [["image", "x0", "y0", "x1", "y1"]]
-    for i in range(SPLITS["test"]):
-        rows, columns = np.nonzero(np.asarray(Image.open(root / "labels" / "test" / f"scene{i}.png")) == 2)
-        truth.append([f"scene{i}.png", columns.min(), rows.min(), columns.max() + 1, rows.max() + 1])
-    with open(tmp_path / "boxes.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows(truth)
+    truth = list(csv.reader(open(root / "boxes_test.csv")))
     out = tmp_path / "found"
-    assert discover_main(["--store", stores["srt", "test"], "--boxes", str(tmp_path / "boxes.csv"), "--method", "lost,tokencut", "--out", str(out)]) == 0
+    assert discover_main(["--store", stores["srt", "test"], "--boxes", str(root / "boxes_test.csv"), "--method", "lost,tokencut", "--out", str(out)]) == 0
     boxes = list(csv.DictReader(open(out / "boxes.csv")))
     scores = json.loads((out / "scores.json").read_text())
     assert len(boxes) == 2 * SPLITS["test"] and set(scores) == {"lost", "tokencut"}
-    expected = {str(r[0]).removesuffix(".png"): np.array([r[1:]], float) for r in truth[1:]}
+    expected = {r[0].removesuffix(".png"): np.array([r[1:]], float) for r in truth[1:]}
     for method in ("lost", "tokencut"):
         found = [b for b in boxes if b["method"] == method]
         assert all(0 <= float(b["x0"]) < float(b["x1"]) <= SIZE and 0 <= float(b["y0"]) < float(b["y1"]) <= SIZE for b in found)
