@@ -139,20 +139,27 @@ def validate(config: ProbeConfig) -> None:
         for store, kind in ((train, "train"), (test, "test")):
             try:
                 chosen_layers(config, store)
-                store.stored("dense")
-                if config.cls:
-                    store.stored("cls")
             except (KeyError, ValueError) as error:
-                raise ConfigError(f["cls"] if config.cls and "cls" in str(error) else f["layers"], f"{store.uri}: {error.args[0]}") from error
+                raise ConfigError(f["layers"], f"{store.uri}: {error.args[0]}") from error
+            for kind_needed, flag in (("dense", f[kind]), *((("cls", f["cls"]),) if config.cls else ())):
+                try:
+                    store.stored(kind_needed)
+                except KeyError as error:
+                    raise ConfigError(flag, error.args[0]) from error
             try:
                 TruthFiles(config.truth, store, DENSE_SUFFIXES, config.storage_options)
             except (FileNotFoundError, OSError) as error:
                 raise ConfigError(f["truth"], str(error)) from error
         if channels(config, train) != channels(config, test):
             raise ConfigError(f["test"], f"{test.uri} has {channels(config, test)} feature channels, its training store {channels(config, train)}")
-        _check_out(config, pair)
     if config.output_ensemble:
         ensemble_plan(config)
+    pairs = range(len(config.train))
+    refused = [pair for pair in pairs if _differences(config, pair)]
+    if refused and not config.overwrite:
+        raise ConfigError(f["out"], f"{config.folder(refused[0])} holds a probe with another config; pass --overwrite or choose another --out. Differences: " + "; ".join(_differences(config, refused[0])))
+    for pair in pairs:  # every flag checked: only now is anything written
+        _start(config, pair)
 
 
 def open_store(config: ProbeConfig, kind: str, pair: int) -> FeatureStore:
@@ -174,15 +181,23 @@ def channels(config: ProbeConfig, store: FeatureStore) -> int:
     return width * len(chosen_layers(config, store)) * (2 if config.cls else 1)
 
 
-def _check_out(config: ProbeConfig, pair: int) -> None:
+def _marker(config: ProbeConfig, pair: int) -> tuple[Any, str]:
     fs, path = fsspec.core.url_to_fs(config.folder(pair), **config.storage_options)
-    marker = f"{path.rstrip('/')}/probe.json"
-    if fs.exists(marker):
-        if config.overwrite:
-            fs.rm(path, recursive=True)
-        elif diff := differences(json.loads(fs.cat_file(marker)), config.fingerprint(pair)):
-            raise ConfigError(config.flags["out"], f"{config.folder(pair)} holds a probe with another config; pass --overwrite or choose another --out. Differences: " + "; ".join(diff))
-    fs.makedirs(path, exist_ok=True)
+    return fs, f"{path.rstrip('/')}/probe.json"
+
+
+def _differences(config: ProbeConfig, pair: int) -> list[str]:
+    fs, marker = _marker(config, pair)
+    return differences(json.loads(fs.cat_file(marker)), config.fingerprint(pair)) if fs.exists(marker) else []
+
+
+def _start(config: ProbeConfig, pair: int) -> None:
+    """Clear the pair's folder with --overwrite; record the pair's fingerprint."""
+    fs, marker = _marker(config, pair)
+    folder = marker.rsplit("/", 1)[0]
+    if config.overwrite and fs.exists(marker):
+        fs.rm(folder, recursive=True)
+    fs.makedirs(folder, exist_ok=True)
     fs.pipe_file(marker, json.dumps(config.fingerprint(pair), indent=2).encode())
 
 

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import ray
 import torch
 from PIL import Image
 
@@ -123,7 +124,15 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(scenes, tmp_path, overri
     with pytest.raises(ConfigError) as error:
         validate(config(scenes, tmp_path / "p", **overrides))
     assert str(error.value).startswith(flag)
-    assert not (tmp_path / "p" / "srt_train" / "checkpoints").exists()
+    assert not (tmp_path / "p").exists()  # nothing written
+
+
+def test_another_config_in_the_same_out_is_refused_unless_overwritten(scenes, tmp_path):
+    validate(config(scenes, tmp_path / "p"))
+    with pytest.raises(ConfigError, match=r"^--out: .* Differences: lr: stored 0.01, requested 0.1"):
+        validate(config(scenes, tmp_path / "p", lr=0.1))
+    validate(config(scenes, tmp_path / "p", lr=0.1, overwrite=True))
+    assert json.loads((tmp_path / "p" / "srt_train" / "probe.json").read_text())["lr"] == 0.1
 
 
 def test_side_by_side_with_output_ensembling_on_ray_train_and_a_list_file(scenes, tmp_path, capsys):
@@ -139,17 +148,22 @@ def test_side_by_side_with_output_ensembling_on_ray_train_and_a_list_file(scenes
         "--names", "plain,srt", "--truth", str(root / "pairs.txt"), "--out", str(out), "--layers", "11", "--steps", "24",
         "--batch-size", "4", "--lr", "0.01", "--max-depth", "5", "--num-workers", "2", "--output-ensemble",
     ]  # fmt: skip
-    assert probe_main(argv) == 0
-    printed = capsys.readouterr().out
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        assert probe_main(argv) == 0
+        printed = capsys.readouterr().out
+        # a rerun only scores the finished probes again, to the same figures
+        first = (out / "scores.json").read_text()
+        assert probe_main(argv) == 0
+    finally:
+        ray.shutdown()
     rows = json.loads((out / "scores.json").read_text())
+    assert json.loads(first) == rows
     assert list(rows) == ["plain", "srt", "plain + output ensemble"]
     assert all(row["images"] == SPLITS["test"] and np.isfinite(row["rmse"]) for row in rows.values())
     assert rows["plain + output ensemble"]["rmse"] != rows["plain"]["rmse"]
     assert all(name in printed for name in rows) and "RMSE-log" in printed
     assert (out / "srt" / "head.pt").exists() and json.loads((out / "srt" / "scores.json").read_text()) == rows["srt"]
-    # a rerun only scores the finished probes again, to the same figures
-    assert probe_main(argv) == 0
-    assert json.loads((out / "scores.json").read_text()) == rows
 
 
 def test_discovery_boxes_and_corloc_from_a_store(scenes, tmp_path, capsys):
