@@ -37,6 +37,17 @@ def add_store_flags(parser: argparse.ArgumentParser, *, layer: bool = True, weig
     parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON of fsspec storage options")
 
 
+def training_parser(description: str | None, config_type: type) -> argparse.ArgumentParser:
+    """The flags of a job that trains on a store (distillation, probes): its config's, --config, --local."""
+    from pipeline.config import CONFIG_FILE_HELP, add_arguments
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, config_type)
+    parser.add_argument("--config", help=CONFIG_FILE_HELP)
+    parser.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    return parser
+
+
 def installed_version() -> str:
     try:
         return version("srt-pipeline")

@@ -18,17 +18,14 @@ import logging
 import sys
 from typing import Any
 
-from pipeline.config import CONFIG_FILE_HELP, ConfigError, add_arguments, from_args, parse_with_config_file
+from pipeline.commands import training_parser
+from pipeline.config import ConfigError, from_args, parse_with_config_file
 from pipeline.distill import DistillConfig, read_sidecar, train_worker, validate
 from pipeline.training import fit_on_ray, progress_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, DistillConfig)
-    parser.add_argument("--config", help=CONFIG_FILE_HELP)
-    parser.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    return parser
+    return training_parser(__doc__, DistillConfig)
 
 
 def log(metrics: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import CONFIG_FILE_HELP, ConfigError, add_arguments, from_args, parse_with_config_file
+from pipeline.commands import training_parser
+from pipeline.config import ConfigError, from_args, parse_with_config_file
 from pipeline.probe import (
     ProbeConfig,
     ensemble_plan,
@@ -38,11 +39,7 @@ LABELS = {"rmse": "RMSE", "rmse_log": "RMSE-log", "abs_rel": "AbsRel", "sq_rel":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, ProbeConfig)
-    parser.add_argument("--config", help=CONFIG_FILE_HELP)
-    parser.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    return parser
+    return training_parser(__doc__, ProbeConfig)
 
 
 def log(metrics: dict[str, Any]) -> None:
