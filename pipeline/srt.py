@@ -163,17 +163,21 @@ def add_aligned(
     """out[b] += sum over views n of image b of rows[n] @ grids[n] @ cols[n]^T, in fp32.
 
     grids [N, C, h, w]; rows [N, Ho, h]; cols [N, Wo, w]; owners[n] = image of view n.
-    The second product runs once per image over all its views stacked along w, so the sum over
-    views happens inside one matmul and per-view [C, Ho, Wo] maps are never kept.
+    The column product runs per view on the grid laid out [N, h, C, w] (one copy, of the smallest
+    tensor here), so its result [N, h, C, Wo] already stacks an image's views along h: the row
+    product and the sum over views are then one matmul per image, and neither per-view
+    [C, Ho, Wo] maps nor a transposed copy of the larger intermediate are ever made.
     """
-    channels, width = grids.shape[1], grids.shape[3]
-    left = torch.matmul(rows.unsqueeze(1), grids.float())  # [N, C, Ho, w]
+    views, channels, height, width = grids.shape
+    by_row = grids.transpose(1, 2).reshape(views, height * channels, width).float()
+    right = torch.bmm(by_row, cols.transpose(1, 2).to(torch.float32))  # [N, h * C, Wo]
+    out_h, out_w = rows.shape[1], cols.shape[1]
     start = 0
     for owner, group in itertools.groupby(owners):
         count = len(list(group))
-        part = left[start : start + count].permute(1, 2, 0, 3).reshape(channels, -1, count * width)
-        right = cols[start : start + count].transpose(1, 2).reshape(count * width, -1)
-        out[owner] += part @ right
+        stacked_rows = rows[start : start + count].transpose(0, 1).reshape(out_h, count * height)
+        product = stacked_rows @ right[start : start + count].view(count * height, channels * out_w)
+        out[owner] += product.view(out_h, channels, out_w).transpose(0, 1)
         start += count
 
 
