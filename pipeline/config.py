@@ -76,8 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 STORE_DTYPES = ("float16", "float32")
-CODECS = ("blosc", "zstd", "none")  # blosc (zstd inside, byte shuffle) by measurement: bench/RESULTS.md
-PRECISIONS = ("fp32", "bf16", "fp16")
+CODECS = ("lz4", "blosc", "zstd", "none")  # lz4: blosc-lz4 with bit shuffle; blosc: blosc-zstd (smaller, 7x the CPU): bench/RESULTS.md
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RETRYABLE_ERROR_KINDS = ("read", "empty", "decode")  # decided by the bytes fetched at run time; the rest by the plan or the config
 
 
@@ -134,14 +134,14 @@ class ExtractConfig(Flags):
     preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
     outputs: tuple[str, ...] = field(default=OUTPUTS, metadata=option("what to store, comma-separated: dense (the maps: nearly all the bytes), cls, pooled, registers (where the model has them); cls,pooled suits retrieval", parse="words"))
     dtype: str = field(default="float16", metadata=option("stored feature dtype", choices=STORE_DTYPES))
-    codec: str = field(default="blosc", metadata=option("compression of stored features (see bench/RESULTS.md)", choices=CODECS))
-    precision: str = field(default="fp32", metadata=option("model precision on CUDA (autocast; aggregation stays fp32); CPU runs fp32", choices=PRECISIONS))
-    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=option("views per forward pass (bounds accelerator memory)"))
+    codec: str = field(default="lz4", metadata=option("compression of stored features: lz4 (blosc-lz4, bit shuffle: fast enough for a GPU's output), blosc (blosc-zstd: a store a tenth smaller for 7x the CPU), zstd, none; bench/RESULTS.md", choices=CODECS))
+    precision: str = field(default="auto", metadata=option("model precision on CUDA (autocast; aggregation stays fp32); auto: bf16 where the GPU has it, else fp16; CPU runs fp32", choices=PRECISIONS))
+    batch_size: int = field(default=0, metadata=option(f"views per forward pass; 0: {DEFAULT_BATCH_SIZE} on CPU, on CUDA as many as half the free GPU memory holds (measured at start)"))
     shard_size: int = field(default=32, metadata=option("images per work shard = per Zarr shard = per manifest part"))
     max_pixels: int = field(default=89_478_485, metadata=option("decompression-bomb limit: images with more pixels become error rows"))
     num_actors: int = field(default=0, metadata=option("extraction actors; 0: one per GPU, or CPU cores / --cpus-per-actor without GPUs"))
     gpus_per_actor: float = field(default=1.0, metadata=option("GPUs each actor holds (GPU clusters)"))
-    cpus_per_actor: int = field(default=0, metadata=option("CPU threads each actor uses; 0: 1 with GPUs, else min(4, cores)"))
+    cpus_per_actor: int = field(default=0, metadata=option("CPU threads each actor uses (decode, writes); 0: with GPUs each GPU's share of its node's CPUs, else min(4, cores)"))
     split_shifts: str = field(default="auto", metadata=option("shift batches per shard spread over actors: auto (split only when fewer pending images than actors) or G"))
     max_retries: int = field(default=3, metadata=option("attempts per work unit after the first, on actor death or task failure (exponential backoff)"))
     read_retries: int = field(default=DEFAULT_READ_RETRIES, metadata=option(f"attempts after the first for an image read that failed transiently (connection refused or reset, timeout, throttling, 5xx), backoff from 0.5 s, within {READ_DEADLINE_SECONDS:.0f} s per shard; permanent failures (not found, denied) are not retried"))
@@ -297,12 +297,12 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     config = apply_preset(config, facts)
     if config.pretrained and config.weights:
         raise ConfigError(f["weights"], "give either --pretrained or --weights, not both")
-    for name in ("batch_size", "shard_size", "image_size", "max_pixels"):
+    for name in ("shard_size", "image_size", "max_pixels"):
         if getattr(config, name) < 1:
             raise ConfigError(f[name], f"must be a positive integer, got {getattr(config, name)}")
     if unknown := [kind for kind in config.retry_errors if kind not in RETRYABLE_ERROR_KINDS]:
         raise ConfigError(f["retry_errors"], f"{', '.join(unknown)}: only {', '.join(RETRYABLE_ERROR_KINDS)} errors depend on the bytes read, the others would come out the same")
-    for name in ("num_actors", "cpus_per_actor", "max_retries", "read_retries"):
+    for name in ("batch_size", "num_actors", "cpus_per_actor", "max_retries", "read_retries"):
         if getattr(config, name) < 0:
             raise ConfigError(f[name], f"must be 0 or more, got {getattr(config, name)}")
     if config.gpus_per_actor <= 0:

@@ -32,7 +32,7 @@ import torch
 from ray.exceptions import RayActorError, RayError
 
 from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
-from pipeline.runner import Job, RunSummary, finish, plan_job, progress
+from pipeline.runner import WRITERS, Job, RunSummary, finish, plan_job, progress
 from pipeline.sources import shard_rows
 from pipeline.srt import PartialSum, Shift, combine, split_shifts
 from pipeline.worker import LoadedShard, ShardStats, ShardWorker
@@ -40,7 +40,7 @@ from pipeline.worker import LoadedShard, ShardStats, ShardWorker
 log = logging.getLogger("srt")
 
 ACTOR_PREFIX = "srt-extract"
-UNITS_PER_ACTOR = 2  # one computing, one reading and decoding
+UNITS_PER_ACTOR = 2 + WRITERS  # one reading and decoding, one computing, the others writing
 BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
@@ -66,15 +66,15 @@ class ExtractActor:
         loaded = self.worker.load(shard, rows)
         with self.model_lock:
             started = time.perf_counter()
-            partials = self.worker.compute(loaded, progress=lambda images: counter.add.remote(shard, images))
-        return self.worker.commit(loaded, partials, started)
+            arrays = self.worker.assemble(loaded, self.worker.compute(loaded, progress=lambda images: counter.add.remote(shard, images)))
+        return self.worker.commit(loaded, arrays, started)
 
     @ray.method(num_returns=2)
     def compute(self, shard: int, rows: list[dict[str, Any]], shifts: tuple[Shift, ...]) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
         """Split-mode unit: partial sums over one shift batch. Returns (a small ack, the payload)."""
         loaded = self.worker.load(shard, rows)
         with self.model_lock:
-            partials = self.worker.compute(loaded, shifts)
+            partials = [partial.to("cpu") for partial in self.worker.compute(loaded, shifts)]
         return shard, (loaded.without_pixels(), partials)
 
     def commit(self, shard: int, *payloads: tuple[LoadedShard, list[PartialSum]]) -> ShardStats:
@@ -82,7 +82,7 @@ class ExtractActor:
         started = time.perf_counter()
         loaded = payloads[0][0]
         groups = zip(*(partials for _, partials in payloads))
-        return self.worker.commit(loaded, [combine(list(parts)) for parts in groups], started)
+        return self.worker.commit(loaded, self.worker.assemble(loaded, [combine(list(parts)) for parts in groups]), started)
 
 
 @ray.remote(num_cpus=0)
@@ -340,8 +340,9 @@ def actor_plan(config: ExtractConfig, *, fixed: bool) -> tuple[int, dict[str, fl
     largest = int(max((n.get("CPU", 0) for n in nodes), default=0))
     # A cluster with GPUs, or a head with no CPUs that waits for GPU workers to autoscale.
     use_gpus = gpus > 0 or cpus == 0
-    if use_gpus:
-        threads = config.cpus_per_actor or 1
+    if use_gpus:  # each GPU actor gets its GPUs' share of their node's CPUs: it decodes for them
+        shares = [int(n.get("CPU", 0) * config.gpus_per_actor // n["GPU"]) for n in nodes if n.get("GPU")]
+        threads = config.cpus_per_actor or max(1, min(shares, default=1))
         count = config.num_actors or int(gpus // config.gpus_per_actor)
         each = {"num_gpus": config.gpus_per_actor, "num_cpus": threads}
         flags = "--num-actors, --gpus-per-actor, --cpus-per-actor"

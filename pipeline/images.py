@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -43,15 +44,35 @@ class ImagePolicy:
 
 @dataclass
 class Prepared:
-    """A model input [3, H, W] and the facts needed to map its features back to the original."""
+    """A model input [3, H, W] and the facts needed to map its features back to the original.
 
-    tensor: torch.Tensor
+    The pixels stay 8-bit until `normalize` (a quarter of the bytes to copy to a GPU, and the
+    float arithmetic runs batched on the model's device instead of per image in a decode thread)."""
+
+    pixels: torch.Tensor  # [3, H, W] uint8, resized (and padded) as the model sees it
     height: int  # original size after EXIF orientation
     width: int
     region: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the original shown to the model
     bucket: str | None  # "HxW" under the aspect policy, None when every input has one size
     input_size: tuple[int, int]  # (H, W) of the model input; kept when the pixels are dropped
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
     valid: torch.Tensor | None = None  # [1, H, W]: the real pixels of a padded input ("pad"), else None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The normalized model input [3, H, W] fp32."""
+        return normalize(self.pixels[None], self.mean, self.std, None if self.valid is None else self.valid[None])[0]
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], valid: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels [B, 3, H, W] -> (pixels / 255 - mean) / std in fp32, as torchvision's ToTensor and
+    Normalize compute it, and 0 (the mean colour) outside `valid` [B, 1, H, W] (padding). Runs on
+    the pixels' device."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    normalized = (pixels.float() / 255.0 - mean_t) / std_t
+    return normalized if valid is None else normalized * valid
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -130,22 +151,21 @@ def prepare_image(image: Image.Image, policy: ImagePolicy) -> Prepared:
         resized = cv2.resize(np.asarray(image), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
     else:
         resized = image.resize((out_w, out_h), RESAMPLE, box=(x0, y0, x1, y1))
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(policy.mean).view(3, 1, 1)
-    std = torch.tensor(policy.std).view(3, 1, 1)
-    tensor, valid = (pixels - mean) / std, None
-    if policy.resize == "pad":  # padded after normalization: the padding is 0, the mean colour
+    pixels, valid = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1), None
+    if policy.resize == "pad":  # `normalize` zeroes what lies outside `valid`: the padding is the mean colour
         top, left = round(-y0), round(-x0)
         bottom, right = out_h - top - image.height, out_w - left - image.width
-        tensor = torch.nn.functional.pad(tensor, (left, right, top, bottom))
+        pixels = torch.nn.functional.pad(pixels, (left, right, top, bottom))
         valid = torch.nn.functional.pad(torch.ones(1, image.height, image.width), (left, right, top, bottom))
     return Prepared(
-        tensor=tensor.contiguous(),
+        pixels=pixels.contiguous(),
         height=image.height,
         width=image.width,
         region=(y0, x0, y1, x1),
         bucket=None if policy.resize == "square" else f"{out_h}x{out_w}",
         input_size=(out_h, out_w),
+        mean=policy.mean,
+        std=policy.std,
         valid=valid,
     )
 

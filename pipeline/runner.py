@@ -7,12 +7,14 @@ list the dataset once into a saved plan, create the store, find the shards left 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,10 @@ from pipeline.store import (
 from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
+
+# Shards written at once: each write is mostly compression and file I/O outside the GIL, and one
+# writer could not keep up with a GPU (bench/RESULTS.md, bench_gpu).
+WRITERS = 4
 
 
 @dataclass
@@ -217,7 +223,8 @@ def progress(job: Job) -> tqdm:
 
 
 def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | None = None) -> RunSummary:
-    """Extract in this process: reads and decodes of the next shard overlap the model on this one.
+    """Extract in this process, in three overlapping stages: the next shard is read and decoded
+    (and copied to the GPU) while this one is computed and up to WRITERS earlier ones are written.
     `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in)."""
     started = time.perf_counter()
     job = plan_job(config)
@@ -226,12 +233,18 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
         worker = ShardWorker(job.resolved, vit=vit, device=device)
         summary.startup_seconds = time.perf_counter() - started
         loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
-        with progress(job) as bar:
+        with progress(job) as bar, ThreadPoolExecutor(WRITERS, thread_name_prefix="commit") as writers:
+            writing: collections.deque[Future[ShardStats]] = collections.deque()
             for loaded in loads:
-                stats = worker.process(loaded, progress=bar.update)
-                summary.add(stats)
+                computed = time.perf_counter()
+                arrays = worker.assemble(loaded, worker.compute(loaded, progress=bar.update))
+                while len(writing) >= WRITERS:  # bounds the computed shards held in memory
+                    summary.add(writing.popleft().result())
+                writing.append(writers.submit(worker.commit, loaded, arrays, computed))
                 bar.update(len(loaded.rows) - loaded.decoded)  # error rows, done without the model
                 bar.set_postfix(views_per_s=f"{summary.views / (time.perf_counter() - started):.1f}", errors=sum(summary.errors.values()))
+            for done in writing:
+                summary.add(done.result())
     summary.seconds = time.perf_counter() - started
     finish(job, summary)
     return summary

@@ -128,7 +128,8 @@ def validate_boundary(boundary: str) -> Boundary:
 
 
 @functools.lru_cache(maxsize=4096)
-def _axis_weights_cpu(length: int, patch: int, stride: int, shift: int) -> torch.Tensor:
+def axis_weights(length: int, patch: int, stride: int, shift: int) -> torch.Tensor:
+    """W_d along one axis (CPU, cached): [length/stride, length/patch], entry = share of cell i that token t covers."""
     pixel = torch.arange(length)
     token = torch.div(pixel + shift, patch, rounding_mode="floor")
     tokens = length // patch
@@ -136,11 +137,6 @@ def _axis_weights_cpu(length: int, patch: int, stride: int, shift: int) -> torch
     weights = torch.zeros(length, tokens)
     weights[pixel[covered], token[covered]] = 1.0
     return weights.reshape(length // stride, stride, tokens).mean(dim=1)
-
-
-def axis_weights(length: int, patch: int, stride: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
-    """W_d along one axis: [length/stride, length/patch], entry = share of cell i that token t covers."""
-    return _axis_weights_cpu(length, patch, stride, shift).to(device)
 
 
 def translate(padded: torch.Tensor, pad: int, shift: Shift, size: tuple[int, int]) -> torch.Tensor:
@@ -162,23 +158,50 @@ def add_aligned(
 ) -> None:
     """out[b] += sum over views n of image b of rows[n] @ grids[n] @ cols[n]^T, in fp32.
 
-    grids [N, C, h, w]; rows [N, Ho, h]; cols [N, Wo, w]; owners[n] = image of view n.
-    The column product runs per view on the grid laid out [N, h, C, w] (one copy, of the smallest
-    tensor here), so its result [N, h, C, Wo] already stacks an image's views along h: the row
-    product and the sum over views are then one matmul per image, and neither per-view
-    [C, Ho, Wo] maps nor a transposed copy of the larger intermediate are ever made.
+    grids [N, C, h, w]; rows [N, Ho, h]; cols [N, Wo, w]; owners[n] = image of view n (an image's
+    views are consecutive). The column product runs per view on the grid laid out [N, h, C, w]
+    (one copy, of the smallest tensor here), so its result [N, h, C, Wo] already stacks an image's
+    views along h: the row product and the sum over views are then one batched matmul over the
+    images that have as many views here (a micro-batch has at most three such runs), and neither
+    per-view [C, Ho, Wo] maps nor a transposed copy of the larger intermediate are ever made.
     """
     views, channels, height, width = grids.shape
     by_row = grids.transpose(1, 2).reshape(views, height * channels, width).float()
     right = torch.bmm(by_row, cols.transpose(1, 2).to(torch.float32))  # [N, h * C, Wo]
     out_h, out_w = rows.shape[1], cols.shape[1]
+    runs = [(owner, len(list(group))) for owner, group in itertools.groupby(owners)]
     start = 0
-    for owner, group in itertools.groupby(owners):
-        count = len(list(group))
-        stacked_rows = rows[start : start + count].transpose(0, 1).reshape(out_h, count * height)
-        product = stacked_rows @ right[start : start + count].view(count * height, channels * out_w)
-        out[owner] += product.view(out_h, channels, out_w).transpose(0, 1)
-        start += count
+    for count, same in itertools.groupby(runs, key=lambda run: run[1]):
+        images = [owner for owner, _ in same]
+        span = len(images) * count
+        stacked_rows = rows[start : start + span].view(len(images), count, out_h, height).transpose(1, 2).reshape(len(images), out_h, count * height)
+        product = torch.bmm(stacked_rows, right[start : start + span].view(len(images), count * height, channels * out_w))
+        aligned = product.view(len(images), out_h, channels, out_w).transpose(1, 2)
+        if images == list(range(images[0], images[0] + len(images))):
+            out[images[0] : images[0] + len(images)] += aligned
+        else:
+            out.index_add_(0, torch.tensor(images, device=out.device), aligned)
+        start += span
+
+
+def views_between(padded: torch.Tensor, pad: int, shifts: Sequence[Shift], size: tuple[int, int], start: int, end: int) -> torch.Tensor:
+    """Views start..end-1 of a batch in image-major order (view i: image i // V under shift i % V),
+    cut from the padded images with at most 3V slices whatever the number of views: whole images
+    take one slice per shift across all of them, an image cut by `start` or `end` one per view."""
+    count = len(shifts)
+    parts = []
+    position = start
+    while position < end:
+        image, first = divmod(position, count)
+        if first == 0 and end - position >= count:
+            whole = (end - position) // count
+            parts.append(torch.stack([translate(padded[image : image + whole], pad, shift, size) for shift in shifts], dim=1).flatten(0, 1))
+            position += whole * count
+        else:
+            last = min(count, first + end - position)
+            parts.append(torch.stack([translate(padded[image], pad, shift, size) for shift in shifts[first:last]]))
+            position += last - first
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------- sums and results
@@ -281,27 +304,29 @@ def shift_ensemble(
     out_h, out_w = height // stride, width // stride
     padded, pad = pad_for_shifts(images, shifts, boundary)
     device = images.device
-    row_weights = {dy: axis_weights(height, patch, stride, dy, device) for dy in {s[0] for s in shifts}}
-    col_weights = {dx: axis_weights(width, patch, stride, dx, device) for dx in {s[1] for s in shifts}}
-    coverage = sum(torch.outer(row_weights[dy].sum(1), col_weights[dx].sum(1)) for dy, dx in shifts)
+    # Per shift, the axis weights; one copy to the device each.
+    row_weights = torch.stack([axis_weights(height, patch, stride, dy) for dy, _ in shifts]).to(device)  # [V, Ho, h]
+    col_weights = torch.stack([axis_weights(width, patch, stride, dx) for _, dx in shifts]).to(device)  # [V, Wo, w]
+    coverage = torch.einsum("vi,vj->ij", row_weights.sum(2), col_weights.sum(2))
 
     dense: dict[Hashable, torch.Tensor] = {}
     prefix: dict[Hashable, torch.Tensor] = {}
-    views = [(b, shift) for b in range(batch) for shift in shifts]
-    for start in range(0, len(views), batch_size):
-        chunk = views[start : start + batch_size]
-        stacked = torch.stack([translate(padded[b], pad, shift, (height, width)) for b, shift in chunk])
-        owners = [b for b, _ in chunk]
+    total = batch * len(shifts)
+    for start in range(0, total, batch_size):
+        end = min(start + batch_size, total)
+        stacked = views_between(padded, pad, shifts, (height, width), start, end)
+        index = torch.arange(start, end, device=device)
+        owners, which = index // len(shifts), index % len(shifts)
         if valid is not None:
             stacked = stacked * valid[owners].to(stacked.dtype)
-        rows = torch.stack([row_weights[shift[0]] for _, shift in chunk])
-        cols = torch.stack([col_weights[shift[1]] for _, shift in chunk])
+        rows, cols = row_weights[which], col_weights[which]
+        owner_list = [i // len(shifts) for i in range(start, end)]
         for key, (grid, tokens) in tokenize(stacked).items():
             if key not in dense:
                 dense[key] = grid.new_zeros(batch, grid.shape[1], out_h, out_w, dtype=torch.float32)
                 prefix[key] = tokens.new_zeros(batch, *tokens.shape[1:], dtype=torch.float32)
-            add_aligned(dense[key], grid, rows, cols, owners)
-            prefix[key].index_add_(0, torch.tensor(owners, device=tokens.device), tokens.float())
+            add_aligned(dense[key], grid, rows, cols, owner_list)
+            prefix[key].index_add_(0, owners, tokens.float())
     return PartialSum(
         dense=dense,
         prefix=prefix,

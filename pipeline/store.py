@@ -53,7 +53,12 @@ class StoreMismatchError(ValueError):
 
 
 def compressors(codec: str) -> Any:
-    return {"zstd": ZstdCodec(level=3), "blosc": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), "none": None}[codec]
+    return {
+        "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        "blosc": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+        "zstd": ZstdCodec(level=3),
+        "none": None,
+    }[codec]
 
 
 def dense_path(tap: Tap, bucket: str | None) -> str:
@@ -220,12 +225,16 @@ def write_shard(
     resolved: ResolvedConfig,
     shard: int,
     arrays: dict[str, np.ndarray],
+    opened: dict[str, zarr.Array] | None = None,
 ) -> None:
-    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks."""
+    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks.
+    `opened`: arrays already opened by earlier calls (opening one reads its metadata), added to."""
     start = shard * resolved.config.shard_size
+    opened = {} if opened is None else opened
     for path, block in arrays.items():
-        target = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), resolved)
-        target[start : start + len(block)] = block.astype(resolved.config.dtype, copy=False)
+        if path not in opened:
+            opened[path] = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), resolved)
+        opened[path][start : start + len(block)] = block.astype(resolved.config.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------- reader

@@ -8,6 +8,7 @@ on different workers (`compute` with a shift subset) and committed once (`commit
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections import Counter
@@ -18,17 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
+from pipeline.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
 from pipeline.config import ResolvedConfig
-from pipeline.images import ImageError, ImagePolicy, Prepared, prepare
+from pipeline.images import ImageError, ImagePolicy, Prepared, normalize, prepare
 from pipeline.manifest import is_committed, write_part
 from pipeline.models import Tap, ViT, load_vit
 from pipeline.sources import read_bytes
-from pipeline.srt import SRT, PartialSum, Shift
+from pipeline.srt import DEFAULT_BATCH_SIZE, SRT, PartialSum, Shift
 from pipeline.store import dense_path, open_group, write_shard
 
-MAX_IMAGES_PER_CALL = 8
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("srt")
+
+MAX_IMAGES_PER_CALL = 8  # bounds the fp32 sums one SRT call holds, where views per pass allow
+AUTO_VIEWS_PER_CALL = 256  # --batch-size 0: enough views per SRT call to fill a GPU's forward pass
 
 
 @dataclass
@@ -38,11 +43,26 @@ class LoadedShard:
     shard: int
     rows: list[dict[str, Any]]
     inputs: list[Prepared | ImageError]
+    uploads: list[torch.cuda.Event] = field(default_factory=list)  # copies to the GPU still in flight
 
     def without_pixels(self) -> LoadedShard:
         """The same shard minus its input tensors: what a commit needs, cheap to ship."""
-        inputs = [dataclasses.replace(i, tensor=torch.empty(0), valid=None) if isinstance(i, Prepared) else i for i in self.inputs]
+        inputs = [dataclasses.replace(i, pixels=torch.empty(0), valid=None) if isinstance(i, Prepared) else i for i in self.inputs]
         return LoadedShard(self.shard, self.rows, inputs)
+
+    def upload(self, device: torch.device, stream: torch.cuda.Stream) -> None:
+        """Start copying the decoded inputs to `device` (pinned, non-blocking, on `stream`), one
+        copy per input size; `uploads` holds what the forward passes must wait for."""
+        for members in self.groups(len(self.inputs)):
+            items = [self.inputs[i] for i in members]
+            tensors, done = pinned_upload([item.pixels for item in items], device, stream)
+            self.uploads.append(done)
+            valid = [None] * len(items)
+            if items[0].valid is not None:
+                valid, done = pinned_upload([item.valid for item in items], device, stream)
+                self.uploads.append(done)
+            for i, item, tensor, mask in zip(members, items, tensors, valid):
+                self.inputs[i] = dataclasses.replace(item, pixels=tensor, valid=mask)
 
     @property
     def decoded(self) -> int:
@@ -71,9 +91,19 @@ class ShardStats:
     committed: bool = True  # False: another attempt committed this shard first; nothing was written
 
 
+@dataclass
+class ShardArrays:
+    """A computed shard on the host, in the stored dtype: what `ShardWorker.commit` writes."""
+
+    blocks: dict[str, np.ndarray] = field(default_factory=dict)  # array path -> [rows in shard, ...]
+    filled: Counter[str] = field(default_factory=Counter)  # rows of each block that hold an image's values
+    views_of: dict[int, int] = field(default_factory=dict)  # row in shard -> views averaged
+
+
 def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tuple[SRT, ImagePolicy]:
     """The SRT engine and image policy a store's provenance describes: what extraction uses, and
-    what a query image must go through to be comparable with the store."""
+    what a query image must go through to be comparable with the store. `batch_size` 0: the
+    default (16 views per pass; `accelerator.view_budget` fits more on a GPU)."""
     p = provenance
     srt = SRT(
         vit,
@@ -83,13 +113,21 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         stride=p["stride"],
         boundary=p["boundary"],
         norm=p["norm"],
-        batch_size=batch_size,
-        autocast=AUTOCAST_DTYPES[p["precision"]] if vit.device.type == "cuda" else None,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE,
+        autocast=autocast_dtype(p["precision"], vit.device),
         tolerance=p["adaptive_tol"],
         min_views=p["min_views"] or 1,
     )
     policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"))
     return srt, policy
+
+
+def images_per_call(batch_size: int, views: int) -> int:
+    """Images per SRT call: enough that views fill whole forward passes of `batch_size` (0: a GPU's
+    worth), at most MAX_IMAGES_PER_CALL where that suffices. It depends on the flags alone, so
+    every actor of a split-shift job groups a shard's images the same way."""
+    target = batch_size or AUTO_VIEWS_PER_CALL
+    return max(min(MAX_IMAGES_PER_CALL, math.lcm(target, views) // views), -(-target // views))
 
 
 class ShardWorker:
@@ -101,10 +139,15 @@ class ShardWorker:
             raise RuntimeError(f"weights changed since the run was planned: {self.vit.weights_id} != {resolved.weights_id}")
         self.srt, self.policy = build_engine(self.vit, resolved.provenance(), batch_size=c.batch_size)
         self.group = open_group(c.out, "r+", c.storage_options, use_consolidated=False)
-        # Enough images per SRT call that views fill whole micro-batches, bounded for memory.
-        views = len(resolved.shifts)
-        self.images_per_call = min(MAX_IMAGES_PER_CALL, math.lcm(c.batch_size, views) // views)
+        self.arrays: dict[str, zarr.Array] = {}  # opened once, written by every shard
+        self.images_per_call = images_per_call(c.batch_size, len(resolved.shifts))
+        self.budget: ViewBudget = view_budget(self.srt, c.batch_size, (c.image_size, c.image_size))
         self.decoders = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode")
+        self.copies = torch.cuda.Stream(self.vit.device) if self.vit.device.type == "cuda" else None
+        log.info(
+            "model on %s, %s, %s views per forward pass", self.vit.device, self.srt.autocast or "fp32",
+            self.budget.fixed or f"up to {self.budget.views((c.image_size, c.image_size), self.vit.patch_size)}",
+        )
 
     def load(self, shard: int, rows: list[dict[str, Any]]) -> LoadedShard:
         """Read and decode every row of the shard; failures become ImageErrors, never exceptions.
@@ -112,7 +155,10 @@ class ShardWorker:
         and resizing: 1.9x at 224² and 1.6x at 448² on 2 threads, bench/RESULTS.md)."""
         config = self.resolved.config
         blobs = read_bytes(rows, config.storage_options, retries=config.read_retries)
-        return LoadedShard(shard, rows, list(self.decoders.map(self._input_of, rows, blobs)))
+        loaded = LoadedShard(shard, rows, list(self.decoders.map(self._input_of, rows, blobs)))
+        if self.copies is not None:
+            loaded.upload(self.vit.device, self.copies)
+        return loaded
 
     def _input_of(self, row: dict[str, Any], blob: bytes | Exception) -> Prepared | ImageError:
         if row["error_kind"] is not None:
@@ -127,20 +173,50 @@ class ShardWorker:
             return error
 
     def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None, progress: Callable[[int], object] | None = None) -> list[PartialSum]:
-        """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, on CPU;
-        `progress(images)` after each group, so progress bars move within a shard."""
+        """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, left on
+        the model's device; `progress(images)` after each group, so progress bars move within a shard."""
+        for upload in loaded.uploads:
+            torch.cuda.current_stream(self.vit.device).wait_event(upload)
         partials = []
         for members in loaded.groups(self.images_per_call):
-            images = torch.stack([loaded.inputs[i].tensor for i in members])
             padded = loaded.inputs[members[0]].valid is not None
             valid = torch.stack([loaded.inputs[i].valid for i in members]) if padded else None
-            partials.append(self.srt.partial(images, shifts, valid).to("cpu"))
+            pixels = torch.stack([loaded.inputs[i].pixels for i in members])
+            partials.append(self._partial(normalize(pixels, self.policy.mean, self.policy.std, valid), shifts, valid))
             if progress is not None:
                 progress(len(members))
         return partials
 
-    def commit(self, loaded: LoadedShard, partials: list[PartialSum], started: float | None = None) -> ShardStats:
-        """Finalize, write the shard's arrays, then its manifest part (the commit point).
+    def _partial(self, images: torch.Tensor, shifts: tuple[Shift, ...] | None, valid: torch.Tensor | None) -> PartialSum:
+        """One SRT call at the budget's views per pass, retried at half as many after a GPU ran out of memory."""
+        while True:
+            self.srt.batch_size = self.budget.views(images.shape[2:], self.vit.patch_size)
+            try:
+                return self.srt.partial(images, shifts, valid)
+            except torch.cuda.OutOfMemoryError:
+                if self.srt.batch_size == 1:
+                    raise
+                self.budget.halve()
+                torch.cuda.empty_cache()
+                log.warning("%s ran out of memory at %d views per forward pass; retrying with fewer", self.vit.device, self.srt.batch_size)
+
+    def assemble(self, loaded: LoadedShard, partials: list[PartialSum]) -> ShardArrays:
+        """Finalize each group's sums where they are (on a GPU: there, so only the stored dtype
+        travels back) into shard-sized host blocks, one per stored array."""
+        arrays = ShardArrays()
+        count = len(loaded.rows)
+        for members, partial in zip(loaded.groups(self.images_per_call), partials):
+            output = self.srt.finalize(partial)
+            bucket = loaded.inputs[members[0]].bucket
+            for tap in self.srt.taps:
+                for path in self._fill(arrays.blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap]):
+                    arrays.filled[path] += len(members)
+            arrays.views_of.update(zip(members, output.n_views.tolist()))
+        return arrays
+
+    def commit(self, loaded: LoadedShard, arrays: ShardArrays, started: float | None = None) -> ShardStats:
+        """Write the shard's arrays, then its manifest part (the commit point). Host work only, so
+        several shards can be written while the model computes the next.
 
         A shard someone else already committed is left alone (first commit wins).
         """
@@ -150,22 +226,11 @@ class ShardWorker:
         if is_committed(config.out, loaded.shard, config.storage_options):
             stats.committed = False
             return stats
-        count = len(loaded.rows)
-        blocks: dict[str, np.ndarray] = {}
-        filled: Counter[str] = Counter()  # rows of each block that hold an image's values
-        views_of: dict[int, int] = {}
-        for members, partial in zip(loaded.groups(self.images_per_call), partials):
-            output = self.srt.finalize(partial)
-            bucket = loaded.inputs[members[0]].bucket
-            for tap in self.srt.taps:
-                for path in self._fill(blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap]):
-                    filled[path] += len(members)
-            views_of.update(zip(members, output.n_views.tolist()))
-        stats.views = sum(views_of.values())
-        write_shard(self.group, self.resolved, loaded.shard, blocks)
-        itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the fp32 blocks nor their empty rows
-        stats.bytes_written = sum(rows * math.prod(blocks[path].shape[1:]) * itemsize for path, rows in filled.items())
-        rows = [self._manifest_row(row, item, views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
+        stats.views = sum(arrays.views_of.values())
+        write_shard(self.group, self.resolved, loaded.shard, arrays.blocks, self.arrays)
+        itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the empty rows
+        stats.bytes_written = sum(rows * math.prod(arrays.blocks[path].shape[1:]) * itemsize for path, rows in arrays.filled.items())
+        rows = [self._manifest_row(row, item, arrays.views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
         if not write_part(config.out, loaded.shard, rows, config.storage_options):
             stats.committed = False
             return stats
@@ -176,10 +241,6 @@ class ShardWorker:
                 stats.errors[row["error_kind"]] += 1
         stats.seconds = time.perf_counter() - started
         return stats
-
-    def process(self, loaded: LoadedShard, progress: Callable[[int], object] | None = None) -> ShardStats:
-        started = time.perf_counter()
-        return self.commit(loaded, self.compute(loaded, progress=progress), started)
 
     def _fill(
         self,
@@ -201,9 +262,10 @@ class ShardWorker:
         if facts.num_registers:
             per_image[f"registers/{name}"] = prefix[:, -facts.num_registers :]
         per_image = {path: values for path, values in per_image.items() if path.split("/", 1)[0] in self.resolved.config.outputs}
+        dtype = np.dtype(self.resolved.config.dtype)
         for path, values in per_image.items():
-            block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=np.float32))
-            block[members] = values.numpy()
+            block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=dtype))
+            block[members] = values.to(getattr(torch, dtype.name)).cpu().numpy()
         return list(per_image)
 
     def _manifest_row(self, row: dict[str, Any], item: Prepared | ImageError, n_views: int | None) -> dict[str, Any]:

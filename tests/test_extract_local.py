@@ -580,7 +580,7 @@ def test_progress_moves_per_image_group_and_counts_each_image_once(tmp_path, sam
     worker = ShardWorker(job.resolved, vit=cached_vit(MODEL))
     loaded = worker.load(0, shard_rows(job.plan, 0, 5))
     groups: list[int] = []
-    worker.process(loaded, progress=groups.append)
+    worker.commit(loaded, worker.assemble(loaded, worker.compute(loaded, progress=groups.append)))
     assert groups == [1] * len(sample_paths) and loaded.decoded == len(sample_paths)  # 9 views fill a forward pass of 9: one image a group
 
 

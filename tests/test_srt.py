@@ -17,11 +17,14 @@ from pipeline.srt import (
     combine,
     finalize,
     grid_shifts,
+    pad_for_shifts,
     random_shifts,
     shift_ensemble,
     split_shifts,
     spread_order,
+    translate,
     validate_shifts,
+    views_between,
 )
 from tests.conftest import cached_vit, random_images
 
@@ -353,3 +356,12 @@ def test_views_padded_after_shifting_match_the_naive_chain(tiny_vit, stride):
     torch.testing.assert_close(engine, naive, atol=1e-5, rtol=1e-5)
     unmasked = srt.finalize(srt.partial(canvas)).dense[Tap("block", 6)]  # content shifted into the padding kept
     assert (unmasked - naive).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 12), (0, 5), (2, 3), (3, 10), (5, 12), (1, 11)])
+def test_views_between_cuts_any_run_of_image_major_views(start, end):
+    images = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    shifts = [(0, 0), (1, -1), (-2, 1), (2, 2)]
+    padded, pad = pad_for_shifts(images, shifts, "reflect")
+    expected = torch.stack([translate(padded[i // 4], pad, shifts[i % 4], (8, 8)) for i in range(start, end)])
+    assert torch.equal(views_between(padded, pad, shifts, (8, 8), start, end), expected)

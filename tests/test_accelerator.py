@@ -1,0 +1,81 @@
+"""Device-aware defaults: the views-per-pass budget, images per SRT call, GPU actors' CPU share."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.accelerator import MAX_VIEWS_PER_FORWARD, ViewBudget, autocast_dtype, view_budget
+from pipeline.models import load_vit
+from pipeline.srt import DEFAULT_BATCH_SIZE, SRT
+from pipeline.worker import images_per_call
+
+
+def test_a_fitted_budget_gives_larger_inputs_fewer_views_and_halves_after_running_out():
+    budget = ViewBudget(fixed=None, bytes_per_token=1e4, memory=1e9)
+    assert budget.views((224, 224), 16) == 510  # 1e9 / (1e4 * 196 tokens)
+    assert budget.views((448, 448), 16) == 127
+    assert budget.views((32, 32), 16) == MAX_VIEWS_PER_FORWARD
+    budget.halve()
+    assert budget.views((448, 448), 16) == 63
+    tiny = ViewBudget(fixed=None, bytes_per_token=1e9, memory=1.0)
+    assert tiny.views((448, 448), 16) == 1  # never zero views
+
+
+def test_a_requested_batch_size_is_kept_until_memory_runs_out():
+    budget = ViewBudget(fixed=24)
+    assert budget.views((448, 448), 16) == 24
+    budget.halve()
+    budget.halve()
+    assert budget.views((224, 224), 16) == 6
+
+
+def test_cpu_keeps_its_defaults():
+    import torch
+
+    vit = load_vit("vit_small_patch16_224", device="cpu")
+    srt = SRT(vit, shifts=[(0, 0), (4, 4)], stride=8)
+    assert view_budget(srt, 0, (224, 224)) == ViewBudget(fixed=DEFAULT_BATCH_SIZE)
+    assert view_budget(srt, 40, (224, 224)) == ViewBudget(fixed=40)
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # CPU runs fp32 whatever --precision says
+    assert autocast_dtype("bf16", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "views", "expected"),
+    [
+        (16, 16, 1),  # one image's views fill a pass
+        (16, 25, 8),  # lcm(16, 25) / 25 = 16 images would be needed: bounded at 8
+        (64, 16, 4),
+        (0, 16, 16),  # auto: 256 views per call
+        (0, 25, 11),  # at least ceil(256 / 25)
+        (100, 3, 34),  # ceil(100 / 3) beats the bound of 8
+    ],
+)
+def test_images_per_call_fill_the_forward_passes(batch_size, views, expected):
+    assert images_per_call(batch_size, views) == expected
+
+
+@pytest.mark.timeout(120)
+def test_gpu_actors_get_their_gpus_share_of_the_node_cpus():
+    """A real Ray instance that declares 2 GPUs and 6 CPUs (the actors are only planned, not started)."""
+    script = """
+import ray
+from pipeline.config import ExtractConfig
+from pipeline.distributed import actor_plan
+ray.init(num_cpus=6, num_gpus=2, include_dashboard=False, log_to_driver=False)
+base = dict(dataset="d", out="o", model="vit_small_patch16_224")
+print(actor_plan(ExtractConfig(**base), fixed=True))
+print(actor_plan(ExtractConfig(**base, gpus_per_actor=0.5), fixed=True))
+print(actor_plan(ExtractConfig(**base, cpus_per_actor=1), fixed=True))
+ray.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-3:] == [
+        "(2, {'num_gpus': 1.0, 'num_cpus': 3}, 3)",
+        "(4, {'num_gpus': 0.5, 'num_cpus': 1}, 1)",
+        "(2, {'num_gpus': 1.0, 'num_cpus': 1}, 1)",
+    ]
