@@ -30,7 +30,9 @@ from bench.results import loopback_s3, table, write_section
 from pipeline.config import ExtractConfig
 from pipeline.images import ImagePolicy, prepare
 from pipeline.models import TokenMap, ViT, load_vit
-from pipeline.runner import run_local
+from pipeline.runner import plan_job, run_local
+from pipeline.sources import list_items, make_plan, read_bytes, shard_rows
+from pipeline.worker import ShardWorker
 
 MODEL = "vit_small_patch16_224"
 
@@ -67,11 +69,63 @@ def decode_rate(blobs: list[bytes], size: int, threads: int) -> float:
     return len(blobs) / (time.perf_counter() - started)
 
 
-def job_rate(dataset: str, out: str, size: int, shard_size: int, vit: ViT, storage_options: dict | None = None) -> float:
-    """Images/s of the whole job, start-up (planning, model) left out."""
+def job_rate(dataset: str, out: str, size: int, shard_size: int, vit: ViT, storage_options: dict | None = None) -> tuple[float, float]:
+    """(images/s of the whole job, start-up (planning, model) left out; process CPU ms per image)."""
     config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, storage_options=storage_options or {})
+    cpu = time.process_time()
     summary = run_local(config, vit=vit)
-    return summary.images / (summary.seconds - summary.startup_seconds)
+    return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (time.process_time() - cpu) / summary.images
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through system calls so far (Linux /proc/self/io rchar)."""
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:")))
+
+
+def tar_read_ratio(tar: Path, out: str, shard_size: int, vit: ViT) -> float:
+    """Bytes read by the whole job (listing included) over the tar's size."""
+    before = bytes_read()
+    job_rate(str(tar), out, 224, shard_size, vit)
+    return (bytes_read() - before) / tar.stat().st_size
+
+
+def tar_shard_read_times(root: Path, members: int, shard_size: int) -> tuple[float, float]:
+    """Seconds to read the first and the last shard of a tar of `members` small members (medians of 5)."""
+    tar = root / "long.tar"
+    with tarfile.open(tar, "w") as archive:
+        for i in range(members):
+            payload = i.to_bytes(4, "little") * 512
+            info = tarfile.TarInfo(f"{i:06d}.jpg")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    plan = make_plan(list_items(str(tar)), shard_size)
+    last = (members - 1) // shard_size
+
+    def seconds(shard: int) -> float:
+        rows = shard_rows(plan, shard, shard_size)
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            read_bytes(rows, {})
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    return seconds(0), seconds(last)
+
+
+def decode_in_job(dataset: str, out: str, shard_size: int, vit: ViT, threads: int) -> float:
+    """Images/s of the job's load stage (read + decode on the worker's pool) with `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the worker sizes its decode pool from it
+    try:
+        job = plan_job(ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=224, stride=8, shard_size=shard_size))
+        worker = ShardWorker(job.resolved, vit=vit)
+        started = time.perf_counter()
+        for shard in job.pending:
+            worker.load(shard, shard_rows(job.plan, shard, shard_size))
+        return job.images_in(job.pending) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def main() -> None:
@@ -104,22 +158,33 @@ def main() -> None:
         for size in (224, 448):
             one, many = decode_rate(blobs, size, 1), decode_rate(blobs, size, cores)
             for source, (dataset, options) in sources.items():
-                rate = job_rate(dataset, str(root / f"{source.replace(' ', '-')}-{size}.zarr"), size, args.shard_size, vit, options)
-                rows.append([f"{size}²", source, f"{one:.0f}", f"{many:.0f}", f"{rate:.0f}", f"**{rate / (one * cores):.2f}**", f"{1000 * cores / rate:.2f}"])
+                rate, cpu_ms = job_rate(dataset, str(root / f"{source.replace(' ', '-')}-{size}.zarr"), size, args.shard_size, vit, options)
+                rows.append([f"{size}²", source, f"{one:.0f}", f"{many:.0f}", f"{rate:.0f}", f"**{rate / (one * cores):.2f}**", f"{cpu_ms:.2f}"])
                 print(rows[-1])
+        read_ratio = tar_read_ratio(root / "shard-000.tar", str(root / "tar-bytes.zarr"), args.shard_size, vit)
+        first, last = tar_shard_read_times(root, 10_000, args.shard_size)
+        in_job = [decode_in_job(str(root / "images"), str(root / f"load-{n}.zarr"), args.shard_size, vit, n) for n in (1, 2)]
     body = f"""
 {args.images} ImageNet-like JPEGs (500 × 375, {np.mean([len(b) for b in blobs]) / 1024:.0f} KiB), {MODEL} shapes (384 channels) with a
 near-free stand-in for the model, 16 random shifts, stride 8, dense maps + vectors stored (fp16,
 blosc), {args.shard_size} images per shard, `run_local` on {cores} threads (decode overlaps the rest).
 "job / (decode × cores)" is the whole job's rate over decoding alone on one core times the cores.
-"CPU ms per image" is what the job spends per image apart from the model: at 1,000 images/s a GPU
-actor needs that many cores. Here the SRT aggregation runs on the CPU too (on CUDA it runs on the
-GPU), and it is most of the gap at 448² (56 × 56 cells of 384 channels per view).
+"CPU ms per image" is the process's CPU time per image. Here the SRT aggregation (and cutting
+16 shifted views per image) runs on the CPU too, and it is most of the gap, at 448² nearly all of
+it (56 × 56 cells of 384 channels per view); on CUDA it runs on the GPU, and bench_gpu measures
+the host's share there.
 
 {table(["input", "source", "decode images/s, 1 thread", f"decode images/s, {cores} threads", "whole job images/s", "job / (decode × cores)", "CPU ms per image"], rows)}
 
-S3 is moto's server on loopback (no network latency): it shows the client's own cost. Not
-measured here: GPU figures (no GPU was lent); the driver's cost per unit is bench_driver's.
+S3 is moto's server on loopback (no network latency): it shows the client's own cost. The
+driver's cost per unit is bench_driver's; GPU figures are bench_gpu's.
+
+Containers and decode inside a job:
+- bytes read from a tar during a whole job (listing included) over the tar's size: **{read_ratio:.3f}** (target ≤ 1.1);
+- reading a shard of a 10,000-member tar by its planned byte ranges: first shard {1000 * first:.2f} ms,
+  last shard {1000 * last:.2f} ms, last / first **{last / first:.2f}** (target ≤ 1.5);
+- the job's load stage (read + decode of every shard on the worker's pool): {in_job[0]:.0f} images/s on
+  1 thread, {in_job[1]:.0f} on 2, **{in_job[1] / in_job[0]:.2f}×** (target ≥ 1.7).
 """
     write_section("dataplane", "Data plane: the job around a near-free model (CPU)", body)
 

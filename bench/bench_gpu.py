@@ -186,7 +186,7 @@ def main() -> None:
             print(rows[-1])
     body = f"""
 ViT-S/16 (random init), {VIEWS} random shifts, stride {STRIDE}, dense maps + vectors stored (fp16,
-blosc), device defaults (bf16 autocast, views per pass fitted to free memory), {args.images} ImageNet-like
+lz4), device defaults (bf16 autocast, views per pass fitted to free memory), {args.images} ImageNet-like
 JPEGs (500 × 375) in a local folder, `run_local` with {cores} decode threads, 32 images per shard.
 "model only": SRT calls on inputs already decoded and on the GPU. "job / model": the whole job's
 rate over that (1.00 = model-bound). "stand-in job": the same job with a near-free model (the

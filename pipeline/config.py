@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 STORE_DTYPES = ("float16", "float32")
-CODECS = ("lz4", "blosc", "zstd", "none")  # lz4: blosc-lz4 with bit shuffle; blosc: blosc-zstd (smaller, 7x the CPU): bench/RESULTS.md
+CODECS = ("lz4", "blosc", "zstd", "none")  # lz4: blosc-lz4 with bit shuffle; blosc: blosc-zstd (smaller, about 3x the write CPU): bench/RESULTS.md
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RETRYABLE_ERROR_KINDS = ("read", "empty", "decode")  # decided by the bytes fetched at run time; the rest by the plan or the config
 
@@ -133,8 +133,9 @@ class ExtractConfig(Flags):
     std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
     preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
     outputs: tuple[str, ...] = field(default=OUTPUTS, metadata=option("what to store, comma-separated: dense (the maps: nearly all the bytes), cls, pooled, registers (where the model has them); cls,pooled suits retrieval", parse="words"))
+    pca_dims: int = field(default=0, metadata=option("store dense maps as K channels: their coefficients on a PCA basis fitted on the first 2 shards and stored beside them (FeatureStore.dense(..., full=True) projects back); 0: all channels"))
     dtype: str = field(default="float16", metadata=option("stored feature dtype", choices=STORE_DTYPES))
-    codec: str = field(default="lz4", metadata=option("compression of stored features: lz4 (blosc-lz4, bit shuffle: fast enough for a GPU's output), blosc (blosc-zstd: a store a tenth smaller for 7x the CPU), zstd, none; bench/RESULTS.md", choices=CODECS))
+    codec: str = field(default="lz4", metadata=option("compression of stored features: lz4 (blosc-lz4, bit shuffle: fast enough for a GPU's output), blosc (blosc-zstd: a store a twelfth smaller for about 3x the write CPU), zstd, none; bench/RESULTS.md", choices=CODECS))
     precision: str = field(default="auto", metadata=option("model precision on CUDA (autocast; aggregation stays fp32); auto: bf16 where the GPU has it, else fp16; CPU runs fp32", choices=PRECISIONS))
     batch_size: int = field(default=0, metadata=option(f"views per forward pass; 0: {DEFAULT_BATCH_SIZE} on CPU, on CUDA as many as half the free GPU memory holds (measured at start)"))
     shard_size: int = field(default=32, metadata=option("images per work shard = per Zarr shard = per manifest part"))
@@ -202,6 +203,7 @@ class ResolvedConfig:
             "resample": c.resample,
             "preset": c.preset,
             "outputs": list(c.outputs),
+            "pca_dims": c.pca_dims,
             "dtype": c.dtype,
             "codec": c.codec,
             "precision": c.precision,
@@ -325,6 +327,10 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     if not config.outputs or any(o not in OUTPUTS for o in config.outputs):
         raise ConfigError(f["outputs"], f"give some of {', '.join(OUTPUTS)}, got {','.join(config.outputs) or 'nothing'}")
     config = dataclasses.replace(config, outputs=tuple(o for o in OUTPUTS if o in config.outputs))  # one order: one fingerprint
+    if not 0 <= config.pca_dims < facts.embed_dim:
+        raise ConfigError(f["pca_dims"], f"must be 0 (off) or fewer than the model's {facts.embed_dim} channels, got {config.pca_dims}")
+    if config.pca_dims and "dense" not in config.outputs:
+        raise ConfigError(f["pca_dims"], "reduces dense maps, and --outputs stores none: add dense to --outputs or drop --pca-dims")
     if config.resample == "cv2-bilinear" and config.resize == "square":
         raise ConfigError(f["resample"], "cv2-bilinear resizes whole images: use it with --resize aspect or aspect-floor64")
     for name in ("mean", "std"):

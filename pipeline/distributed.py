@@ -32,7 +32,7 @@ import torch
 from ray.exceptions import RayActorError, RayError
 
 from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
-from pipeline.runner import WRITERS, Job, RunSummary, finish, plan_job, progress
+from pipeline.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, progress
 from pipeline.sources import shard_rows
 from pipeline.srt import PartialSum, Shift, combine, split_shifts
 from pipeline.worker import LoadedShard, ShardStats, ShardWorker
@@ -76,6 +76,11 @@ class ExtractActor:
         with self.model_lock:
             partials = [partial.to("cpu") for partial in self.worker.compute(loaded, shifts)]
         return shard, (loaded.without_pixels(), partials)
+
+    def fit_pca(self, shards: list[tuple[int, list[dict[str, Any]]]]) -> list[ShardStats]:
+        """--pca-dims: fit and store the basis on these shards and commit them, before any other unit."""
+        with self.model_lock:
+            return self.worker.fit_pca([self.worker.load(shard, rows) for shard, rows in shards])
 
     def commit(self, shard: int, *payloads: tuple[LoadedShard, list[PartialSum]]) -> ShardStats:
         """Split-mode commit: add every batch's partial sums in batch order, then write."""
@@ -432,6 +437,11 @@ def run_ray(config: ExtractConfig) -> RunSummary:
         ]
         wait_until_started(actors, resources)
         summary.startup_seconds = time.perf_counter() - started
+        if sample := pca_sample(job):  # every unit needs the basis: one actor fits it first
+            name, actor = actors[0]
+            for stats in ray.get(actor.fit_pca.remote([(s, shard_rows(job.plan, s, config.shard_size)) for s in sample])):
+                summary.add(stats, name)
+            job.pending = job.pending[len(sample) :]
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
         counter = ProgressCounter.remote()

@@ -42,6 +42,8 @@ from pipeline.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
 
+PCA_SAMPLE_SHARDS = 2  # --pca-dims: the basis is fitted on the dense maps of the run's first shards
+
 # Shards written at once: each write is mostly compression and file I/O outside the GIL, and one
 # writer could not keep up with a GPU (bench/RESULTS.md, bench_gpu).
 WRITERS = 4
@@ -218,6 +220,16 @@ def finish(job: Job, summary: RunSummary) -> None:
         put_atomically(f"{out}/summary.json", run.encode(), options)
 
 
+def pca_sample(job: Job) -> list[int]:
+    """--pca-dims: the pending shards to fit the PCA basis on first (`ShardWorker.fit_pca`), or none
+    when the store holds every tap's basis already (a resumed run keeps the basis it started with)."""
+    config = job.resolved.config
+    fitted = open_group(config.out, "r", config.storage_options, use_consolidated=False).attrs.get("pca", {})
+    if not config.pca_dims or all(tap.name in fitted for tap in job.resolved.taps):
+        return []
+    return job.pending[:PCA_SAMPLE_SHARDS]
+
+
 def progress(job: Job) -> tqdm:
     return tqdm(total=job.images_in(job.pending), unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0)
 
@@ -232,6 +244,10 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
     if job.pending:
         worker = ShardWorker(job.resolved, vit=vit, device=device)
         summary.startup_seconds = time.perf_counter() - started
+        if sample := pca_sample(job):
+            for stats in worker.fit_pca([worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in sample]):
+                summary.add(stats)
+            job.pending = job.pending[len(sample) :]
         loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
         with progress(job) as bar, ThreadPoolExecutor(WRITERS, thread_name_prefix="commit") as writers:
             writing: collections.deque[Future[ShardStats]] = collections.deque()

@@ -9,6 +9,7 @@ Layout under the output URI (N = planned items, n = one image per chunk):
     cls/L{L}                  [N, C] class token averaged over views (models with a class token)
     registers/L{L}            [N, R, C] register tokens averaged over views (models with registers)
     pooled/L{L}               [N, C] mean of the dense map
+    pca/L{L}/components, mean [K, C] and [C]: the basis of dense maps stored as K channels (--pca-dims)
     dense/K{L}, cls/K{L}, ... the same for the attention keys of block L (`--keys`)
 
 Dense arrays have one image per chunk inside one Zarr shard per work shard; per-image vectors
@@ -33,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, ZstdCodec
@@ -41,6 +43,7 @@ from zarr.errors import ContainsArrayError
 from pipeline.config import OUTPUTS, ConfigError, ResolvedConfig, differences
 from pipeline.manifest import read_manifest
 from pipeline.models import Tap
+from pipeline.pca import Basis, reconstruct
 from pipeline.sources import normalize_uri
 from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
 
@@ -174,7 +177,7 @@ def _fixed_shapes(resolved: ResolvedConfig) -> dict[str, tuple[int, ...]]:
         shapes["registers"] = (facts.num_registers, facts.embed_dim)
     if c.resize == "square":
         side = c.image_size // resolved.stride
-        shapes["dense"] = (facts.embed_dim, side, side)
+        shapes["dense"] = (c.pca_dims or facts.embed_dim, side, side)
     return shapes
 
 
@@ -235,6 +238,25 @@ def write_shard(
         if path not in opened:
             opened[path] = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), resolved)
         opened[path][start : start + len(block)] = block.astype(resolved.config.dtype, copy=False)
+
+
+def write_basis(group: zarr.Group, tap: Tap, basis: Basis, shards: list[int]) -> None:
+    """Store the PCA basis of a tap's dense maps, and what it was fitted on in the group attributes."""
+    for name, values in (("components", basis.components), ("mean", basis.mean)):
+        array = group.create_array(f"pca/{tap.name}/{name}", shape=tuple(values.shape), dtype="float32", overwrite=True)
+        array[...] = values.cpu().numpy()
+    fitted = dict(group.attrs.get("pca", {}))
+    fitted[tap.name] = {"dims": int(basis.components.shape[0]), "explained_variance": basis.explained, "fitted_on_shards": shards}
+    group.attrs["pca"] = fitted
+
+
+def read_basis(group: zarr.Group, tap: Tap) -> Basis | None:
+    """The PCA basis of a tap's dense maps, or None when none is stored (yet)."""
+    facts = dict(group.attrs.get("pca", {})).get(tap.name)
+    if facts is None:
+        return None
+    components, mean = (torch.from_numpy(group[f"pca/{tap.name}/{name}"][...]) for name in ("components", "mean"))
+    return Basis(mean=mean, components=components, explained=facts["explained_variance"])
 
 
 # ---------------------------------------------------------------------------- reader
@@ -337,19 +359,32 @@ class FeatureStore:
         if kind not in outputs:
             raise KeyError(f"{self.uri} stores no {kind} arrays: it was extracted with --outputs {','.join(outputs)} (extract again with {kind} in --outputs)")
 
-    def dense(self, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
-        """[C, H/s, W/s] SRT map of one image: a block's output, or with `keys` its attention keys."""
+    def dense(self, image_id: str, layer: int | None = None, keys: bool = False, full: bool = False) -> np.ndarray:
+        """[C, H/s, W/s] SRT map of one image: a block's output, or with `keys` its attention keys.
+        A store of reduced maps (--pca-dims K) gives K channels, or with `full` the C-channel
+        maps projected back from them (fp32)."""
         self.stored("dense")
         record = self._ok_record(image_id)
-        return self.group[dense_path(self.tap(layer, keys), record["bucket"])][record["row"]]
+        tap = self.tap(layer, keys)
+        return self._full(self.group[dense_path(tap, record["bucket"])][record["row"]][None], tap, full)[0]
 
-    def dense_rows(self, records: list[dict[str, Any]], layer: int | None = None) -> np.ndarray:
-        """[n, C, h, w] maps of ok manifest records of one size bucket, read in one indexed call."""
+    def dense_rows(self, records: list[dict[str, Any]], layer: int | None = None, full: bool = False) -> np.ndarray:
+        """[n, C, h, w] maps of ok manifest records of one size bucket, read in one indexed call
+        (`full`: as `dense`)."""
         self.stored("dense")
         buckets = {r["bucket"] for r in records}
         if len(buckets) != 1:
             raise ValueError(f"records of one size bucket expected, got {sorted(map(str, buckets))}")
-        return self.group[dense_path(self.tap(layer), records[0]["bucket"])].oindex[[r["row"] for r in records]]
+        tap = self.tap(layer)
+        return self._full(self.group[dense_path(tap, records[0]["bucket"])].oindex[[r["row"] for r in records]], tap, full)
+
+    def basis(self, layer: int | None = None, keys: bool = False) -> Basis | None:
+        """The PCA basis the dense maps of a block are stored on (--pca-dims), or None."""
+        return read_basis(self.group, self.tap(layer, keys))
+
+    def _full(self, maps: np.ndarray, tap: Tap, full: bool) -> np.ndarray:
+        basis = read_basis(self.group, tap) if full else None
+        return maps if basis is None else reconstruct(torch.from_numpy(maps), basis).numpy()
 
     def vector_rows(self, kind: str, records: list[dict[str, Any]], layer: int | None = None) -> np.ndarray:
         """[n, ...] per-image vectors (cls, registers, pooled) of ok manifest records."""

@@ -1,8 +1,11 @@
 """One work shard through read -> decode -> SRT -> store -> manifest.
 
 `ShardWorker` holds a loaded model and an open store. The in-process runner calls it in a loop;
-Ray actors each own one. The steps are separate so shift batches of one shard can be computed
-on different workers (`compute` with a shift subset) and committed once (`commit`).
+Ray actors each own one. The steps are separate: `load` (read, decode, start the copy to a GPU),
+`compute` (SRT partial sums, on the model's device), `assemble` (finalize there, bring back the
+stored dtype) and `commit` (host work only: arrays, then the manifest part), so shards overlap in
+the three stages and shift batches of one shard can be computed on different workers (`compute`
+with a shift subset) and committed once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline import pca
 from pipeline.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
 from pipeline.config import ResolvedConfig
 from pipeline.images import ImageError, ImagePolicy, Prepared, normalize, prepare
@@ -28,7 +32,7 @@ from pipeline.manifest import is_committed, write_part
 from pipeline.models import Tap, ViT, load_vit
 from pipeline.sources import read_bytes
 from pipeline.srt import DEFAULT_BATCH_SIZE, SRT, PartialSum, Shift
-from pipeline.store import dense_path, open_group, write_shard
+from pipeline.store import dense_path, open_group, read_basis, write_basis, write_shard
 
 log = logging.getLogger("srt")
 
@@ -140,6 +144,7 @@ class ShardWorker:
         self.srt, self.policy = build_engine(self.vit, resolved.provenance(), batch_size=c.batch_size)
         self.group = open_group(c.out, "r+", c.storage_options, use_consolidated=False)
         self.arrays: dict[str, zarr.Array] = {}  # opened once, written by every shard
+        self.bases: dict[str, pca.Basis] = {}  # --pca-dims: each tap's basis, read from the store once there
         self.images_per_call = images_per_call(c.batch_size, len(resolved.shifts))
         self.budget: ViewBudget = view_budget(self.srt, c.batch_size, (c.image_size, c.image_size))
         self.decoders = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode")
@@ -256,7 +261,7 @@ class ShardWorker:
         """Copy one group's outputs into the shard-sized blocks they belong to; returns their paths."""
         facts = self.resolved.facts
         name = tap.name
-        per_image = {dense_path(tap, bucket): dense, f"pooled/{name}": pooled}
+        per_image = {dense_path(tap, bucket): self._reduced(tap, dense), f"pooled/{name}": pooled}
         if facts.num_prefix_tokens > facts.num_registers:
             per_image[f"cls/{name}"] = prefix[:, 0]
         if facts.num_registers:
@@ -267,6 +272,28 @@ class ShardWorker:
             block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=dtype))
             block[members] = values.to(getattr(torch, dtype.name)).cpu().numpy()
         return list(per_image)
+
+    def _reduced(self, tap: Tap, dense: torch.Tensor) -> torch.Tensor:
+        """Dense maps as stored: all channels, or their coefficients on the tap's PCA basis (--pca-dims)."""
+        if not self.resolved.config.pca_dims:
+            return dense
+        if tap.name not in self.bases:
+            basis = read_basis(self.group, tap)
+            if basis is None:
+                raise RuntimeError(f"--pca-dims: no PCA basis of {tap.name} in {self.resolved.config.out}; the runner fits it first (fit_pca)")
+            self.bases[tap.name] = basis
+        return pca.project(dense, self.bases[tap.name].to(dense.device))
+
+    def fit_pca(self, loads: list[LoadedShard]) -> list[ShardStats]:
+        """--pca-dims K: fit each tap's basis on the dense maps of these shards (the first ones of the
+        run), store it beside the arrays, then commit the shards, projected like every later one."""
+        computed = [(loaded, self.compute(loaded)) for loaded in loads]
+        for tap in self.srt.taps:
+            maps = [self.srt.finalize(partial).dense[tap] for _, partials in computed for partial in partials]
+            if not maps:
+                raise RuntimeError(f"--pca-dims: shards {[loaded.shard for loaded in loads]} hold no image that decoded, nothing to fit the PCA on")
+            write_basis(self.group, tap, pca.fit(maps, self.resolved.config.pca_dims), [loaded.shard for loaded in loads])
+        return [self.commit(loaded, self.assemble(loaded, partials)) for loaded, partials in computed]
 
     def _manifest_row(self, row: dict[str, Any], item: Prepared | ImageError, n_views: int | None) -> dict[str, Any]:
         record = {"image_id": row["image_id"], "uri": row["uri"], "shard": row["shard"], "row": row["row"]}

@@ -270,3 +270,17 @@ def test_an_actor_the_cluster_cannot_place_yet_is_waited_for_out_loud(tmp_path, 
     release.join()
     assert summary.ok == 12
     assert "waiting" in caplog.text and "actors to start (each asks {'num_gpus': 0, 'num_cpus': 2})" in caplog.text
+
+
+def test_pca_basis_is_fitted_by_one_actor_and_used_by_all(tmp_path, photos):
+    reduced = config(str(photos), str(tmp_path / "ray.zarr"), num_actors=2, cpus_per_actor=1, split_shifts="1", pca_dims=4)
+    summary = run_ray(reduced)
+    assert (summary.ok, summary.shards_done) == (12, 6)
+    assert_exactly_once(reduced.out, 12)
+    local = config(str(photos), str(tmp_path / "local.zarr"), pca_dims=4)
+    run_local(local)
+    on_ray, in_process = FeatureStore.open(reduced.out), FeatureStore.open(local.out)
+    assert on_ray.group.attrs["pca"]["L11"]["fitted_on_shards"] == [0, 1]
+    for image_id in in_process.manifest.column("image_id").to_pylist():
+        assert on_ray.dense(image_id).shape[0] == 4
+        np.testing.assert_allclose(on_ray.dense(image_id, full=True), in_process.dense(image_id, full=True), atol=1e-2)
