@@ -17,6 +17,7 @@ import ray
 import torch
 from PIL import Image
 
+from pipeline.accelerator import view_budget
 from pipeline.config import ExtractConfig, resolve
 from pipeline.images import ImageError, Prepared, prepare, prepare_image, to_rgb
 from pipeline.models import load_vit
@@ -46,6 +47,8 @@ class SRTPredictor:
         c = resolved.config
         self.vit = load_vit(c.model, pretrained=c.pretrained, weights=c.weights, seed=c.seed, device=device, storage_options=c.storage_options)
         self.srt, self.policy = build_engine(self.vit, resolved.provenance(), batch_size=c.batch_size)
+        side = (c.image_size, c.image_size)
+        self.srt.batch_size = view_budget(self.srt, c.batch_size, side).views(side, self.vit.patch_size)  # a GPU's worth on CUDA
         self.column, self.outputs, self.tap = column, outputs, self.srt.taps[0]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
