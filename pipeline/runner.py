@@ -44,8 +44,8 @@ log = logging.getLogger("srt")
 
 PCA_SAMPLE_SHARDS = 2  # --pca-dims: the basis is fitted on the dense maps of the run's first shards
 
-# Shards written at once: each write is mostly compression and file I/O outside the GIL, and one
-# writer could not keep up with a GPU (bench/RESULTS.md, bench_gpu).
+# Shards written at once, so a shard's write (compression and file I/O, mostly outside the GIL)
+# overlaps the next shards' compute; 8 were no faster than 4 on a 16-vCPU GPU host (bench/RESULTS.md).
 WRITERS = 4
 
 
