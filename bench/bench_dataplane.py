@@ -11,10 +11,12 @@ up. The stand-in keeps the real model's output shapes (ViT-S/16: 384 channels) a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from pipeline.images import ImagePolicy, prepare
 from pipeline.models import TokenMap, ViT, load_vit
 from pipeline.runner import plan_job, run_local
 from pipeline.sources import list_items, make_plan, read_bytes, shard_rows
+from pipeline.srt import PartialSum
 from pipeline.worker import ShardWorker
 
 MODEL = "vit_small_patch16_224"
@@ -59,6 +62,37 @@ def stand_in(vit: ViT) -> ViT:
 
     vit.forward_taps = forward_taps
     return vit
+
+
+@contextlib.contextmanager
+def engine_on_device() -> Iterator[None]:
+    """Replace the workers' whole SRT computation (cutting views, the model, the aggregation) by
+    sums of the right shapes, fixed random values, as if it ran on a GPU: what is left is the host's
+    path (read, decode, finalize, fp16, Zarr writes, manifest commits). Restored on exit."""
+    computed: dict[tuple, PartialSum] = {}
+
+    def compute(self: ShardWorker, loaded, shifts=None, progress=None) -> list[PartialSum]:
+        partials = []
+        for members in loaded.groups(self.images_per_call):
+            height, width = loaded.inputs[members[0]].input_size
+            key = (len(members), height, width)
+            if key not in computed:
+                cells = (len(members), self.vit.embed_dim, height // self.srt.stride, width // self.srt.stride)
+                random = torch.randn(cells, generator=torch.Generator().manual_seed(0))
+                prefix = torch.randn(len(members), self.vit.facts.num_prefix_tokens, self.vit.embed_dim)
+                computed[key] = PartialSum(
+                    dense=dict.fromkeys(self.srt.taps, random), prefix=dict.fromkeys(self.srt.taps, prefix),
+                    coverage=torch.ones(cells[0], *cells[2:]), n_views=torch.full((len(members),), len(self.srt.shifts)),
+                )  # fmt: skip
+            partials.append(computed[key])
+        return partials
+
+    original = ShardWorker.compute
+    ShardWorker.compute = compute
+    try:
+        yield
+    finally:
+        ShardWorker.compute = original
 
 
 def decode_rate(blobs: list[bytes], size: int, threads: int) -> float:
@@ -136,7 +170,7 @@ def main() -> None:
     cores = torch.get_num_threads()
     blobs = imagenet_like(args.images)
     vit = stand_in(load_vit(MODEL, device="cpu"))
-    rows = []
+    rows, host = [], []
     with tempfile.TemporaryDirectory() as tmp, loopback_s3("bench") as s3:
         root = Path(tmp)
         (root / "images").mkdir()
@@ -161,6 +195,11 @@ def main() -> None:
                 rate, cpu_ms = job_rate(dataset, str(root / f"{source.replace(' ', '-')}-{size}.zarr"), size, args.shard_size, vit, options)
                 rows.append([f"{size}²", source, f"{one:.0f}", f"{many:.0f}", f"{rate:.0f}", f"**{rate / (one * cores):.2f}**", f"{cpu_ms:.2f}"])
                 print(rows[-1])
+            with engine_on_device():
+                for source in ("directory", "tar"):
+                    rate, cpu_ms = job_rate(sources[source][0], str(root / f"host-{source}-{size}.zarr"), size, args.shard_size, vit)
+                    host.append([f"{size}²", source, f"{one * cores:.0f}", f"{rate:.0f}", f"**{rate / (one * cores):.2f}**", f"{cpu_ms:.2f}"])
+                    print(host[-1])
         read_ratio = tar_read_ratio(root / "shard-000.tar", str(root / "tar-bytes.zarr"), args.shard_size, vit)
         first, last = tar_shard_read_times(root, 10_000, args.shard_size)
         in_job = [decode_in_job(str(root / "images"), str(root / f"load-{n}.zarr"), args.shard_size, vit, n) for n in (1, 2)]
@@ -175,6 +214,12 @@ it (56 × 56 cells of 384 channels per view); on CUDA it runs on the GPU, and be
 the host's share there.
 
 {table(["input", "source", "decode images/s, 1 thread", f"decode images/s, {cores} threads", "whole job images/s", "job / (decode × cores)", "CPU ms per image"], rows)}
+
+The host's path alone: the same jobs with the whole SRT computation (views, model, aggregation)
+replaced by precomputed sums of the right shapes, as when it runs on a GPU; what remains is read,
+decode, finalize, fp16, Zarr writes (lz4) and manifest commits, on this machine's cores:
+
+{table(["input", "source", "decode × cores, images/s", "host path, images/s", "host / (decode × cores)", "CPU ms per image"], host)}
 
 S3 is moto's server on loopback (no network latency): it shows the client's own cost. The
 driver's cost per unit is bench_driver's; GPU figures are bench_gpu's.

@@ -268,9 +268,13 @@ class ShardWorker:
             per_image[f"registers/{name}"] = prefix[:, -facts.num_registers :]
         per_image = {path: values for path, values in per_image.items() if path.split("/", 1)[0] in self.resolved.config.outputs}
         dtype = np.dtype(self.resolved.config.dtype)
+        consecutive = members == list(range(members[0], members[0] + len(members)))
         for path, values in per_image.items():
-            block = blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=dtype))
-            block[members] = values.to(getattr(torch, dtype.name)).cpu().numpy()
+            block = torch.from_numpy(blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=dtype)))
+            if consecutive:  # one pass: cast (on the GPU, if there) and copy into the block
+                block[members[0] : members[0] + len(members)].copy_(values)
+            else:
+                block[members] = values.to(block.dtype).cpu()
         return list(per_image)
 
     def _reduced(self, tap: Tap, dense: torch.Tensor) -> torch.Tensor:
