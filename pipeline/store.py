@@ -277,6 +277,7 @@ class FeatureStore:
             raise ValueError(f"{out}: store format {self.config.get('store_format')} is not {STORE_FORMAT_VERSION}")
         self.manifest = manifest
         self._rows = {image_id: i for i, image_id in enumerate(manifest.column("image_id").to_pylist())}
+        self._bases: dict[str, Basis | None] = {}
 
     @classmethod
     def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
@@ -380,10 +381,15 @@ class FeatureStore:
 
     def basis(self, layer: int | None = None, keys: bool = False) -> Basis | None:
         """The PCA basis the dense maps of a block are stored on (--pca-dims), or None."""
-        return read_basis(self.group, self.tap(layer, keys))
+        return self._basis(self.tap(layer, keys))
+
+    def _basis(self, tap: Tap) -> Basis | None:
+        if tap.name not in self._bases:  # read once: `full` reads come in loops over images
+            self._bases[tap.name] = read_basis(self.group, tap)
+        return self._bases[tap.name]
 
     def _full(self, maps: np.ndarray, tap: Tap, full: bool) -> np.ndarray:
-        basis = read_basis(self.group, tap) if full else None
+        basis = self._basis(tap) if full else None
         return maps if basis is None else reconstruct(torch.from_numpy(maps), basis).numpy()
 
     def vector_rows(self, kind: str, records: list[dict[str, Any]], layer: int | None = None) -> np.ndarray:
