@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +23,9 @@ import zarr
 from bench.results import sample_photos, table, write_section
 from pipeline.images import ImagePolicy, prepare
 from pipeline.models import load_vit
+from pipeline.runner import WRITERS
 from pipeline.srt import SRT, grid_shifts
-from pipeline.store import compressors
+from pipeline.store import compressors, for_writing
 
 
 def features(vit, blobs: list[bytes]) -> dict[str, np.ndarray]:
@@ -45,7 +47,7 @@ def codec_rows(arrays: dict[str, np.ndarray], shard: int, repeats: int) -> list[
         with tempfile.TemporaryDirectory() as folder:
             group = zarr.open_group(folder, mode="w")
             targets = {
-                name: group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), shards=(shard, *a.shape[1:]), dtype=a.dtype, compressors=compressors(codec), fill_value=0)
+                name: for_writing(group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), shards=(shard, *a.shape[1:]), dtype=a.dtype, compressors=compressors(codec), fill_value=0))
                 for name, a in arrays.items()
             }
             for name, array in arrays.items():  # warm-up: codec set-up and the first files cost extra
@@ -62,6 +64,37 @@ def codec_rows(arrays: dict[str, np.ndarray], shard: int, repeats: int) -> list[
             read_s = time.perf_counter() - start
             on_disk = fsspec.filesystem("file").du(folder)
         rows.append([codec, f"{on_disk / count / 1024:.1f}", f"{on_disk / raw:.3f}", f"{raw / write_s / 1e6:.0f}", f"{1e3 * write_cpu / count:.2f}", f"{raw / read_s / 1e6:.0f}"])
+    return rows
+
+
+def zarr_io_seconds() -> float:
+    """CPU seconds so far of zarr's I/O thread, the one event loop that every synchronous zarr call
+    of a process runs on (compression and file writes go to a thread pool, the rest stays there)."""
+    thread = next(t for t in threading.enumerate() if t.name == "zarr_io")
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def writer_rows(dense: np.ndarray, shard: int, shards: int) -> list[list[object]]:
+    """WRITERS threads writing `shards` whole shards of dense maps (lz4), as `run_local` commits
+    them: zarr's default arrays, which compare each chunk with the fill value before writing it,
+    against the store's (`for_writing`)."""
+    rows = []
+    count = len(dense)
+    for label, opened in (("zarr's default", lambda array: array), ("the store's (`for_writing`)", for_writing)):
+        with tempfile.TemporaryDirectory() as folder:
+            group = zarr.open_group(folder, mode="w")
+            array = opened(group.create_array("dense", shape=(count * (shards + 1), *dense.shape[1:]), chunks=(1, *dense.shape[1:]), shards=(shard, *dense.shape[1:]), dtype=dense.dtype, compressors=compressors("lz4"), fill_value=0))
+            array[:count] = dense  # warm-up
+
+            def write(start: int) -> None:
+                array[start : start + count] = dense
+
+            wall, cpu, loop = time.perf_counter(), time.process_time(), zarr_io_seconds()
+            with ThreadPoolExecutor(WRITERS) as pool:
+                list(pool.map(write, range(count, count * (shards + 1), count)))
+            images = count * shards
+            wall, cpu, loop = (1e3 * (now - then) / images for now, then in ((time.perf_counter(), wall), (time.process_time(), cpu), (zarr_io_seconds(), loop)))
+        rows.append([label, f"{wall:.2f}", f"{cpu:.2f}", f"{loop:.2f}", f"{1e3 / loop:.0f}"])
     return rows
 
 
@@ -120,6 +153,8 @@ def main() -> None:
     by_codec = {row[0]: row for row in measured}
     cpu_ms = {name: float(row[4]) for name, row in by_codec.items()}
     smaller = 1 - float(by_codec["blosc"][1]) / float(by_codec["lz4"][1])
+    writers = writer_rows(arrays["dense"], args.shard_size, shards=24)
+    write_path = table(["arrays", "wall ms per image", "process CPU ms per image", "zarr event-loop CPU ms per image", "one process's ceiling, images/s"], writers)
     vectors = table(["vector array layout", "µs per image, write", "µs per image, read"], vector_chunk_rows(20_000, args.shard_size))
     decode = table(["policy", "images", "mean file KiB", "images/s, 1 thread", "images/s, 2 threads", "2 / 1"], decode_rows(blobs, repeats=3))
     write_section(
@@ -136,6 +171,15 @@ image, so at 1,000 images/s also the cores it needs. Writing costs {cpu_ms["none
 {smaller:.0%} smaller than lz4's: lz4 is the default, blosc the choice where storage costs more than CPU.
 
 {codecs}
+
+One actor's writers: {WRITERS} threads writing 24 shards of dense maps (lz4) at once, as `run_local`
+commits them. Compression and file writes run on zarr's thread pool, everything else of every
+write on its one event-loop thread per process, so that thread's time per image bounds one
+process's write rate however many writers it has. zarr by default first compares each chunk with
+the fill value (to skip storing empty ones), on that thread; the store's arrays skip the test
+(`for_writing`: a failed image's row is then stored as zeros), {float(writers[0][3]) / float(writers[1][3]):.1f}× less of that thread per image:
+
+{write_path}
 
 Per-image vectors (20,000 × 384 fp16, blosc), written a shard at a time: zarr's cost per chunk
 dwarfs a 768-byte chunk, so the store gives vectors one chunk per work shard (dense maps, hundreds
