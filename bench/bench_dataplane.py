@@ -209,6 +209,8 @@ def main() -> None:
 near-free stand-in for the model, 16 random shifts, stride 8, dense maps + vectors stored (fp16,
 lz4), {args.shard_size} images per shard, `run_local` on {cores} threads (decode overlaps the rest).
 "job / (decode × cores)" is the whole job's rate over decoding alone on one core times the cores.
+This shared machine's speed varies between runs (decoding on one thread ran at 254 to 430 images/s
+at 224² on different days): compare rates within one run, as the ratios do.
 "CPU ms per image" is the process's CPU time per image. Here the SRT aggregation (and cutting
 16 shifted views per image) runs on the CPU too, and it is most of the gap, at 448² nearly all of
 it (56 × 56 cells of 384 channels per view); on CUDA it runs on the GPU, and bench_gpu measures

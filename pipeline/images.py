@@ -100,7 +100,8 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError("decode", "not an image Pillow can read") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError("decode", f"corrupt image: {error}") from error
-    return to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise a copy of every upright image
+    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
