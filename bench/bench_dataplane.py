@@ -224,8 +224,9 @@ decode, finalize, fp16, Zarr writes (lz4) and manifest commits, on this machine'
 
 {table(["input", "source", "decode × cores, images/s", "host path, images/s", "host / (decode × cores)", "CPU ms per image"], host)}
 
-S3 is moto's server on loopback (no network latency): it shows the client's own cost. The
-driver's cost per unit is bench_driver's; GPU figures are bench_gpu's.
+S3 is moto's server on loopback (no network latency), run inside the bench's process: its CPU
+is counted in those rows and it takes the same 2 cores from the job, so the S3 rows understate
+what a real endpoint allows. The driver's cost per unit is bench_driver's; GPU figures are bench_gpu's.
 
 Containers and decode inside a job:
 - bytes read from a tar during a whole job (listing included) over the tar's size: **{read_ratio:.3f}** (target ≤ 1.1);
