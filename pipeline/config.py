@@ -129,6 +129,7 @@ class ExtractConfig(Flags):
     image_size: int = field(default=224, metadata=option("model input: square side, or shorter side with --resize aspect; a multiple of the patch size"))
     resize: str = field(default="square", metadata=option("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size; aspect-floor64: shorter side, longer side floored to a multiple of 64 (DINO's video evaluation); pad: original size, each view centre-padded with zeros to a multiple of the patch after shifting (DINOv2's depth evaluation; --image-size unused, needs --boundary zeros)", choices=RESIZE_POLICIES))
     resample: str = field(default="bicubic", metadata=option("resampling: Pillow's antialiased bicubic, or cv2-bilinear (cv2.resize's default, as DINO's evaluation reads frames; not with --resize square)", choices=RESAMPLERS))
+    reducing_gap: float = field(default=0.0, metadata=option("G >= 1: decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where the shorter side stays at least G x --image-size, then resample as usual: about 2x the decode rate of 3-12 MP photos, pixels within 2 levels of a full decode (Pillow's reducing_gap; bench/RESULTS.md); 0: decode in full"))
     mean: tuple[float, ...] | None = field(default=None, metadata=option("normalization mean, R,G,B (default: the model's)", parse="floats"))
     std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
     preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
@@ -201,6 +202,7 @@ class ResolvedConfig:
             "image_size": c.image_size,
             "resize": c.resize,
             "resample": c.resample,
+            **({"reducing_gap": c.reducing_gap} if c.reducing_gap else {}),  # absent when off: stores from before it still match
             "preset": c.preset,
             "outputs": list(c.outputs),
             "pca_dims": c.pca_dims,
@@ -331,6 +333,8 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         raise ConfigError(f["pca_dims"], f"must be 0 (off) or fewer than the model's {facts.embed_dim} channels, got {config.pca_dims}")
     if config.pca_dims and "dense" not in config.outputs:
         raise ConfigError(f["pca_dims"], "reduces dense maps, and --outputs stores none: add dense to --outputs or drop --pca-dims")
+    if config.reducing_gap and (config.reducing_gap < 1 or config.resize == "pad" or config.resample != "bicubic"):
+        raise ConfigError(f["reducing_gap"], f"must be 0 (off) or at least 1, with Pillow's resampling of resized inputs (not --resize pad, not --resample cv2-bilinear); got {config.reducing_gap:g}")
     if config.resample == "cv2-bilinear" and config.resize == "square":
         raise ConfigError(f["resample"], "cv2-bilinear resizes whole images: use it with --resize aspect or aspect-floor64")
     for name in ("mean", "std"):

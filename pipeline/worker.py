@@ -122,7 +122,7 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         tolerance=p["adaptive_tol"],
         min_views=p["min_views"] or 1,
     )
-    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"))
+    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0))
     return srt, policy
 
 

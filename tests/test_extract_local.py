@@ -49,7 +49,7 @@ def expected_features(data: bytes, cfg: ExtractConfig) -> dict[str, np.ndarray]:
     """What the engine gives for one image, computed directly, independently of the store."""
     resolved = resolve(cfg)
     vit = cached_vit(cfg.model)
-    prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels))
+    prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels, reducing_gap=cfg.reducing_gap))
     srt = SRT(vit, layers=resolved.layers, shifts=resolved.shifts, stride=resolved.stride, boundary=cfg.boundary, tolerance=cfg.adaptive_tol, min_views=cfg.min_views)
     out = srt.run(prepared.tensor[None])
     tap = srt.taps[0]
@@ -234,6 +234,18 @@ def test_a_writer_killed_at_any_moment_leaves_the_old_file_or_the_new(tmp_path):
             assert pq.read_table(target).num_rows >= 100_000
 
 
+def test_reducing_gap_stores_the_reduced_decode_in_the_original_geometry(tmp_path):
+    photo = encode(gradient(1200, 1800), "JPEG", quality=92)
+    write_files(tmp_path / "large", {"photo.jpg": photo})
+    cfg = config(str(tmp_path / "large"), str(tmp_path / "out.zarr"), reducing_gap=2.0, max_pixels=10_000_000)
+    run_local(cfg)
+    store = FeatureStore.open(cfg.out)
+    record = store.manifest.to_pylist()[0]
+    assert (record["height"], record["width"], record["region"]) == (1200, 1800, [0.0, 300.0, 1200.0, 1500.0])
+    assert store.config["reducing_gap"] == 2.0
+    assert_store_matches_engine(store, {str(tmp_path / "large" / "photo.jpg"): photo}, cfg)
+
+
 def test_rerun_with_a_different_config_is_refused_unless_overwrite(tmp_path, sample_paths):
     out = str(tmp_path / "out.zarr")
     run_local(config(str(sample_paths[0].parent), out))
@@ -241,6 +253,8 @@ def test_rerun_with_a_different_config_is_refused_unless_overwrite(tmp_path, sam
         run_local(config(str(sample_paths[0].parent), out, stride=4))
     with pytest.raises(StoreMismatchError, match=r"boundary: stored 'reflect', requested 'zeros'.*shifts"):
         run_local(config(str(sample_paths[0].parent), out, boundary="zeros", radius=2))
+    with pytest.raises(StoreMismatchError, match=r"Differences: reducing_gap: stored None, requested 2.0"):  # absent when off
+        run_local(config(str(sample_paths[0].parent), out, reducing_gap=2.0))
     summary = run_local(config(str(sample_paths[0].parent), out, stride=4, overwrite=True))
     assert summary.shards_done == 2 and FeatureStore.open(out).config["stride"] == 4
 
@@ -292,6 +306,8 @@ def test_s3_dataset_and_store_on_a_loopback_server(tmp_path, sample_paths, s3_se
         (["--shard-size", "0"], "--shard-size: must be a positive integer"),
         (["--storage-options", "{not json"], "--storage-options: .*not valid JSON"),
         (["--boundary", "wrap"], "--boundary: invalid choice"),
+        (["--reducing-gap", "0.5"], "--reducing-gap: must be 0 .off. or at least 1"),
+        (["--reducing-gap", "2", "--resize", "pad", "--boundary", "zeros"], "--reducing-gap: .*not --resize pad"),
         (["--weights", "/no/such/file.pt"], "--weights: cannot read /no/such/file.pt"),
     ],
 )
