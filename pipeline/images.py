@@ -47,7 +47,7 @@ class ImagePolicy:
     def decoded_shorter_side(self) -> int:
         """The shorter side a JPEG must keep when decoded by DCT scaling (0: decode in full). Only
         Pillow's resampling of the resized policies takes it; each scales the shorter side to `size`
-        and the longer side by no more, so keeping the shorter side keeps both."""
+        and the longer side by about as much (up to half a patch of rounding)."""
         if not self.reducing_gap or self.resize == "pad" or self.resample != "bicubic":
             return 0
         return math.ceil(self.size * self.reducing_gap)
