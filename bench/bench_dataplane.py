@@ -25,9 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from bench.results import loopback_s3, table, write_section
+from bench.results import imagenet_like, loopback_s3, table, write_section
 from pipeline.config import ExtractConfig
 from pipeline.images import ImagePolicy, prepare
 from pipeline.models import TokenMap, ViT, load_vit
@@ -37,19 +36,6 @@ from pipeline.srt import PartialSum
 from pipeline.worker import ShardWorker
 
 MODEL = "vit_small_patch16_224"
-
-
-def imagenet_like(count: int, seed: int = 0, width: int = 500, height: int = 375) -> list[bytes]:
-    """JPEGs of about 500 x 375 and 100 KB by default: smooth gradients under noise, as photos compress."""
-    rng = np.random.default_rng(seed)
-    blobs = []
-    for _ in range(count):
-        base = np.linspace(0, 1, width)[None, :, None] * rng.uniform(60, 200, 3) + np.linspace(0, 1, height)[:, None, None] * rng.uniform(0, 60, 3)
-        pixels = (base + rng.normal(0, 18, (height, width, 3))).clip(0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-        blobs.append(buffer.getvalue())
-    return blobs
 
 
 def stand_in(vit: ViT) -> ViT:

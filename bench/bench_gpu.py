@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.bench_dataplane import MODEL, decode_rate, imagenet_like, stand_in
-from bench.results import median_seconds, table, write_section
+from bench.bench_dataplane import MODEL, decode_rate, stand_in
+from bench.results import imagenet_like, median_seconds, table, write_section
 from pipeline.accelerator import view_budget
 from pipeline.config import ExtractConfig
 from pipeline.images import ImagePolicy, prepare

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import zarr
 
-from bench.bench_dataplane import imagenet_like
-from bench.results import sample_photos, table, write_section
+from bench.results import imagenet_like, sample_photos, table, write_section
 from pipeline.images import ImagePolicy, prepare
 from pipeline.models import load_vit
 from pipeline.runner import WRITERS
@@ -91,11 +90,11 @@ def writer_rows(dense: np.ndarray, shard: int, shards: int) -> list[list[object]
             def write(start: int) -> None:
                 array[start : start + count] = dense
 
-            wall, cpu, loop = time.perf_counter(), time.process_time(), zarr_io_seconds()
+            started = time.perf_counter(), time.process_time(), zarr_io_seconds()
             with ThreadPoolExecutor(WRITERS) as pool:
                 list(pool.map(write, range(count, count * (shards + 1), count)))
-            images = count * shards
-            wall, cpu, loop = (1e3 * (now - then) / images for now, then in ((time.perf_counter(), wall), (time.process_time(), cpu), (zarr_io_seconds(), loop)))
+            ended = time.perf_counter(), time.process_time(), zarr_io_seconds()
+        wall, cpu, loop = (1e3 * (end - start) / (count * shards) for start, end in zip(started, ended))
         rows.append([label, f"{wall:.2f}", f"{cpu:.2f}", f"{loop:.2f}", f"{1e3 / loop:.0f}"])
     return rows
 

@@ -101,6 +101,24 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def imagenet_like(count: int, seed: int = 0, width: int = 500, height: int = 375) -> list[bytes]:
+    """JPEGs of about 500 x 375 and 100 KB by default: smooth gradients under noise, as photos compress."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(count):
+        base = np.linspace(0, 1, width)[None, :, None] * rng.uniform(60, 200, 3) + np.linspace(0, 1, height)[:, None, None] * rng.uniform(0, 60, 3)
+        pixels = (base + rng.normal(0, 18, (height, width, 3))).clip(0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
 def sample_photos(copies: int) -> list[bytes]:
     """The bundled photos and `copies` re-encoded crops of each: distinct content, real statistics."""
     import io
