@@ -18,10 +18,10 @@ import ray
 from tqdm import tqdm
 
 from bench.results import table, write_section
-from pipeline.config import ExtractConfig, resolve
-from pipeline.distributed import ActorPoolScheduler, ProgressCounter
-from pipeline.runner import Job, RunSummary
-from pipeline.worker import ShardStats
+from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.extraction.distributed import ActorPoolScheduler, ProgressCounter
+from pipeline.extraction.runner import Job, RunSummary
+from pipeline.extraction.worker import ShardStats
 from schemas import PLAN_SCHEMA
 
 

@@ -28,8 +28,8 @@ from bench.quality import make_scene
 from bench.results import table, write_section
 from pipeline.commands.discover import main as discover_main
 from pipeline.commands.probe import main as probe_main
-from pipeline.config import ExtractConfig
-from pipeline.runner import run_local
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.runner import run_local
 
 BLOCKS = (2, 5, 8, 11)
 ROWS = {

@@ -18,13 +18,13 @@ import ray
 import torch
 
 from bench.results import sample_photos, table, write_section
-from pipeline.config import ExtractConfig, resolve
-from pipeline.distributed import run_ray
-from pipeline.images import ImagePolicy, prepare
-from pipeline.models import load_vit
-from pipeline.runner import run_local
-from pipeline.srt import SRT
-from pipeline.worker import MAX_IMAGES_PER_CALL
+from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.extraction.distributed import run_ray
+from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.engine.models import load_vit
+from pipeline.extraction.runner import run_local
+from pipeline.engine.srt import SRT
+from pipeline.extraction.worker import MAX_IMAGES_PER_CALL
 
 
 def model_only_images_per_second(cfg: ExtractConfig, blobs: list[bytes], threads: int) -> float:

@@ -16,10 +16,10 @@ import time
 import numpy as np
 
 from bench.results import table, write_section
-from pipeline.config import ExtractConfig, resolve
-from pipeline.manifest import write_part
-from pipeline.retrieval import DescriptorSpec, build_index, l2_normalize
-from pipeline.store import FeatureStore, create_store, write_shard
+from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.store.manifest import write_part
+from pipeline.tasks.retrieval.index import DescriptorSpec, build_index, l2_normalize
+from pipeline.store.layout import FeatureStore, create_store, write_shard
 
 SHARD = 4096
 

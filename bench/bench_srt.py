@@ -13,9 +13,9 @@ import multiprocessing as mp
 import torch
 
 from bench.results import median_seconds, peak_rss_delta_mb, table, write_section
-from pipeline.models import load_vit
-from pipeline.reference import srt_naive
-from pipeline.srt import SRT, grid_shifts, pad_for_shifts, translate
+from pipeline.engine.models import load_vit
+from pipeline.engine.reference import srt_naive
+from pipeline.engine.srt import SRT, grid_shifts, pad_for_shifts, translate
 
 
 def inputs(size: int, batch: int = 1) -> torch.Tensor:
@@ -131,7 +131,7 @@ of {args.batch_size}: grid radius {args.radius}.
 
 ### Separable aggregation against the naive full-resolution chain (stride 4)
 Same output (max |difference| at 448²: {diff:.1e}), grid radius {naive_radius} (9 views). The naive
-chain (`pipeline/reference.py`) upsamples every view to pixels, translates back, accumulates the
+chain (`pipeline/engine/reference.py`) upsamples every view to pixels, translates back, accumulates the
 C×H×W field and pools; it runs one view per forward pass, so "batch=1" is the like-for-like row.
 Peak memory: resident-set growth during the call, each variant in a fresh process.
 

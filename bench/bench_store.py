@@ -22,11 +22,11 @@ import torch
 import zarr
 
 from bench.results import imagenet_like, sample_photos, table, write_section
-from pipeline.images import ImagePolicy, prepare
-from pipeline.models import load_vit
-from pipeline.runner import WRITERS
-from pipeline.srt import SRT, grid_shifts
-from pipeline.store import compressors, for_writing
+from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.engine.models import load_vit
+from pipeline.extraction.runner import WRITERS
+from pipeline.engine.srt import SRT, grid_shifts
+from pipeline.store.layout import compressors, for_writing
 
 
 def features(vit, blobs: list[bytes]) -> dict[str, np.ndarray]:

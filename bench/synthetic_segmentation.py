@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.draw import disk, ellipse, polygon
 
-from pipeline.davis import write_labels
+from pipeline.tasks.segmentation.davis import write_labels
 
 
 @dataclass

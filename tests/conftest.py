@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.results import loopback_s3
-from pipeline.models import ViT, load_vit
+from pipeline.engine.models import ViT, load_vit
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from pipeline.accelerator import MAX_VIEWS_PER_FORWARD, ViewBudget, autocast_dtype, view_budget
-from pipeline.models import load_vit
-from pipeline.srt import DEFAULT_BATCH_SIZE, SRT
-from pipeline.worker import images_per_call
+from pipeline.engine.accelerator import MAX_VIEWS_PER_FORWARD, ViewBudget, autocast_dtype, view_budget
+from pipeline.engine.models import load_vit
+from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
+from pipeline.extraction.worker import images_per_call
 
 
 def test_a_fitted_budget_gives_larger_inputs_fewer_views_and_halves_after_running_out():
@@ -63,8 +63,8 @@ def test_gpu_actors_get_their_gpus_share_of_the_node_cpus():
     """A real Ray instance that declares 2 GPUs and 6 CPUs (the actors are only planned, not started)."""
     script = """
 import ray
-from pipeline.config import ExtractConfig
-from pipeline.distributed import actor_plan
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.distributed import actor_plan
 ray.init(num_cpus=6, num_gpus=2, include_dashboard=False, log_to_driver=False)
 base = dict(dataset="d", out="o", model="vit_small_patch16_224")
 print(actor_plan(ExtractConfig(**base), fixed=True))

@@ -14,12 +14,12 @@ import torch
 
 from bench.results import sample_photos
 from pipeline.commands.distill import main as distill_main
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.distill import DistillConfig, read_sidecar, split_rows, train_worker, validate
-from pipeline.models import load_vit
-from pipeline.runner import run_local
-from pipeline.store import FeatureStore
-from pipeline.training import latest_checkpoint
+from pipeline.extraction.config import ConfigError, ExtractConfig
+from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, split_rows, train_worker, validate
+from pipeline.engine.models import load_vit
+from pipeline.extraction.runner import run_local
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.training import latest_checkpoint
 from tests.conftest import cached_vit
 
 MODEL = "vit_tiny_patch16_224"

@@ -17,9 +17,9 @@ from pipeline.commands import COMMANDS
 from pipeline.commands.distill import build_parser as build_distill_parser
 from pipeline.commands.extract import build_parser
 from pipeline.commands.probe import build_parser as build_probe_parser
-from pipeline.config import ExtractConfig
-from pipeline.distill import DistillConfig
-from pipeline.probe import ProbeConfig
+from pipeline.extraction.config import ExtractConfig
+from pipeline.tasks.distillation.distill import DistillConfig
+from pipeline.tasks.probes.probe import ProbeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

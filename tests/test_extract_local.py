@@ -24,14 +24,14 @@ import yaml
 import zarr
 
 from pipeline.commands.extract import main as extract_main
-from pipeline.config import ConfigError, ExtractConfig, resolve
-from pipeline.images import ImagePolicy, prepare
-from pipeline.reference import srt_naive
-from pipeline.runner import plan_job, run_local
-from pipeline.sources import read_bytes, shard_rows
-from pipeline.srt import SRT, grid_shifts
-from pipeline.store import FeatureStore, StoreMismatchError
-from pipeline.worker import ShardWorker
+from pipeline.extraction.config import ConfigError, ExtractConfig, resolve
+from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.engine.reference import srt_naive
+from pipeline.extraction.runner import plan_job, run_local
+from pipeline.extraction.sources import read_bytes, shard_rows
+from pipeline.engine.srt import SRT, grid_shifts
+from pipeline.store.layout import FeatureStore, StoreMismatchError
+from pipeline.extraction.worker import ShardWorker
 from tests.conftest import cached_vit
 from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, encode, gradient, write_files
 
@@ -214,7 +214,7 @@ def test_an_unreadable_compacted_manifest_falls_back_to_the_parts(tmp_path, samp
 KILLED_WRITER = """
 import sys
 import pyarrow as pa
-from pipeline.manifest import parquet_bytes, put_atomically
+from pipeline.store.manifest import parquet_bytes, put_atomically
 table = pa.table({"x": list(range(300_000))})
 print("writing", flush=True)
 for n in range(10_000):

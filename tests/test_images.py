@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import (
+from pipeline.extraction.images import (
     ImageError,
     ImagePolicy,
     cell_to_pixel,

@@ -10,8 +10,8 @@ import pytest
 import xarray
 import zarr
 
-from pipeline.runner import run_local
-from pipeline.store import FeatureStore
+from pipeline.extraction.runner import run_local
+from pipeline.store.layout import FeatureStore
 from tests.test_extract_local import config
 
 

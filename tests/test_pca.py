@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import pca
-from pipeline.config import ConfigError, resolve
-from pipeline.runner import run_local
-from pipeline.store import FeatureStore
+from pipeline.engine import pca
+from pipeline.extraction.config import ConfigError, resolve
+from pipeline.extraction.runner import run_local
+from pipeline.store.layout import FeatureStore
 from tests.images_factory import write_files
 from tests.test_extract_local import config, expected_features
 

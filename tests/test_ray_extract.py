@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_ray
-from pipeline.runner import run_local
-from pipeline.store import FeatureStore
+from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_ray
+from pipeline.extraction.runner import run_local
+from pipeline.store.layout import FeatureStore
 from tests.images_factory import encode, gradient, write_files
 from tests.test_extract_local import (
     assert_every_input_accounted_for,
@@ -230,7 +230,7 @@ class RecordingBar:
 
 def test_the_progress_bar_counts_every_image_once(tmp_path, photos, monkeypatch):
     bars: list[RecordingBar] = []
-    monkeypatch.setattr("pipeline.distributed.progress", lambda job: bars.append(RecordingBar(job.images_in(job.pending))) or bars[-1])
+    monkeypatch.setattr("pipeline.extraction.distributed.progress", lambda job: bars.append(RecordingBar(job.images_in(job.pending))) or bars[-1])
     run_ray(config(str(photos), str(tmp_path / "out.zarr"), shard_size=6, image_size=64, num_actors=2, cpus_per_actor=1, split_shifts="1"))
     assert sum(bars[0].steps) == bars[0].total == 12 and min(bars[0].steps) >= 0
 
@@ -261,7 +261,7 @@ class Holder:
 
 
 def test_an_actor_the_cluster_cannot_place_yet_is_waited_for_out_loud(tmp_path, photos, monkeypatch, caplog):
-    monkeypatch.setattr("pipeline.distributed.START_REPORT_SECONDS", 0.5)
+    monkeypatch.setattr("pipeline.extraction.distributed.START_REPORT_SECONDS", 0.5)
     holder = Holder.options(num_cpus=3).remote()  # the fixture's cluster has 4 CPUs: 1 stays free
     ray.get(holder.ready.remote())
     release = threading.Timer(3.0, lambda: ray.kill(holder))

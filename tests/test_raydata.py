@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.raydata import SRTPredictor, read_store
-from pipeline.runner import run_local
-from pipeline.store import FeatureStore
+from pipeline.extraction.raydata import SRTPredictor, read_store
+from pipeline.extraction.runner import run_local
+from pipeline.store.layout import FeatureStore
 from tests.images_factory import write_files
 from tests.test_extract_local import config
 

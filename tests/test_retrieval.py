@@ -10,9 +10,9 @@ import pytest
 
 from pipeline.commands.eval_retrieval import evaluate_stores
 from pipeline.commands.query import query
-from pipeline.config import ExtractConfig
-from pipeline.ranking import Query, average_precision, evaluate, rank_database, ranks_without_junk
-from pipeline.retrieval import (
+from pipeline.extraction.config import ExtractConfig
+from pipeline.tasks.retrieval.ranking import Query, average_precision, evaluate, rank_database, ranks_without_junk
+from pipeline.tasks.retrieval.index import (
     DescriptorSpec,
     build_index,
     exact_rankings,
@@ -21,8 +21,8 @@ from pipeline.retrieval import (
     save_index,
     vectors_of,
 )
-from pipeline.runner import run_local
-from pipeline.store import FeatureStore
+from pipeline.extraction.runner import run_local
+from pipeline.store.layout import FeatureStore
 from tests.retrieval_set import write_ground_truth, write_retrieval_set
 
 # Measured with this set, model and settings: mAP 0.79 (cls), 0.75 (pooled), 0.84 (gem). Chance for
@@ -188,8 +188,8 @@ def test_query_by_image_id_and_by_new_file(retrieval_set, tmp_path):
 
 
 def test_a_query_through_another_model_is_refused(retrieval_set):
-    from pipeline.models import load_vit
-    from pipeline.retrieval import describe_images
+    from pipeline.engine.models import load_vit
+    from pipeline.tasks.retrieval.index import describe_images
 
     store = FeatureStore.open(retrieval_set["store"])
     with pytest.raises(ValueError, match="the query model must be the store's"):

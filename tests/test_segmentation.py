@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import pipeline.propagation as propagation
+import pipeline.tasks.segmentation.propagation as propagation
 from bench.synthetic_segmentation import make_video, write_davis, write_saliency
 from pipeline.commands.propagate import main as propagate_main
 from pipeline.commands.saliency import main as saliency_main
-from pipeline.config import ExtractConfig
-from pipeline.davis import PALETTE, DavisLayout, frame_key, read_labels, write_labels
-from pipeline.images import from_original, to_original
-from pipeline.propagation import PropagationSettings, one_hot, propagate_video, to_labels
-from pipeline.runner import run_local
-from pipeline.saliency import MaskFolder, scores, segment_store
-from pipeline.segmentation_metrics import (
+from pipeline.extraction.config import ExtractConfig
+from pipeline.tasks.segmentation.davis import PALETTE, DavisLayout, frame_key, read_labels, write_labels
+from pipeline.extraction.images import from_original, to_original
+from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate_video, to_labels
+from pipeline.extraction.runner import run_local
+from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
+from pipeline.tasks.segmentation.metrics import (
     boundary_measure,
     boundary_tolerance,
     davis_scores,
@@ -32,8 +32,8 @@ from pipeline.segmentation_metrics import (
     saliency_iou,
     statistics,
 )
-from pipeline.store import FeatureStore
-from pipeline.tokencut import tokencut
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.tokencut import tokencut
 
 MODEL = "vit_tiny_patch16_224"
 PLAIN = {"shifts": ((0, 0),), "stride": 16}  # one view at token stride: the plain ViT

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import SourceError, list_items, make_plan, prefetch, read_bytes, shard_rows, uri_id
+from pipeline.extraction.sources import SourceError, list_items, make_plan, prefetch, read_bytes, shard_rows, uri_id
 
 
 def make_tar(path, members: dict[str, bytes]) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import Tap
-from pipeline.reference import aggregate_naive, srt_naive, translate_naive
-from pipeline.srt import (
+from pipeline.engine.models import Tap
+from pipeline.engine.reference import aggregate_naive, srt_naive, translate_naive
+from pipeline.engine.srt import (
     SRT,
     combine,
     finalize,

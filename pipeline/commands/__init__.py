@@ -39,7 +39,7 @@ def add_store_flags(parser: argparse.ArgumentParser, *, layer: bool = True, weig
 
 def training_parser(description: str | None, config_type: type) -> argparse.ArgumentParser:
     """The flags of a job that trains on a store (distillation, probes): its config's, --config, --local."""
-    from pipeline.config import CONFIG_FILE_HELP, add_arguments
+    from pipeline.extraction.config import CONFIG_FILE_HELP, add_arguments
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_type)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from pipeline.commands import add_store_flags
-from pipeline.retrieval import (
+from pipeline.tasks.retrieval.index import (
     DESCRIPTORS,
     INDEX_TYPES,
     DescriptorSpec,
@@ -21,7 +21,7 @@ from pipeline.retrieval import (
     load_index,
     save_index,
 )
-from pipeline.store import FeatureStore
+from pipeline.store.layout import FeatureStore
 
 
 def descriptor_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,11 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.commands import add_store_flags
-from pipeline.config import parse_words
-from pipeline.discovery import K_PATCHES, METHODS, box_to_original, discover, localized, mask_box
-from pipeline.ground_truth import BoxTruth
-from pipeline.store import FeatureStore
-from pipeline.tokencut import EPS, TAU
+from pipeline.extraction.config import parse_words
+from pipeline.tasks.discovery import K_PATCHES, METHODS, box_to_original, discover, localized, mask_box
+from pipeline.tasks.shared.ground_truth import BoxTruth
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.tokencut import EPS, TAU
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,9 @@ import sys
 from typing import Any
 
 from pipeline.commands import training_parser
-from pipeline.config import ConfigError, from_args, parse_with_config_file
-from pipeline.distill import DistillConfig, read_sidecar, train_worker, validate
-from pipeline.training import fit_on_ray, progress_line
+from pipeline.extraction.config import ConfigError, from_args, parse_with_config_file
+from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, train_worker, validate
+from pipeline.tasks.shared.training import fit_on_ray, progress_line
 
 
 def build_parser() -> argparse.ArgumentParser:

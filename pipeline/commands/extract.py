@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import (
+from pipeline.extraction.config import (
     CONFIG_FILE_HELP,
     ConfigError,
     ExtractConfig,
@@ -22,10 +22,10 @@ from pipeline.config import (
     from_args,
     parse_with_config_file,
 )
-from pipeline.distributed import run_ray
-from pipeline.runner import interrupted_note, run_local
-from pipeline.sources import SourceError
-from pipeline.store import StoreMismatchError
+from pipeline.extraction.distributed import run_ray
+from pipeline.extraction.runner import interrupted_note, run_local
+from pipeline.extraction.sources import SourceError
+from pipeline.store.layout import StoreMismatchError
 
 
 def build_parser() -> argparse.ArgumentParser:

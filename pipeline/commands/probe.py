@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from pipeline.commands import training_parser
-from pipeline.config import ConfigError, from_args, parse_with_config_file
-from pipeline.probe import (
+from pipeline.extraction.config import ConfigError, from_args, parse_with_config_file
+from pipeline.tasks.probes.probe import (
     ProbeConfig,
     ensemble_plan,
     evaluate,
@@ -31,8 +31,8 @@ from pipeline.probe import (
     validate,
     write_scores,
 )
-from pipeline.probe_metrics import DEPTH_METRICS
-from pipeline.training import fit_on_ray, latest_checkpoint, progress_line
+from pipeline.tasks.probes.metrics import DEPTH_METRICS
+from pipeline.tasks.shared.training import fit_on_ray, latest_checkpoint, progress_line
 
 COLUMNS = {"depth": ("rmse", "rmse_log", "abs_rel", "sq_rel", "a1", "a2", "a3"), "segmentation": ("mIoU", "mAcc", "aAcc")}
 LABELS = {"rmse": "RMSE", "rmse_log": "RMSE-log", "abs_rel": "AbsRel", "sq_rel": "SqRel", "a1": "d<1.25", "a2": "d<1.25^2", "a3": "d<1.25^3"}

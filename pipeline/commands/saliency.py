@@ -21,9 +21,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.commands import add_store_flags
-from pipeline.saliency import MaskFolder, scores, segment_store
-from pipeline.store import FeatureStore
-from pipeline.tokencut import EPS, TAU
+from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.tokencut import EPS, TAU
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,13 @@ import fsspec
 import torch
 
 from pipeline.commands import add_store_flags
-from pipeline.images import prepare
-from pipeline.models import load_store_model
-from pipeline.pictures import grid, pca_rgb, tile
-from pipeline.sources import read_bytes
-from pipeline.srt import SRT
-from pipeline.store import FeatureStore
-from pipeline.worker import build_engine
+from pipeline.extraction.images import prepare
+from pipeline.engine.models import load_store_model
+from pipeline.tasks.pictures import grid, pca_rgb, tile
+from pipeline.extraction.sources import read_bytes
+from pipeline.engine.srt import SRT
+from pipeline.store.layout import FeatureStore
+from pipeline.extraction.worker import build_engine
 
 TILE = 256
 

@@ -31,11 +31,11 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 
-from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
-from pipeline.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, progress
-from pipeline.sources import shard_rows
-from pipeline.srt import PartialSum, Shift, combine, split_shifts
-from pipeline.worker import LoadedShard, ShardStats, ShardWorker
+from pipeline.extraction.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
+from pipeline.extraction.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, progress
+from pipeline.extraction.sources import shard_rows
+from pipeline.engine.srt import PartialSum, Shift, combine, split_shifts
+from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
 

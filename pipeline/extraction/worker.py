@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import pca
-from pipeline.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
-from pipeline.config import ResolvedConfig
-from pipeline.images import ImageError, ImagePolicy, Prepared, normalize, prepare
-from pipeline.manifest import is_committed, write_part
-from pipeline.models import Tap, ViT, load_vit
-from pipeline.sources import read_bytes
-from pipeline.srt import DEFAULT_BATCH_SIZE, SRT, PartialSum, Shift
-from pipeline.store import dense_path, open_group, read_basis, write_basis, write_shard
+from pipeline.engine import pca
+from pipeline.engine.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
+from pipeline.extraction.config import ResolvedConfig
+from pipeline.extraction.images import ImageError, ImagePolicy, Prepared, normalize, prepare
+from pipeline.store.manifest import is_committed, write_part
+from pipeline.engine.models import Tap, ViT, load_vit
+from pipeline.extraction.sources import read_bytes
+from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT, PartialSum, Shift
+from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
 
 log = logging.getLogger("srt")
 

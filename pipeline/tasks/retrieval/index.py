@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import differences
-from pipeline.images import prepare
-from pipeline.models import ViT, check_same_model
-from pipeline.ranking import rank_database
-from pipeline.sources import normalize_uri
-from pipeline.srt import SRTOutput
-from pipeline.store import FeatureStore
-from pipeline.worker import build_engine
+from pipeline.extraction.config import differences
+from pipeline.extraction.images import prepare
+from pipeline.engine.models import ViT, check_same_model
+from pipeline.tasks.retrieval.ranking import rank_database
+from pipeline.extraction.sources import normalize_uri
+from pipeline.engine.srt import SRTOutput
+from pipeline.store.layout import FeatureStore
+from pipeline.extraction.worker import build_engine
 
 DESCRIPTORS = ("cls", "pooled", "gem")
 INDEX_TYPES = ("flat", "ivf", "ivfpq")

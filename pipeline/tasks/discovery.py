@@ -7,7 +7,7 @@ Both methods follow their authors' code (valeoai/LOST `object_discovery.py`, Tok
   Among the `k_patches` cells of lowest degree, those similar to the seed (> 0) vote: their
   similarity rows are summed, and the box is that of the 4-connected component of positive votes
   holding the seed.
-- TokenCut: the normalized-cut bipartition's component holding the seed (pipeline.tokencut).
+- TokenCut: the normalized-cut bipartition's component holding the seed (pipeline.tasks.shared.tokencut).
 
 A box of cells spans [min, max + 1) on both axes, as LOST's `detect_box`; it is mapped to original
 pixels through the manifest's region and clipped to the image. CorLoc (LOST's `main_lost.py`): an
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pipeline.tokencut import EPS, TAU, tokencut
+from pipeline.tasks.shared.tokencut import EPS, TAU, tokencut
 
 METHODS = ("tokencut", "lost")
 K_PATCHES = 100

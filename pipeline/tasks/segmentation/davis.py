@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import from_original, to_original
-from pipeline.propagation import PropagationSettings, one_hot, propagate_video, to_labels
-from pipeline.segmentation_metrics import VOID, davis_scores, davis_summary
-from pipeline.sources import uri_path
-from pipeline.store import FeatureStore
+from pipeline.extraction.images import from_original, to_original
+from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate_video, to_labels
+from pipeline.tasks.segmentation.metrics import VOID, davis_scores, davis_summary
+from pipeline.extraction.sources import uri_path
+from pipeline.store.layout import FeatureStore
 
 RESOLUTION = "480p"
 

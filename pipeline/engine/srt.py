@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from pipeline.models import ViT
+    from pipeline.engine.models import ViT
 
 Shift = tuple[int, int]
 Boundary = Literal["reflect", "zeros"]

@@ -17,12 +17,12 @@ import ray
 import torch
 from PIL import Image
 
-from pipeline.accelerator import view_budget
-from pipeline.config import ExtractConfig, resolve
-from pipeline.images import ImageError, Prepared, prepare, prepare_image, to_rgb
-from pipeline.models import load_vit
-from pipeline.store import FeatureStore
-from pipeline.worker import build_engine
+from pipeline.engine.accelerator import view_budget
+from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.extraction.images import ImageError, Prepared, prepare, prepare_image, to_rgb
+from pipeline.engine.models import load_vit
+from pipeline.store.layout import FeatureStore
+from pipeline.extraction.worker import build_engine
 
 OUTPUTS = ("pooled", "cls", "dense")
 

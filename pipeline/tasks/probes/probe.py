@@ -2,9 +2,9 @@
 
 One probe per (training store, test store) pair, so plain, SRT and preset stores compare side by
 side in one command. Training streams the training store in batches of one size bucket (never the
-whole store in memory) against ground truth on the original pixels (pipeline.ground_truth), on CPU,
+whole store in memory) against ground truth on the original pixels (pipeline.tasks.shared.ground_truth), on CPU,
 one GPU, or several Ray Train workers, with checkpoints and resume. Scores follow the benchmarks'
-code (pipeline.probe_metrics). With --output-ensemble the probe of a plain pair is also scored by
+code (pipeline.tasks.probes.metrics). With --output-ensemble the probe of a plain pair is also scored by
 output-space ensembling over the views of the command's SRT test store: the paper's baseline.
 
 Layout under --out (any fsspec URI):
@@ -32,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError, Flags, differences, option
-from pipeline.ground_truth import DENSE_SUFFIXES, TruthFiles, read_depth, read_labels
-from pipeline.heads import LinearHead, depth_from_outputs, head_input, sigloss, to_original
-from pipeline.images import prepare
-from pipeline.models import load_store_model, seed_of, weights_id
-from pipeline.probe_metrics import DepthScores, SegmentationScores, evaluated_labels
-from pipeline.sources import read_bytes, read_uri
-from pipeline.store import FeatureStore
-from pipeline.training import (
+from pipeline.extraction.config import ConfigError, Flags, differences, option
+from pipeline.tasks.shared.ground_truth import DENSE_SUFFIXES, TruthFiles, read_depth, read_labels
+from pipeline.tasks.probes.heads import LinearHead, depth_from_outputs, head_input, sigloss, to_original
+from pipeline.extraction.images import prepare
+from pipeline.engine.models import load_store_model, seed_of, weights_id
+from pipeline.tasks.probes.metrics import DepthScores, SegmentationScores, evaluated_labels
+from pipeline.extraction.sources import read_bytes, read_uri
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.training import (
     Report,
     batches,
     by_bucket,
@@ -50,7 +50,7 @@ from pipeline.training import (
     save_checkpoint,
     write_bytes,
 )
-from pipeline.worker import build_engine
+from pipeline.extraction.worker import build_engine
 
 TASKS = ("depth", "segmentation")
 NOT_IN_FINGERPRINT = ("train", "test", "names", "out", "storage_options", "overwrite", "num_workers", "log_every", "checkpoint_every", "output_ensemble", "pretrained", "weights")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__
-from pipeline.models import ModelFacts, Tap, describe_model, weights_id
-from pipeline.sources import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS, normalize_uri, read_uri
-from pipeline.srt import (
+from pipeline.engine.models import ModelFacts, Tap, describe_model, weights_id
+from pipeline.extraction.sources import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS, normalize_uri, read_uri
+from pipeline.engine.srt import (
     BOUNDARIES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_RANDOM_SHIFTS,

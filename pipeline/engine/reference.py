@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import Tap, ViT
-from pipeline.srt import Boundary, Shift
+from pipeline.engine.models import Tap, ViT
+from pipeline.engine.srt import Boundary, Shift
 
 
 def source_index(length: int, shift: int, boundary: Boundary) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError, Flags, differences, option
-from pipeline.images import prepare
-from pipeline.models import Tap, ViT, load_store_model, seed_of, weights_id
-from pipeline.sources import read_bytes, read_uri
-from pipeline.store import FeatureStore
-from pipeline.training import (
+from pipeline.extraction.config import ConfigError, Flags, differences, option
+from pipeline.extraction.images import prepare
+from pipeline.engine.models import Tap, ViT, load_store_model, seed_of, weights_id
+from pipeline.extraction.sources import read_bytes, read_uri
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.training import (
     Report,
     batches,
     by_bucket,
@@ -48,7 +48,7 @@ from pipeline.training import (
     save_checkpoint,
     write_bytes,
 )
-from pipeline.worker import build_engine
+from pipeline.extraction.worker import build_engine
 
 LOSSES = ("mse", "l1")
 SCHEDULES = ("step", "cosine")

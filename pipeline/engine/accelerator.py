@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.srt import DEFAULT_BATCH_SIZE, SRT
+from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 
 log = logging.getLogger("srt")
 

@@ -3,8 +3,8 @@
 Layout under the output URI (N = planned items, n = one image per chunk):
 
     zarr.json                 group attributes: {"srt": provenance of the run, "plan_size": N}
-    plan.parquet              the work plan (pipeline.sources)
-    manifest/part-*.parquet   one part per committed shard (pipeline.manifest)
+    plan.parquet              the work plan (pipeline.extraction.sources)
+    manifest/part-*.parquet   one part per committed shard (pipeline.store.manifest)
     dense/L{L}                [N, C, H/s, W/s] SRT maps of block L  (aspect policy: dense/L{L}/{H}x{W})
     cls/L{L}                  [N, C] class token averaged over views (models with a class token)
     registers/L{L}            [N, R, C] register tokens averaged over views (models with registers)
@@ -40,11 +40,11 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from pipeline.config import OUTPUTS, ConfigError, ResolvedConfig, differences
-from pipeline.manifest import read_manifest
-from pipeline.models import Tap
-from pipeline.pca import Basis, reconstruct
-from pipeline.sources import normalize_uri
+from pipeline.extraction.config import OUTPUTS, ConfigError, ResolvedConfig, differences
+from pipeline.store.manifest import read_manifest
+from pipeline.engine.models import Tap
+from pipeline.engine.pca import Basis, reconstruct
+from pipeline.extraction.sources import normalize_uri
 from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
 
 ATTRIBUTE = "srt"
@@ -80,7 +80,7 @@ def plan_uri(out: str) -> str:
 
 
 def read_plan(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The work plan saved beside the store (pipeline.sources.make_plan), of this schema version."""
+    """The work plan saved beside the store (pipeline.extraction.sources.make_plan), of this schema version."""
     with fsspec.open(plan_uri(out), "rb", **(storage_options or {})) as handle:
         plan = pq.read_table(handle)
     version = int((plan.schema.metadata or {}).get(b"schema_version", b"1"))

@@ -20,7 +20,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from pipeline.sources import read_uri
+from pipeline.extraction.sources import read_uri
 
 TapKind = Literal["block", "keys"]
 

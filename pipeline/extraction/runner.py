@@ -24,11 +24,11 @@ import zarr
 from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
-from pipeline.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
-from pipeline.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
-from pipeline.models import ViT, fetch_pretrained
-from pipeline.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
-from pipeline.store import (
+from pipeline.extraction.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
+from pipeline.store.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
+from pipeline.engine.models import ViT, fetch_pretrained
+from pipeline.extraction.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
+from pipeline.store.layout import (
     check_existing,
     check_writable,
     create_store,
@@ -38,7 +38,7 @@ from pipeline.store import (
     remove_output,
     stored_provenance,
 )
-from pipeline.worker import ShardStats, ShardWorker
+from pipeline.extraction.worker import ShardStats, ShardWorker
 
 log = logging.getLogger("srt")
 

@@ -17,11 +17,11 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from pipeline.images import to_original
-from pipeline.segmentation_metrics import max_f, pixel_accuracy, saliency_iou
-from pipeline.sources import uri_path
-from pipeline.store import FeatureStore
-from pipeline.tokencut import EPS, TAU, tokencut
+from pipeline.extraction.images import to_original
+from pipeline.tasks.segmentation.metrics import max_f, pixel_accuracy, saliency_iou
+from pipeline.extraction.sources import uri_path
+from pipeline.store.layout import FeatureStore
+from pipeline.tasks.shared.tokencut import EPS, TAU, tokencut
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Tasks that read feature stores: retrieval, segmentation, probes, object discovery, distillation, pictures."""

@@ -1,0 +1,1 @@
+"""Self-distillation: a student ViT trained toward a store's SRT features."""

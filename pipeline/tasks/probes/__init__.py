@@ -1,0 +1,1 @@
+"""Probes: linear depth and segmentation heads on stored features, their metrics."""

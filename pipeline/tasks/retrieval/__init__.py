@@ -1,0 +1,1 @@
+"""Retrieval: descriptors and FAISS indexes over a store, rankings and their metrics."""

@@ -1,0 +1,1 @@
+"""Segmentation: label propagation and DAVIS, TokenCut saliency, their metrics."""

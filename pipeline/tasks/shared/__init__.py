@@ -1,0 +1,1 @@
+"""What more than one task family uses: TokenCut, ground-truth readers, the training loop."""
