@@ -27,12 +27,14 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.results import imagenet_like, loopback_s3, table, write_section
+from pipeline.engine.aggregation import PartialSum
+from pipeline.engine.models import TokenMap, ViT
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.images import ImagePolicy, prepare
-from pipeline.engine.models import TokenMap, ViT, load_vit
+from pipeline.extraction.listing import list_items, make_plan, shard_rows
+from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, run_local
-from pipeline.extraction.sources import list_items, make_plan, read_bytes, shard_rows
-from pipeline.engine.srt import PartialSum
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
 
 MODEL = "vit_small_patch16_224"

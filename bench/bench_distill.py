@@ -23,11 +23,11 @@ from PIL import Image
 
 from bench.quality import Probe, cell_targets, cells, make_split, normalized, score
 from bench.results import median_seconds, table, write_section
-from pipeline.extraction.config import ExtractConfig
-from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, train_worker, validate
-from pipeline.engine.models import load_vit
-from pipeline.extraction.runner import run_local
 from pipeline.engine.srt import SRT
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.runner import run_local
+from pipeline.extraction.weights import load_vit
+from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, train_worker, validate
 
 STRIDE = 4
 

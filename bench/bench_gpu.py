@@ -30,13 +30,14 @@ from PIL import Image
 from bench.bench_dataplane import MODEL, decode_rate, stand_in
 from bench.results import imagenet_like, median_seconds, table, write_section
 from pipeline.engine.accelerator import view_budget
+from pipeline.engine.shifts import random_shifts
+from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.images import ImagePolicy, prepare
-from pipeline.engine.models import load_vit
 from pipeline.extraction.runner import run_local
-from pipeline.engine.srt import SRT, random_shifts
-from pipeline.store.layout import FeatureStore
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import images_per_call
+from pipeline.store.reader import FeatureStore
 
 VIEWS = 16
 STRIDE = 8

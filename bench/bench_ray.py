@@ -18,12 +18,12 @@ import ray
 import torch
 
 from bench.results import sample_photos, table, write_section
+from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.distributed import run_ray
 from pipeline.extraction.images import ImagePolicy, prepare
-from pipeline.engine.models import load_vit
 from pipeline.extraction.runner import run_local
-from pipeline.engine.srt import SRT
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import MAX_IMAGES_PER_CALL
 
 

@@ -17,19 +17,20 @@ import numpy as np
 
 from bench.results import table, write_section
 from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.store.layout import create_store, write_shard
 from pipeline.store.manifest import write_part
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import DescriptorSpec, build_index, l2_normalize
-from pipeline.store.layout import FeatureStore, create_store, write_shard
 
 SHARD = 4096
 
 
 def synthetic_store(out: str, vectors: np.ndarray) -> FeatureStore:
     resolved = resolve(ExtractConfig(dataset="synthetic", out=out, model="vit_small_patch16_224", shard_size=SHARD))
-    group = create_store(resolved, len(vectors))
+    group = create_store(resolved.store_spec(), len(vectors))
     for shard, start in enumerate(range(0, len(vectors), SHARD)):
         block = vectors[start : start + SHARD]
-        write_shard(group, resolved, shard, {f"pooled/L{resolved.layers[0]}": block})
+        write_shard(group, resolved.store_spec(), shard, {f"pooled/L{resolved.layers[0]}": block})
         rows = [{"image_id": f"img{start + i:07d}", "uri": f"synthetic://{start + i}", "shard": shard, "row": start + i, "status": "ok"} for i in range(len(block))]
         write_part(out, shard, rows)
     return FeatureStore.open(out)

@@ -23,11 +23,11 @@ import torch
 from bench.results import median_seconds, table, write_section
 from bench.synthetic_segmentation import make_video, write_davis, write_saliency
 from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.runner import run_local
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.segmentation.davis import DavisLayout, propagate_davis, summarize
 from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate, to_labels
-from pipeline.extraction.runner import run_local
 from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
-from pipeline.store.layout import FeatureStore
 
 FRAME_INPUT = (480, 848)  # a 480 x 854 DAVIS frame under --resize aspect --image-size 480 at patch 16
 CHANNELS = 384

@@ -13,9 +13,11 @@ import multiprocessing as mp
 import torch
 
 from bench.results import median_seconds, peak_rss_delta_mb, table, write_section
-from pipeline.engine.models import load_vit
+from pipeline.engine.aggregation import pad_for_shifts, translate
 from pipeline.engine.reference import srt_naive
-from pipeline.engine.srt import SRT, grid_shifts, pad_for_shifts, translate
+from pipeline.engine.shifts import grid_shifts
+from pipeline.engine.srt import SRT
+from pipeline.extraction.weights import load_vit
 
 
 def inputs(size: int, batch: int = 1) -> torch.Tensor:

@@ -22,10 +22,11 @@ import torch
 import zarr
 
 from bench.results import imagenet_like, sample_photos, table, write_section
+from pipeline.engine.shifts import grid_shifts
+from pipeline.engine.srt import SRT
 from pipeline.extraction.images import ImagePolicy, prepare
-from pipeline.engine.models import load_vit
 from pipeline.extraction.runner import WRITERS
-from pipeline.engine.srt import SRT, grid_shifts
+from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import compressors, for_writing
 
 

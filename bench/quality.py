@@ -25,8 +25,10 @@ from skimage.draw import random_shapes
 from skimage.segmentation import find_boundaries
 
 from bench.results import table, write_section
-from pipeline.engine.models import load_vit
-from pipeline.engine.srt import SRT, PartialSum, grid_shifts, random_shifts
+from pipeline.engine.aggregation import PartialSum
+from pipeline.engine.shifts import grid_shifts, random_shifts
+from pipeline.engine.srt import SRT
+from pipeline.extraction.weights import load_vit
 
 BENCH = Path(__file__).resolve().parent
 RIDGE = 0.01  # times the number of training cells, on standardized features

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench.results import loopback_s3
-from pipeline.engine.models import ViT, load_vit
+from pipeline.engine.models import ViT
+from pipeline.extraction.weights import load_vit
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 

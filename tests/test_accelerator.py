@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from pipeline.engine.accelerator import MAX_VIEWS_PER_FORWARD, ViewBudget, autocast_dtype, view_budget
-from pipeline.engine.models import load_vit
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import images_per_call
 
 

@@ -14,11 +14,12 @@ import torch
 
 from bench.results import sample_photos
 from pipeline.commands.distill import main as distill_main
-from pipeline.extraction.config import ConfigError, ExtractConfig
-from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, split_rows, train_worker, validate
-from pipeline.engine.models import load_vit
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.runner import run_local
-from pipeline.store.layout import FeatureStore
+from pipeline.extraction.weights import load_vit
+from pipeline.store.reader import FeatureStore
+from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, split_rows, train_worker, validate
 from pipeline.tasks.shared.training import latest_checkpoint
 from tests.conftest import cached_vit
 

@@ -19,7 +19,7 @@ from pipeline.commands.extract import build_parser
 from pipeline.commands.probe import build_parser as build_probe_parser
 from pipeline.extraction.config import ExtractConfig
 from pipeline.tasks.distillation.distill import DistillConfig
-from pipeline.tasks.probes.probe import ProbeConfig
+from pipeline.tasks.probes.config import ProbeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

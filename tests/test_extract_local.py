@@ -24,14 +24,18 @@ import yaml
 import zarr
 
 from pipeline.commands.extract import main as extract_main
-from pipeline.extraction.config import ConfigError, ExtractConfig, resolve
-from pipeline.extraction.images import ImagePolicy, prepare
 from pipeline.engine.reference import srt_naive
+from pipeline.engine.shifts import grid_shifts
+from pipeline.engine.srt import SRT
+from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.extraction.flags import ConfigError
+from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.extraction.listing import shard_rows
+from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, run_local
-from pipeline.extraction.sources import read_bytes, shard_rows
-from pipeline.engine.srt import SRT, grid_shifts
-from pipeline.store.layout import FeatureStore, StoreMismatchError
 from pipeline.extraction.worker import ShardWorker
+from pipeline.store.layout import StoreMismatchError
+from pipeline.store.reader import FeatureStore
 from tests.conftest import cached_vit
 from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, encode, gradient, write_files
 

@@ -11,7 +11,7 @@ import xarray
 import zarr
 
 from pipeline.extraction.runner import run_local
-from pipeline.store.layout import FeatureStore
+from pipeline.store.reader import FeatureStore
 from tests.test_extract_local import config
 
 

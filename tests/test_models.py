@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.engine.models import load_vit
+from pipeline.extraction.weights import load_vit
 from tests.conftest import cached_vit
 
 NAME = "vit_tiny_patch16_224"

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipeline.engine import pca
-from pipeline.extraction.config import ConfigError, resolve
+from pipeline.extraction.config import resolve
+from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.runner import run_local
-from pipeline.store.layout import FeatureStore
+from pipeline.store.reader import FeatureStore
 from tests.images_factory import write_files
 from tests.test_extract_local import config, expected_features
 

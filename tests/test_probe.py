@@ -16,11 +16,13 @@ from PIL import Image
 from bench.bench_probes import write_scene_dataset
 from pipeline.commands.discover import main as discover_main
 from pipeline.commands.probe import main as probe_main
-from pipeline.extraction.config import ConfigError, ExtractConfig
-from pipeline.tasks.discovery import box_iou
-from pipeline.tasks.probes.probe import ProbeConfig, evaluate, train_probe, validate
-from pipeline.tasks.probes.metrics import DepthScores, SegmentationScores
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.runner import run_local
+from pipeline.tasks.discovery import box_iou
+from pipeline.tasks.probes.config import ProbeConfig, validate
+from pipeline.tasks.probes.metrics import DepthScores, SegmentationScores
+from pipeline.tasks.probes.probe import evaluate, train_probe
 from pipeline.tasks.shared.training import latest_checkpoint
 
 MODEL = "vit_tiny_patch16_224"

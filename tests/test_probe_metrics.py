@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.tasks.discovery import box_iou, box_to_original, discover, localized, lost, mask_box
-from pipeline.tasks.shared.ground_truth import voc_boxes
 from pipeline.tasks.probes.metrics import DepthScores, SegmentationScores, depth_errors
+from pipeline.tasks.shared.ground_truth import voc_boxes
 
 # ---------------------------------------------------------------------------- depth
 

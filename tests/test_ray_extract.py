@@ -17,7 +17,7 @@ import ray
 
 from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_ray
 from pipeline.extraction.runner import run_local
-from pipeline.store.layout import FeatureStore
+from pipeline.store.reader import FeatureStore
 from tests.images_factory import encode, gradient, write_files
 from tests.test_extract_local import (
     assert_every_input_accounted_for,
@@ -261,7 +261,7 @@ class Holder:
 
 
 def test_an_actor_the_cluster_cannot_place_yet_is_waited_for_out_loud(tmp_path, photos, monkeypatch, caplog):
-    monkeypatch.setattr("pipeline.extraction.distributed.START_REPORT_SECONDS", 0.5)
+    monkeypatch.setattr("pipeline.extraction.placement.START_REPORT_SECONDS", 0.5)
     holder = Holder.options(num_cpus=3).remote()  # the fixture's cluster has 4 CPUs: 1 stays free
     ray.get(holder.ready.remote())
     release = threading.Timer(3.0, lambda: ray.kill(holder))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store.layout import FeatureStore
+from pipeline.store.reader import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))

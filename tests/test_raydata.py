@@ -8,7 +8,7 @@ import ray
 
 from pipeline.extraction.raydata import SRTPredictor, read_store
 from pipeline.extraction.runner import run_local
-from pipeline.store.layout import FeatureStore
+from pipeline.store.reader import FeatureStore
 from tests.images_factory import write_files
 from tests.test_extract_local import config
 

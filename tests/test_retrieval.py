@@ -11,7 +11,8 @@ import pytest
 from pipeline.commands.eval_retrieval import evaluate_stores
 from pipeline.commands.query import query
 from pipeline.extraction.config import ExtractConfig
-from pipeline.tasks.retrieval.ranking import Query, average_precision, evaluate, rank_database, ranks_without_junk
+from pipeline.extraction.runner import run_local
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import (
     DescriptorSpec,
     build_index,
@@ -21,8 +22,7 @@ from pipeline.tasks.retrieval.index import (
     save_index,
     vectors_of,
 )
-from pipeline.extraction.runner import run_local
-from pipeline.store.layout import FeatureStore
+from pipeline.tasks.retrieval.ranking import Query, average_precision, evaluate, rank_database, ranks_without_junk
 from tests.retrieval_set import write_ground_truth, write_retrieval_set
 
 # Measured with this set, model and settings: mAP 0.79 (cls), 0.75 (pooled), 0.84 (gem). Chance for
@@ -188,7 +188,7 @@ def test_query_by_image_id_and_by_new_file(retrieval_set, tmp_path):
 
 
 def test_a_query_through_another_model_is_refused(retrieval_set):
-    from pipeline.engine.models import load_vit
+    from pipeline.extraction.weights import load_vit
     from pipeline.tasks.retrieval.index import describe_images
 
     store = FeatureStore.open(retrieval_set["store"])

@@ -17,11 +17,10 @@ from bench.synthetic_segmentation import make_video, write_davis, write_saliency
 from pipeline.commands.propagate import main as propagate_main
 from pipeline.commands.saliency import main as saliency_main
 from pipeline.extraction.config import ExtractConfig
-from pipeline.tasks.segmentation.davis import PALETTE, DavisLayout, frame_key, read_labels, write_labels
 from pipeline.extraction.images import from_original, to_original
-from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate_video, to_labels
 from pipeline.extraction.runner import run_local
-from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
+from pipeline.store.reader import FeatureStore
+from pipeline.tasks.segmentation.davis import PALETTE, DavisLayout, frame_key, read_labels, write_labels
 from pipeline.tasks.segmentation.metrics import (
     boundary_measure,
     boundary_tolerance,
@@ -32,7 +31,8 @@ from pipeline.tasks.segmentation.metrics import (
     saliency_iou,
     statistics,
 )
-from pipeline.store.layout import FeatureStore
+from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate_video, to_labels
+from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
 from pipeline.tasks.shared.tokencut import tokencut
 
 MODEL = "vit_tiny_patch16_224"

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.extraction.sources import SourceError, list_items, make_plan, prefetch, read_bytes, shard_rows, uri_id
+from pipeline.extraction.listing import SourceError, list_items, make_plan, shard_rows, uri_id
+from pipeline.extraction.reading import prefetch, read_bytes
 
 
 def make_tar(path, members: dict[str, bytes]) -> None:

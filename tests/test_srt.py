@@ -10,22 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.engine.aggregation import combine, finalize, pad_for_shifts, translate, views_between
 from pipeline.engine.models import Tap
 from pipeline.engine.reference import aggregate_naive, srt_naive, translate_naive
-from pipeline.engine.srt import (
-    SRT,
-    combine,
-    finalize,
-    grid_shifts,
-    pad_for_shifts,
-    random_shifts,
-    shift_ensemble,
-    split_shifts,
-    spread_order,
-    translate,
-    validate_shifts,
-    views_between,
-)
+from pipeline.engine.shifts import grid_shifts, random_shifts, split_shifts, spread_order, validate_shifts
+from pipeline.engine.srt import SRT, shift_ensemble
 from tests.conftest import cached_vit, random_images
 
 KEY = "tokens"

@@ -2,6 +2,11 @@
 code from a checkout and under `ray job submit`.
 
     srt --version          the package version and its commands
+
+One module per command, each a thin layer: parse flags, call the library, print. Shared here:
+the flags of commands that read a store, the parser of training jobs.
+
+May import: every package of the pipeline; nothing imports it but `jobs/*.py` and the scripts.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def add_store_flags(parser: argparse.ArgumentParser, *, layer: bool = True, weig
 
 def training_parser(description: str | None, config_type: type) -> argparse.ArgumentParser:
     """The flags of a job that trains on a store (distillation, probes): its config's, --config, --local."""
-    from pipeline.extraction.config import CONFIG_FILE_HELP, add_arguments
+    from pipeline.extraction.flags import CONFIG_FILE_HELP, add_arguments
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_type)

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from pipeline.commands import add_store_flags
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import (
     DESCRIPTORS,
     INDEX_TYPES,
@@ -21,7 +22,6 @@ from pipeline.tasks.retrieval.index import (
     load_index,
     save_index,
 )
-from pipeline.store.layout import FeatureStore
 
 
 def descriptor_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.commands import add_store_flags
-from pipeline.extraction.config import parse_words
+from pipeline.extraction.flags import parse_words
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.discovery import K_PATCHES, METHODS, box_to_original, discover, localized, mask_box
 from pipeline.tasks.shared.ground_truth import BoxTruth
-from pipeline.store.layout import FeatureStore
 from pipeline.tasks.shared.tokencut import EPS, TAU
 
 

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from pipeline.commands import training_parser
-from pipeline.extraction.config import ConfigError, from_args, parse_with_config_file
+from pipeline.extraction.flags import ConfigError, from_args, parse_with_config_file
 from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, train_worker, validate
 from pipeline.tasks.shared.training import fit_on_ray, progress_line
 

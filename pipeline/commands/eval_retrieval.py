@@ -14,9 +14,9 @@ import json
 import sys
 
 from pipeline.commands import add_store_flags
-from pipeline.tasks.retrieval.ranking import check_names, evaluate, load_ground_truth
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import DESCRIPTORS, DescriptorSpec, exact_rankings
-from pipeline.store.layout import FeatureStore
+from pipeline.tasks.retrieval.ranking import check_names, evaluate, load_ground_truth
 
 
 def evaluate_stores(gt: str, stores: list[str], descriptors: list[str], *, layer=None, gem_p=3.0, storage_options=None) -> dict[str, dict]:

@@ -14,17 +14,11 @@ import argparse
 import logging
 import sys
 
-from pipeline.extraction.config import (
-    CONFIG_FILE_HELP,
-    ConfigError,
-    ExtractConfig,
-    add_arguments,
-    from_args,
-    parse_with_config_file,
-)
+from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.distributed import run_ray
+from pipeline.extraction.flags import CONFIG_FILE_HELP, ConfigError, add_arguments, from_args, parse_with_config_file
+from pipeline.extraction.listing import SourceError
 from pipeline.extraction.runner import interrupted_note, run_local
-from pipeline.extraction.sources import SourceError
 from pipeline.store.layout import StoreMismatchError
 
 

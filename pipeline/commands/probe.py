@@ -21,17 +21,10 @@ from typing import Any
 import torch
 
 from pipeline.commands import training_parser
-from pipeline.extraction.config import ConfigError, from_args, parse_with_config_file
-from pipeline.tasks.probes.probe import (
-    ProbeConfig,
-    ensemble_plan,
-    evaluate,
-    evaluate_output_ensemble,
-    train_probe,
-    validate,
-    write_scores,
-)
+from pipeline.extraction.flags import ConfigError, from_args, parse_with_config_file
+from pipeline.tasks.probes.config import ProbeConfig, ensemble_plan, validate
 from pipeline.tasks.probes.metrics import DEPTH_METRICS
+from pipeline.tasks.probes.probe import evaluate, evaluate_output_ensemble, train_probe, write_scores
 from pipeline.tasks.shared.training import fit_on_ray, latest_checkpoint, progress_line
 
 COLUMNS = {"depth": ("rmse", "rmse_log", "abs_rel", "sq_rel", "a1", "a2", "a3"), "segmentation": ("mIoU", "mAcc", "aAcc")}

@@ -23,9 +23,9 @@ import fsspec
 from tqdm import tqdm
 
 from pipeline.commands import add_store_flags
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.segmentation.davis import DavisLayout, VideoResult, propagate_davis, score_results, summarize
 from pipeline.tasks.segmentation.propagation import PropagationSettings
-from pipeline.store.layout import FeatureStore
 
 
 def count(minimum: int):

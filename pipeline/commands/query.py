@@ -17,9 +17,9 @@ import fsspec
 import numpy as np
 
 from pipeline.commands import add_store_flags
-from pipeline.engine.models import load_store_model
+from pipeline.extraction.weights import load_store_model
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import DescriptorSpec, describe_images, load_index, vectors_of
-from pipeline.store.layout import FeatureStore
 
 
 def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, weights=None, storage_options=None) -> list[dict]:

@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.commands import add_store_flags
+from pipeline.store.reader import FeatureStore
 from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
-from pipeline.store.layout import FeatureStore
 from pipeline.tasks.shared.tokencut import EPS, TAU
 
 

@@ -16,13 +16,13 @@ import fsspec
 import torch
 
 from pipeline.commands import add_store_flags
-from pipeline.extraction.images import prepare
-from pipeline.engine.models import load_store_model
-from pipeline.tasks.pictures import grid, pca_rgb, tile
-from pipeline.extraction.sources import read_bytes
 from pipeline.engine.srt import SRT
-from pipeline.store.layout import FeatureStore
+from pipeline.extraction.images import prepare
+from pipeline.extraction.reading import read_bytes
+from pipeline.extraction.weights import load_store_model
 from pipeline.extraction.worker import build_engine
+from pipeline.store.reader import FeatureStore
+from pipeline.tasks.pictures import grid, pca_rgb, tile
 
 TILE = 256
 

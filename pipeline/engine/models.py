@@ -15,12 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import fsspec
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-from pipeline.extraction.sources import read_uri
 
 TapKind = Literal["block", "keys"]
 
@@ -233,33 +230,47 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_vit(
+def build_vit(
     name: str,
     *,
     pretrained: bool = False,
-    weights: str | None = None,
+    checkpoint: bytes | None = None,
+    source: str = "checkpoint",
     seed: int = 0,
     device: str | torch.device | None = None,
-    storage_options: dict[str, Any] | None = None,
 ) -> ViT:
     """Build timm model `name` for arbitrary input sizes, with weights from one of three places.
 
     - `pretrained=True`: timm's pretrained weights (needs access to the model hub).
-    - `weights=URI`: a safetensors or torch checkpoint on any fsspec filesystem; DINO-style
-      wrappers (teacher/student/model/state_dict) and `module.`/`backbone.` prefixes are unwrapped.
+    - `checkpoint`: the bytes of a safetensors or torch checkpoint (`source` names it in errors);
+      DINO-style wrappers (teacher/student/model/state_dict) and `module.`/`backbone.` prefixes
+      are unwrapped.
     - neither: random init seeded by `seed`, reproducible across machines (tests, offline demos).
     """
-    if pretrained and weights:
-        raise ValueError("give either pretrained=True or weights=URI, not both")
+    if pretrained and checkpoint is not None:
+        raise ValueError("give either pretrained=True or a checkpoint, not both")
     model = _create(name, pretrained=pretrained, seed=seed)
-    if weights:
-        raw = read_uri(weights, storage_options)
-        _load_state_dict(model, name, _parse_checkpoint(raw, weights))
-        identity = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+    if checkpoint is not None:
+        _load_state_dict(model, name, _parse_checkpoint(checkpoint, source))
+        identity = checkpoint_id(hashlib.sha256(checkpoint))
     else:
-        identity = weights_id(name, pretrained=pretrained, seed=seed)
+        identity = hub_or_seed_id(name, pretrained=pretrained, seed=seed)
     model.eval().requires_grad_(False)
     return ViT(model=model, name=name, weights_id=identity).to(device or default_device())
+
+
+def checkpoint_id(digest: Any) -> str:
+    """The provenance string of a checkpoint: the SHA-256 of its bytes, so a changed file at the
+    same URI is noticed."""
+    return f"sha256:{digest.hexdigest()}"
+
+
+def hub_or_seed_id(name: str, *, pretrained: bool, seed: int) -> str:
+    """The provenance string of weights without a file: timm's hub tag, or the random init's seed."""
+    if pretrained:
+        cfg = timm.models.get_pretrained_cfg(name)
+        return f"timm:{cfg.architecture}.{cfg.tag}" if cfg else f"timm:{name}"
+    return f"random:seed={seed}"
 
 
 def fetch_pretrained(name: str) -> None:
@@ -285,47 +296,6 @@ def check_same_model(vit: ViT, name: str, identity: str) -> None:
 def seed_of(identity: str) -> int:
     """The seed of a random-init weights identity ("random:seed=3" -> 3); 0 for real weights."""
     return int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
-
-
-def load_store_model(
-    name: str,
-    identity: str,
-    *,
-    pretrained: bool = False,
-    weights: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    device: str | torch.device | None = None,
-) -> ViT:
-    """Load the model a store records (`name`, weights `identity`): random-init stores reuse their
-    seed; otherwise the caller names the weights, and they must be the recorded ones."""
-    vit = load_vit(name, pretrained=pretrained, weights=weights, seed=seed_of(identity), storage_options=storage_options, device=device)
-    check_same_model(vit, name, identity)
-    return vit
-
-
-def weights_id(
-    name: str,
-    *,
-    pretrained: bool = False,
-    weights: str | None = None,
-    seed: int = 0,
-    storage_options: dict[str, Any] | None = None,
-) -> str:
-    """The provenance string `load_vit` records, computed without building the model.
-
-    A weights file is identified by the SHA-256 of its bytes (streamed), so a changed file at the
-    same URI is noticed; timm weights by their hub tag; random init by its seed.
-    """
-    if weights:
-        digest = hashlib.sha256()
-        with fsspec.open(weights, "rb", **(storage_options or {})) as handle:
-            while block := handle.read(1 << 24):
-                digest.update(block)
-        return f"sha256:{digest.hexdigest()}"
-    if pretrained:
-        cfg = timm.models.get_pretrained_cfg(name)
-        return f"timm:{cfg.architecture}.{cfg.tag}" if cfg else f"timm:{name}"
-    return f"random:seed={seed}"
 
 
 def _create(name: str, *, pretrained: bool, seed: int) -> VisionTransformer:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.engine.aggregation import Boundary
 from pipeline.engine.models import Tap, ViT
-from pipeline.engine.srt import Boundary, Shift
+from pipeline.engine.shifts import Shift
 
 
 def source_index(length: int, shift: int, boundary: Boundary) -> tuple[torch.Tensor, torch.Tensor]:

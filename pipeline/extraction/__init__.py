@@ -1,1 +1,17 @@
-"""Extraction: sources and plans, decoding, the job config, the shard worker, the in-process and Ray runners, Ray Data interop."""
+"""Extraction: a dataset through source -> decode -> SRT -> store -> manifest, in-process or on Ray.
+
+    listing      list a dataset (files, globs, file lists, tars, Parquet) into a deterministic plan
+    reading      read the planned bytes: merged byte ranges, retries with backoff, prefetch
+    images       decode, orient, resize and normalize; the pixel <-> feature-cell transform
+    weights      checkpoints named by URI, read into the engine's models; their provenance
+    flags        config dataclasses as flags: parsers, config files, errors naming the flag
+    presets      the paper's settings, one name per task
+    config       the extraction job's typed config: validation, provenance, resume fingerprint
+    worker       one shard through read -> decode -> SRT -> store -> manifest
+    runner       driver steps (plan, resume, summary) and the in-process runner
+    placement    how many actors with what resources, fitted to the cluster or refused naming flags
+    distributed  the Ray runner: actor pool, scheduler, split shifts, retries, stragglers
+    raydata      SRT in Ray Data pipelines (`SRTPredictor`), a store as a Ray Dataset
+
+May import: the engine, the store, `schemas`, Ray, fsspec; never tasks or commands.
+"""

@@ -7,104 +7,30 @@ returns a `ResolvedConfig`: what the stored provenance and the resume fingerprin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import __version__
-from pipeline.engine.models import ModelFacts, Tap, describe_model, weights_id
-from pipeline.extraction.sources import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS, normalize_uri, read_uri
-from pipeline.engine.srt import (
-    BOUNDARIES,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_RANDOM_SHIFTS,
-    Shift,
-    grid_shifts,
-    random_shifts,
-    validate_shifts,
-    validate_stride,
-)
+from pipeline.engine.aggregation import BOUNDARIES, validate_stride
+from pipeline.engine.models import ModelFacts, Tap, describe_model
+from pipeline.engine.shifts import DEFAULT_RANDOM_SHIFTS, Shift, grid_shifts, random_shifts, validate_shifts
+from pipeline.engine.srt import DEFAULT_BATCH_SIZE
+from pipeline.extraction.flags import ConfigError, Flags, masked, option, show_value, with_absolute_uris
+from pipeline.extraction.presets import PRESETS, apply_preset
+from pipeline.extraction.reading import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS
+from pipeline.extraction.weights import weights_id
+from pipeline.store.layout import OUTPUTS, StoreSpec
+from pipeline.store.uris import normalize_uri
 from schemas import STORE_FORMAT_VERSION
 
 RESIZE_POLICIES = ("square", "aspect", "aspect-floor64", "pad")
 RESAMPLERS = ("bicubic", "cv2-bilinear")
-OUTPUTS = ("dense", "cls", "pooled", "registers")  # the store's array kinds
-TOKEN_STRIDE = "patch"  # a preset's stride: the model's patch size
-DEPTH_HEAD_BLOCKS = "depth-head-blocks"  # a preset's layers: the four blocks DINOv2's linear4 / DPT depth heads read
-DINOV2_DEPTH_HEAD_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}  # by model depth (dinov2/hub/depthers.py)
-
-# The paper's settings, one flag each (README: Presets). Values are flag values; every field named
-# is set, and a flag given with another value is refused rather than silently overridden.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The authors' DAVIS path (EnsembledExtractor on DINO's eval_video_segmentation.py): the frame
-    # plus the 3x3 pixel grid (the zero shift twice, 10 views), zero fill and a plain mean, the last
-    # block after the final norm pooled to token stride; frames with the shorter side 480 and the
-    # longer one floored to a multiple of 64, resized as cv2.resize does, normalized as DINO's
-    # video evaluation does (std 0.228 for red).
-    "srt-paper-davis": {
-        "shifts": ((0, 0), *grid_shifts(1)),
-        "radius": None,
-        "random_shifts": None,
-        "boundary": "zeros",
-        "stride": TOKEN_STRIDE,
-        "layers": (-1,),
-        "norm": True,
-        "image_size": 480,
-        "resize": "aspect-floor64",
-        "resample": "cv2-bilinear",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.228, 0.224, 0.225),
-    },
-    # The authors' depth path (DinoV2DepthFeatsEnsembledExtractor on DINOv2's NYU depth models):
-    # the frame plus the 7x7 pixel grid (the zero shift twice, 50 views), zero fill and a plain mean;
-    # the four blocks the linear4 / DPT heads read, without the final norm, with their class
-    # tokens; images at their own size, each shifted view centre-padded with zeros to a multiple
-    # of the patch (DINOv2's CenterPadding), averaged on that padded canvas at token stride.
-    "srt-paper-depth": {
-        "shifts": ((0, 0), *grid_shifts(3)),
-        "radius": None,
-        "random_shifts": None,
-        "boundary": "zeros",
-        "stride": TOKEN_STRIDE,
-        "layers": DEPTH_HEAD_BLOCKS,
-        "norm": False,
-        "resize": "pad",
-    },
-}
 STORE_DTYPES = ("float16", "float32")
 CODECS = ("lz4", "blosc", "zstd", "none")  # lz4: blosc-lz4 with bit shuffle; blosc: blosc-zstd (smaller, about 3x the write CPU): bench/RESULTS.md
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RETRYABLE_ERROR_KINDS = ("read", "empty", "decode")  # decided by the bytes fetched at run time; the rest by the plan or the config
 
-
-class ConfigError(ValueError):
-    """A bad flag: the message starts with the flag's name."""
-
-    def __init__(self, flag: str, message: str) -> None:
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag of a config field: `batch_size` -> `--batch-size`."""
-    return "--" + name.replace("_", "-")
-
-
-class Flags:
-    """Mixin for config dataclasses: `config.flags[field]` is the field's flag, for error messages."""
-
-    @property
-    def flags(self) -> dict[str, str]:
-        return {f.name: flag_of(f.name) for f in dataclasses.fields(self)}
-
-
-def option(help: str, **extra: Any) -> dict[str, Any]:
-    """Field metadata that makes a config field a flag: its help and argparse extras."""
-    return {"help": help, **extra}
 
 
 @dataclass
@@ -182,6 +108,35 @@ class ResolvedConfig:
         """What is stored in the group attributes: the fingerprint plus the package version."""
         return {**self.fingerprint(), "package_version": __version__}
 
+    def store_spec(self) -> StoreSpec:
+        """What the store needs of this run to lay out and write its arrays."""
+        c = self.config
+        return StoreSpec(
+            out=c.out,
+            storage_options=c.storage_options,
+            provenance=self.provenance(),
+            taps=self.taps,
+            outputs=c.outputs,
+            fixed_shapes=self.fixed_shapes(),
+            shard_size=c.shard_size,
+            stride=self.stride,
+            dtype=c.dtype,
+            codec=c.codec,
+        )
+
+    def fixed_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shapes of the arrays known before any image is read."""
+        facts, c = self.facts, self.config
+        shapes: dict[str, tuple[int, ...]] = {"pooled": (facts.embed_dim,)}
+        if facts.num_prefix_tokens > facts.num_registers:
+            shapes["cls"] = (facts.embed_dim,)
+        if facts.num_registers:
+            shapes["registers"] = (facts.num_registers, facts.embed_dim)
+        if c.resize == "square":
+            side = c.image_size // self.stride
+            shapes["dense"] = (c.pca_dims or facts.embed_dim, side, side)
+        return shapes
+
     def fingerprint(self) -> dict[str, Any]:
         """Everything that decides the stored values and layout; a resumed run must match it.
 
@@ -222,68 +177,10 @@ class ResolvedConfig:
         }
 
 
-def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints, e.g. "stride: stored 8, requested 4"."""
-    keys = sorted(stored.keys() | wanted.keys())
-    return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
-
-
 def default_stride(patch: int) -> int:
     return patch // 2 if patch % 2 == 0 else patch
 
 
-def job_working_copy() -> bool:
-    """Whether this driver runs under `ray job submit --working-dir`: its working directory is then a
-    temporary copy, gone when the job ends. Ray's job supervisor hands the job's runtime env to the
-    entrypoint in this variable."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    return bool(raw) and bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
-
-
-def with_absolute_uris(config: Any) -> Any:
-    """The config with local paths made absolute here, on the driver, before anything is stored or
-    shipped: actors and Ray Train workers run in other working directories, and a store or index
-    must name the same place from anywhere. An output relative to a job's temporary working copy
-    would vanish with it, so it is refused."""
-    changes = {}
-    for f in dataclasses.fields(config):
-        value, kind = getattr(config, f.name), f.metadata.get("uri")
-        if not kind or not value:
-            continue
-        if kind == "output" and "://" not in value and not os.path.isabs(value) and job_working_copy():
-            raise ConfigError(flag_of(f.name), f"{value} is relative, and this job runs in Ray's temporary copy of its --working-dir ({os.getcwd()}), which is deleted after the job: give an absolute path or a URI")
-        changes[f.name] = tuple(map(normalize_uri, value)) if isinstance(value, tuple) else normalize_uri(value)
-    return dataclasses.replace(config, **changes)
-
-
-def field_default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def preset_value(value: Any, facts: ModelFacts) -> Any:
-    """A preset's setting for this model: the token stride and the depth heads' blocks depend on it."""
-    if value == TOKEN_STRIDE:
-        return facts.patch_size
-    if value == DEPTH_HEAD_BLOCKS:
-        return DINOV2_DEPTH_HEAD_BLOCKS.get(facts.depth, tuple(round(facts.depth * k / 4) - 1 for k in range(1, 5)))
-    return value
-
-
-def apply_preset(config: ExtractConfig, facts: ModelFacts) -> ExtractConfig:
-    """The config with its preset's settings; a flag given with a value other than the preset's
-    is refused, naming both, so neither silently wins."""
-    if config.preset is None:
-        return config
-    if config.preset not in PRESETS:
-        raise ConfigError(config.flags["preset"], f"must be one of {tuple(PRESETS)}, got {config.preset!r}")
-    settings = {name: preset_value(value, facts) for name, value in PRESETS[config.preset].items()}
-    defaults = {f.name: field_default(f) for f in dataclasses.fields(config)}
-    for name, value in settings.items():
-        given = getattr(config, name)
-        if given != defaults[name] and given != value:
-            wanted = "unset" if value is None else _show(value)
-            raise ConfigError(config.flags[name], f"--preset {config.preset} sets it to {wanted}; drop one of the two")
-    return dataclasses.replace(config, **settings)
 
 
 def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedConfig:
@@ -340,7 +237,7 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     for name in ("mean", "std"):
         value = getattr(config, name)
         if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
-            raise ConfigError(f[name], f"give three values R,G,B{' (positive)' if name == 'std' else ''}, got {_show(value)}")
+            raise ConfigError(f[name], f"give three values R,G,B{' (positive)' if name == 'std' else ''}, got {show_value(value)}")
     patch = facts.patch_size
     if config.resize == "aspect-floor64" and 64 % patch:
         raise ConfigError(f["resize"], f"aspect-floor64 floors to multiples of 64, which patch size {patch} of {config.model} does not divide")
@@ -389,133 +286,4 @@ def _resolve_shifts(config: ExtractConfig, patch: int) -> tuple[Shift, ...]:
     except ValueError as error:
         raise ConfigError(f[name], str(error)) from error
 
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def _parse_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _parse_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def parse_words(text: str) -> tuple[str, ...]:
-    return tuple(word.strip() for word in text.split(",") if word.strip())
-
-
-def _parse_shifts(text: str) -> tuple[Shift, ...]:
-    try:
-        pairs = [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'dy,dx;dy,dx;...', got {text!r}") from None
-    if any(len(pair) != 2 for pair in pairs):
-        raise argparse.ArgumentTypeError(f"every shift is 'dy,dx', got {text!r}")
-    return tuple(pairs)  # type: ignore[arg-type]
-
-
-def _parse_json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-_PARSERS = {"ints": _parse_ints, "floats": _parse_floats, "shifts": _parse_shifts, "json": _parse_json, "words": parse_words}
-
-
-def add_arguments(parser: argparse.ArgumentParser, config_type: type = ExtractConfig) -> None:
-    """One flag per config field, with the field's default and help."""
-    for f in dataclasses.fields(config_type):
-        flag = flag_of(f.name)
-        default = field_default(f)
-        meta = dict(f.metadata)
-        help_text = meta.pop("help")
-        parse = meta.pop("parse", None)
-        meta.pop("uri", None)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            continue
-        if parse:
-            meta["type"] = _PARSERS[parse]
-        elif f.type in ("int", "int | None"):
-            meta["type"] = int
-        elif f.type in ("float", "float | None"):
-            meta["type"] = float
-        shown = "" if meta.get("required") or default in (None, {}, "", ()) else f" (default: {_show(default)})"
-        parser.add_argument(flag, default=default, help=help_text + shown, **meta)
-
-
-def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-CONFIG_FILE_HELP = "YAML, JSON or TOML file of flag values, keys named like the flags (batch_size: 64, layers: [5, 11]); flags given here override it"
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
-def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None, config_type: type) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from the `--config` file when one is given (so explicit flags
-    win); an unknown key or a bad file fails naming `--config`."""
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--config")
-    path = early.parse_known_args(argv)[0].config
-    if path:
-        values = read_config_file(path, config_type)
-        parser.set_defaults(**values)
-        for action in parser._actions:  # a required flag the file gives is no longer required
-            if action.dest in values:
-                action.required = False
-    return parser.parse_args(argv)
-
-
-def read_config_file(path: str, config_type: type) -> dict[str, Any]:
-    """Flag values from a YAML, JSON or TOML file, converted as the flags' own parsers convert them."""
-    import yaml
-
-    try:
-        text = read_uri(path).decode()
-        values = tomllib.loads(text) if path.endswith(".toml") else json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as error:
-        raise ConfigError("--config", f"cannot read {path}: {error}") from error
-    if not isinstance(values, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping of flag names to values")
-    fields = {f.name: f for f in dataclasses.fields(config_type)}
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    if unknown := sorted(set(values) - set(fields)):
-        raise ConfigError("--config", f"{path}: unknown keys {unknown}; keys are the flags' names, e.g. {sorted(fields)[:4]}")
-    return {name: _from_file(fields[name], value) for name, value in values.items()}
-
-
-def _from_file(field: dataclasses.Field, value: Any) -> Any:
-    parse = field.metadata.get("parse")
-    if parse and isinstance(value, str):
-        return _PARSERS[parse](value)
-    if isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return value
-
-
-def masked(config: Any) -> dict[str, Any]:
-    """Every field of a config, with storage-option values that look like credentials hidden:
-    what is printed at start and kept in summary.json."""
-    values = dataclasses.asdict(config)
-    options = values.get("storage_options") or {}
-    values["storage_options"] = {k: "***" if any(word in k.lower() for word in SECRET_WORDS) else v for k, v in options.items()}
-    return values
-
-
-def from_args(args: argparse.Namespace, config_type: type = ExtractConfig) -> ExtractConfig:
-    """The config of parsed flags, its local paths absolute (raises ConfigError, see `with_absolute_uris`)."""
-    return with_absolute_uris(config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)}))
 

@@ -20,9 +20,9 @@ from PIL import Image
 from pipeline.engine.accelerator import view_budget
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.images import ImageError, Prepared, prepare, prepare_image, to_rgb
-from pipeline.engine.models import load_vit
-from pipeline.store.layout import FeatureStore
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import build_engine
+from pipeline.store.reader import FeatureStore
 
 OUTPUTS = ("pooled", "cls", "dense")
 

@@ -24,11 +24,14 @@ import zarr
 from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
-from pipeline.extraction.config import ConfigError, ExtractConfig, ResolvedConfig, resolve
-from pipeline.store.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
 from pipeline.engine.models import ViT, fetch_pretrained
-from pipeline.extraction.sources import Item, SourceError, list_items, make_plan, prefetch, shard_rows
+from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
+from pipeline.extraction.flags import ConfigError
+from pipeline.extraction.listing import Item, SourceError, list_items, make_plan, shard_rows
+from pipeline.extraction.reading import prefetch
+from pipeline.extraction.worker import ShardStats, ShardWorker
 from pipeline.store.layout import (
+    NotWritableError,
     check_existing,
     check_writable,
     create_store,
@@ -38,7 +41,7 @@ from pipeline.store.layout import (
     remove_output,
     stored_provenance,
 )
-from pipeline.extraction.worker import ShardStats, ShardWorker
+from pipeline.store.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
 
 log = logging.getLogger("srt")
 
@@ -74,13 +77,16 @@ def plan_job(config: ExtractConfig, resolved: ResolvedConfig | None = None) -> J
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     options = config.storage_options
-    check_writable(config.out, options)
+    try:
+        check_writable(config.out, options)
+    except NotWritableError as error:
+        raise ConfigError("--out", str(error)) from error
     if config.pretrained:
         try:
             fetch_pretrained(config.model)
         except OSError as error:
             raise ConfigError("--pretrained", str(error)) from error
-    resumed = check_existing(resolved)
+    resumed = check_existing(config.out, options, resolved.fingerprint(), overwrite=config.overwrite)
     if resumed:
         plan = read_plan(config.out, options)
         log.info(
@@ -92,7 +98,7 @@ def plan_job(config: ExtractConfig, resolved: ResolvedConfig | None = None) -> J
         if config.overwrite:
             remove_output(config.out, options)
         put_atomically(plan_uri(config.out), parquet_bytes(plan), options)
-        create_store(resolved, len(plan))
+        create_store(resolved.store_spec(), len(plan))
     if resumed and config.retry_errors:
         retry_error_rows(config.out, config.retry_errors, options)
     done = committed_shards(config.out, options)

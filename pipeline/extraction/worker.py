@@ -26,13 +26,16 @@ import zarr
 
 from pipeline.engine import pca
 from pipeline.engine.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
+from pipeline.engine.aggregation import PartialSum
+from pipeline.engine.models import Tap, ViT
+from pipeline.engine.shifts import Shift
+from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 from pipeline.extraction.config import ResolvedConfig
 from pipeline.extraction.images import ImageError, ImagePolicy, Prepared, normalize, prepare
-from pipeline.store.manifest import is_committed, write_part
-from pipeline.engine.models import Tap, ViT, load_vit
-from pipeline.extraction.sources import read_bytes
-from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT, PartialSum, Shift
+from pipeline.extraction.reading import read_bytes
+from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
+from pipeline.store.manifest import is_committed, write_part
 
 log = logging.getLogger("srt")
 
@@ -138,6 +141,7 @@ class ShardWorker:
     def __init__(self, resolved: ResolvedConfig, *, vit: ViT | None = None, device: str | None = None) -> None:
         c = resolved.config
         self.resolved = resolved
+        self.store_spec = resolved.store_spec()
         self.vit = vit or load_vit(c.model, pretrained=c.pretrained, weights=c.weights, seed=c.seed, device=device, storage_options=c.storage_options)
         if self.vit.weights_id != resolved.weights_id:
             raise RuntimeError(f"weights changed since the run was planned: {self.vit.weights_id} != {resolved.weights_id}")
@@ -232,7 +236,7 @@ class ShardWorker:
             stats.committed = False
             return stats
         stats.views = sum(arrays.views_of.values())
-        write_shard(self.group, self.resolved, loaded.shard, arrays.blocks, self.arrays)
+        write_shard(self.group, self.store_spec, loaded.shard, arrays.blocks, self.arrays)
         itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the empty rows
         stats.bytes_written = sum(rows * math.prod(arrays.blocks[path].shape[1:]) * itemsize for path, rows in arrays.filled.items())
         rows = [self._manifest_row(row, item, arrays.views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]

@@ -1,9 +1,9 @@
-"""The Zarr v3 feature store: layout, creation with a provenance check, shard writes, the reader.
+"""The Zarr v3 feature store's layout: creation with a provenance check, shard writes, the PCA basis.
 
 Layout under the output URI (N = planned items, n = one image per chunk):
 
     zarr.json                 group attributes: {"srt": provenance of the run, "plan_size": N}
-    plan.parquet              the work plan (pipeline.extraction.sources)
+    plan.parquet              the work plan (pipeline.extraction.listing)
     manifest/part-*.parquet   one part per committed shard (pipeline.store.manifest)
     dense/L{L}                [N, C, H/s, W/s] SRT maps of block L  (aspect policy: dense/L{L}/{H}x{W})
     cls/L{L}                  [N, C] class token averaged over views (models with a class token)
@@ -22,17 +22,14 @@ value 0 and cost no storage.
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
-from collections.abc import Iterator
-from pathlib import PurePosixPath
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import zarr
@@ -40,19 +37,44 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from pipeline.extraction.config import OUTPUTS, ConfigError, ResolvedConfig, differences
-from pipeline.store.manifest import read_manifest
 from pipeline.engine.models import Tap
-from pipeline.engine.pca import Basis, reconstruct
-from pipeline.extraction.sources import normalize_uri
-from schemas import PLAN_SCHEMA_VERSION, STORE_FORMAT_VERSION
+from pipeline.engine.pca import Basis
+from schemas import PLAN_SCHEMA_VERSION
 
 ATTRIBUTE = "srt"
+OUTPUTS = ("dense", "cls", "pooled", "registers")  # the store's array kinds
 VECTOR_KINDS = tuple(kind for kind in OUTPUTS if kind != "dense")
 
 
 class StoreMismatchError(ValueError):
     """An existing output was made with a different config."""
+
+
+class NotWritableError(OSError):
+    """The output URI cannot hold a store (an existing file, a read-only or pseudo filesystem)."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a run tells the store to lay out and write its arrays; made by the job's config
+    (`ResolvedConfig.store_spec`), so the store never needs to know the job's flags."""
+
+    out: str
+    storage_options: dict[str, Any]
+    provenance: dict[str, Any]  # the group attributes: the fingerprint plus the package version
+    taps: tuple[Tap, ...]
+    outputs: tuple[str, ...]
+    fixed_shapes: dict[str, tuple[int, ...]]  # per-image shapes known before any image is read, by kind
+    shard_size: int
+    stride: int
+    dtype: str
+    codec: str
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints, e.g. "stride: stored 8, requested 4"."""
+    keys = sorted(stored.keys() | wanted.keys())
+    return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
 
 
 def compressors(codec: str) -> Any:
@@ -80,7 +102,7 @@ def plan_uri(out: str) -> str:
 
 
 def read_plan(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The work plan saved beside the store (pipeline.extraction.sources.make_plan), of this schema version."""
+    """The work plan saved beside the store (pipeline.extraction.listing.make_plan), of this schema version."""
     with fsspec.open(plan_uri(out), "rb", **(storage_options or {})) as handle:
         plan = pq.read_table(handle)
     version = int((plan.schema.metadata or {}).get(b"schema_version", b"1"))
@@ -92,32 +114,31 @@ def read_plan(out: str, storage_options: dict[str, Any] | None = None) -> pa.Tab
     return plan
 
 
-def _store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
+def store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
 def stored_provenance(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The provenance of an existing store, or None when there is no store at `out`."""
-    if not _store_exists(out, storage_options):
+    if not store_exists(out, storage_options):
         return None
     return dict(open_group(out, "r", storage_options).attrs.get(ATTRIBUTE, {}))
 
 
-def check_existing(resolved: ResolvedConfig) -> bool:
-    """Whether `--out` holds a store to resume; it must come from the same config.
+def check_existing(out: str, storage_options: dict[str, Any] | None, fingerprint: dict[str, Any], *, overwrite: bool = False) -> bool:
+    """Whether `out` holds a store to resume; it must come from the same config (`fingerprint`).
 
-    Raises StoreMismatchError naming every difference. With `--overwrite` nothing is resumed, and
+    Raises StoreMismatchError naming every difference. With `overwrite` nothing is resumed, and
     the old output stays until `remove_output` (after the new listing succeeded).
     """
-    config = resolved.config
-    existing = stored_provenance(config.out, config.storage_options)
-    if existing is None or config.overwrite:
+    existing = stored_provenance(out, storage_options)
+    if existing is None or overwrite:
         return False
     stored = {k: v for k, v in existing.items() if k != "package_version"}
-    if diff := differences(stored, resolved.fingerprint()):
+    if diff := differences(stored, fingerprint):
         raise StoreMismatchError(
-            f"--out {config.out} was written with a different config; pass --overwrite to replace it, "
+            f"--out {out} was written with a different config; pass --overwrite to replace it, "
             "or choose another --out. Differences: " + "; ".join(diff)
         )
     return True
@@ -131,7 +152,7 @@ def check_writable(out: str, storage_options: dict[str, Any] | None = None) -> N
     path = path.rstrip("/")
     try:
         if fs.isfile(path):
-            raise ConfigError("--out", f"{out} is an existing file; give a folder for the store")
+            raise NotWritableError(f"{out} is an existing file; give a folder for the store")
         made = []
         if isinstance(fs, LocalFileSystem):  # object stores have no folders to make
             folder = path
@@ -144,8 +165,10 @@ def check_writable(out: str, storage_options: dict[str, Any] | None = None) -> N
         fs.rm_file(probe)
         for folder in made:
             os.rmdir(folder)
+    except NotWritableError:
+        raise
     except OSError as error:
-        raise ConfigError("--out", f"cannot write a store at {out}: {type(error).__name__}: {error}") from error
+        raise NotWritableError(f"cannot write a store at {out}: {type(error).__name__}: {error}") from error
 
 
 def remove_output(out: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -155,30 +178,16 @@ def remove_output(out: str, storage_options: dict[str, Any] | None = None) -> No
         fs.rm(path, recursive=True)
 
 
-def create_store(resolved: ResolvedConfig, plan_size: int) -> zarr.Group:
+def create_store(spec: StoreSpec, plan_size: int) -> zarr.Group:
     """A new group with the run's provenance and every array whose shape the plan fixes."""
     # "a", not "w": "w" would wipe the plan already saved beside it (check_existing ran before).
-    group = open_group(resolved.config.out, "a", resolved.config.storage_options)
-    group.attrs.update({ATTRIBUTE: resolved.provenance(), "plan_size": plan_size})
-    for tap in resolved.taps:
-        for kind, shape in _fixed_shapes(resolved).items():
-            if kind in resolved.config.outputs:
-                _create(group, f"{kind}/{tap.name}", (plan_size, *shape), resolved)
+    group = open_group(spec.out, "a", spec.storage_options)
+    group.attrs.update({ATTRIBUTE: spec.provenance, "plan_size": plan_size})
+    for tap in spec.taps:
+        for kind, shape in spec.fixed_shapes.items():
+            if kind in spec.outputs:
+                _create(group, f"{kind}/{tap.name}", (plan_size, *shape), spec)
     return group
-
-
-def _fixed_shapes(resolved: ResolvedConfig) -> dict[str, tuple[int, ...]]:
-    """Per-image shapes of the arrays known before any image is read."""
-    facts, c = resolved.facts, resolved.config
-    shapes: dict[str, tuple[int, ...]] = {"pooled": (facts.embed_dim,)}
-    if facts.num_prefix_tokens > facts.num_registers:
-        shapes["cls"] = (facts.embed_dim,)
-    if facts.num_registers:
-        shapes["registers"] = (facts.num_registers, facts.embed_dim)
-    if c.resize == "square":
-        side = c.image_size // resolved.stride
-        shapes["dense"] = (c.pca_dims or facts.embed_dim, side, side)
-    return shapes
 
 
 def axes(path: str, stride: int) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -201,20 +210,20 @@ def axes(path: str, stride: int) -> tuple[tuple[str, ...], dict[str, Any]]:
     return ("image", "channel"), attributes
 
 
-def _create(group: zarr.Group, path: str, shape: tuple[int, ...], resolved: ResolvedConfig) -> zarr.Array:
+def _create(group: zarr.Group, path: str, shape: tuple[int, ...], spec: StoreSpec) -> zarr.Array:
     """Dense: one image per chunk, one work shard per Zarr shard. Vectors: one work shard per chunk.
     Creating an existing array opens it."""
-    per_shard = (resolved.config.shard_size, *shape[1:])
+    per_shard = (spec.shard_size, *shape[1:])
     dense = path.startswith("dense/")
-    names, attributes = axes(path, resolved.stride)
+    names, attributes = axes(path, spec.stride)
     try:
         return group.create_array(
             path,
             shape=shape,
             chunks=(1, *shape[1:]) if dense else per_shard,
             shards=per_shard if dense else None,
-            dtype=resolved.config.dtype,
-            compressors=compressors(resolved.config.codec),
+            dtype=spec.dtype,
+            compressors=compressors(spec.codec),
             fill_value=0,
             dimension_names=names,
             attributes=attributes,
@@ -233,20 +242,20 @@ def for_writing(array: zarr.Array) -> zarr.Array:
 
 def write_shard(
     group: zarr.Group,
-    resolved: ResolvedConfig,
+    spec: StoreSpec,
     shard: int,
     arrays: dict[str, np.ndarray],
     opened: dict[str, zarr.Array] | None = None,
 ) -> None:
     """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks.
     `opened`: arrays already opened by earlier calls (opening one reads its metadata), added to."""
-    start = shard * resolved.config.shard_size
+    start = shard * spec.shard_size
     opened = {} if opened is None else opened
     for path, block in arrays.items():
         if path not in opened:
-            array = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), resolved)
+            array = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), spec)
             opened[path] = for_writing(array)
-        opened[path][start : start + len(block)] = block.astype(resolved.config.dtype, copy=False)
+        opened[path][start : start + len(block)] = block.astype(spec.dtype, copy=False)
 
 
 def write_basis(group: zarr.Group, tap: Tap, basis: Basis, shards: list[int]) -> None:
@@ -268,184 +277,3 @@ def read_basis(group: zarr.Group, tap: Tap) -> Basis | None:
     return Basis(mean=mean, components=components, explained=facts["explained_variance"])
 
 
-# ---------------------------------------------------------------------------- reader
-
-
-class FeatureStore:
-    """Read a feature store: its config, its manifest, and features by `image_id`.
-
-    `FeatureStore.open("s3://bucket/feats.zarr", storage_options={...})`
-    """
-
-    def __init__(self, out: str, group: zarr.Group, manifest: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
-        self.uri = out
-        self.storage_options = storage_options or {}
-        self.group = group
-        self.config: dict[str, Any] = dict(group.attrs[ATTRIBUTE])
-        if self.config.get("store_format") != STORE_FORMAT_VERSION:
-            raise ValueError(f"{out}: store format {self.config.get('store_format')} is not {STORE_FORMAT_VERSION}")
-        self.manifest = manifest
-        self._rows = {image_id: i for i, image_id in enumerate(manifest.column("image_id").to_pylist())}
-        self._bases: dict[str, Basis | None] = {}
-
-    @classmethod
-    def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
-        if not _store_exists(out, storage_options):
-            raise FileNotFoundError(f"no feature store at {out}")
-        return cls(out, open_group(out, "r", storage_options), read_manifest(out, storage_options), storage_options)
-
-    def plan(self) -> dict[str, dict[str, Any]]:
-        """image_id -> planned row: what `sources.read_bytes` reads an image's bytes from."""
-        return {row["image_id"]: row for row in read_plan(self.uri, self.storage_options).to_pylist()}
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.config["layers"])
-
-    def warn_if_cropped(self) -> None:
-        """Dense consumers map cells back onto whole images: say so when the model saw centre crops."""
-        if self.config["resize"] == "square":
-            logging.getLogger("srt").warning(
-                "%s was extracted with --resize square: pixels outside each centre crop are predicted background "
-                "(extract with --resize aspect to segment whole images)", self.uri
-            )
-
-    @property
-    def keys(self) -> list[int]:
-        """Blocks whose attention keys are stored (`--keys`)."""
-        return list(self.config.get("keys", []))
-
-    def record(self, image_id: str) -> dict[str, Any]:
-        """The manifest row of one image."""
-        if image_id not in self._rows:
-            raise KeyError(f"image_id {image_id!r} is not in {self.uri}'s manifest")
-        return self.manifest.slice(self._rows[image_id], 1).to_pylist()[0]
-
-    def find(self, name: str) -> str:
-        """The image_id that `name` names: an image_id, the image's URI (any spelling of it), its file
-        name, or its file name without extension, as long as exactly one image of the manifest matches."""
-        if name in self._rows:
-            return name
-        ids, uris = self.manifest.column("image_id").to_pylist(), self.manifest.column("uri").to_pylist()
-        wanted = normalize_uri(name) if "/" in name else None
-        base = PurePosixPath(name).name
-        found = [
-            image_id for image_id, uri in zip(ids, uris)
-            if normalize_uri(uri) == wanted or (file := PurePosixPath(uri.split("#")[-1]).name) == base or PurePosixPath(file).stem == base
-        ]  # fmt: skip
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise KeyError(f"{name!r} names {len(found)} images of {self.uri} ({', '.join(found[:5])}); give its image_id or its full URI")
-        example = f" (e.g. {ids[0]} or {PurePosixPath(uris[0].split('#')[-1]).name})" if ids else ""
-        raise KeyError(f"no image {name!r} in {self.uri}: give an image_id, a URI or a file name from its manifest{example}")
-
-    def _ok_record(self, image_id: str) -> dict[str, Any]:
-        record = self.record(image_id)
-        if record["status"] != "ok":
-            raise KeyError(f"image_id {image_id!r} has no features: {record['error_kind']}: {record['error']}")
-        return record
-
-    def layer_index(self, layer: int | None, keys: bool = False) -> int:
-        """The stored block to read: `layer` if stored, or the only one when None.
-        `keys` picks among the blocks whose attention keys are stored."""
-        stored, what = (self.keys, "attention keys (--keys)") if keys else (self.layers, "layers")
-        if not stored:
-            raise KeyError(f"{self.uri} stores no {what}")
-        if layer is None:
-            if len(stored) > 1:
-                raise ValueError(f"this store holds {what} of blocks {stored}: pass layer=")
-            return stored[0]
-        if layer not in stored:
-            raise KeyError(f"{what} of block {layer} not stored; stored: {stored}")
-        return layer
-
-    def tap(self, layer: int | None = None, keys: bool = False) -> Tap:
-        return Tap("keys" if keys else "block", self.layer_index(layer, keys))
-
-    def stored(self, kind: str) -> None:
-        """Raise naming the flag when the store was extracted without `kind` (--outputs)."""
-        outputs = self.config.get("outputs", list(OUTPUTS))
-        if kind not in outputs:
-            raise KeyError(f"{self.uri} stores no {kind} arrays: it was extracted with --outputs {','.join(outputs)} (extract again with {kind} in --outputs)")
-
-    def dense(self, image_id: str, layer: int | None = None, keys: bool = False, full: bool = False) -> np.ndarray:
-        """[C, H/s, W/s] SRT map of one image: a block's output, or with `keys` its attention keys.
-        A store of reduced maps (--pca-dims K) gives K channels, or with `full` the C-channel
-        maps projected back from them (fp32)."""
-        self.stored("dense")
-        record = self._ok_record(image_id)
-        tap = self.tap(layer, keys)
-        return self._full(self.group[dense_path(tap, record["bucket"])][record["row"]][None], tap, full)[0]
-
-    def dense_rows(self, records: list[dict[str, Any]], layer: int | None = None, full: bool = False) -> np.ndarray:
-        """[n, C, h, w] maps of ok manifest records of one size bucket, read in one indexed call
-        (`full`: as `dense`)."""
-        self.stored("dense")
-        buckets = {r["bucket"] for r in records}
-        if len(buckets) != 1:
-            raise ValueError(f"records of one size bucket expected, got {sorted(map(str, buckets))}")
-        tap = self.tap(layer)
-        return self._full(self.group[dense_path(tap, records[0]["bucket"])].oindex[[r["row"] for r in records]], tap, full)
-
-    def basis(self, layer: int | None = None, keys: bool = False) -> Basis | None:
-        """The PCA basis the dense maps of a block are stored on (--pca-dims), or None."""
-        return self._basis(self.tap(layer, keys))
-
-    def _basis(self, tap: Tap) -> Basis | None:
-        if tap.name not in self._bases:  # read once: `full` reads come in loops over images
-            self._bases[tap.name] = read_basis(self.group, tap)
-        return self._bases[tap.name]
-
-    def _full(self, maps: np.ndarray, tap: Tap, full: bool) -> np.ndarray:
-        basis = self._basis(tap) if full else None
-        return maps if basis is None else reconstruct(torch.from_numpy(maps), basis).numpy()
-
-    def vector_rows(self, kind: str, records: list[dict[str, Any]], layer: int | None = None) -> np.ndarray:
-        """[n, ...] per-image vectors (cls, registers, pooled) of ok manifest records."""
-        self.stored(kind)
-        return self.group[f"{kind}/{self.tap(layer).name}"].oindex[[r["row"] for r in records]]
-
-    def vector(self, kind: str, image_id: str, layer: int | None = None, keys: bool = False) -> np.ndarray:
-        """`kind` in cls, registers, pooled: the per-image vectors of one image."""
-        if kind not in VECTOR_KINDS:
-            raise ValueError(f"kind must be one of {VECTOR_KINDS}, got {kind!r}")
-        self.stored(kind)
-        path = f"{kind}/{self.tap(layer, keys).name}"
-        if path not in self.group:
-            raise KeyError(f"{self.uri} has no {kind} array (the model has none)")
-        return self.group[path][self._ok_record(image_id)["row"]]
-
-    def transform(self, image_id: str) -> dict[str, Any]:
-        """What maps feature cells back to original pixels (see images.cell_to_pixel)."""
-        record = self._ok_record(image_id)
-        return {
-            "height": record["height"],
-            "width": record["width"],
-            "input_size": (record["input_height"], record["input_width"]),
-            "region": tuple(record["region"]),
-            "stride": self.config["stride"],
-        }
-
-    def iter_batches(
-        self, kind: str = "pooled", layer: int | None = None, batch_size: int = 1024, keys: bool = False
-    ) -> Iterator[tuple[list[str], np.ndarray]]:
-        """(image_ids, [n, ...] arrays) over every ok image, `batch_size` at a time.
-
-        `kind` is cls, registers, pooled (plan order) or dense (plan order within each size
-        bucket). Only the chunks of the requested rows are read.
-        """
-        self.stored(kind)
-        tap = self.tap(layer, keys)
-        ok = self.manifest.filter(pc.equal(self.manifest.column("status"), "ok"))
-        ids, rows = ok.column("image_id").to_pylist(), ok.column("row").to_numpy()
-        if kind == "dense":
-            buckets = ok.column("bucket").to_pylist()
-            groups = {bucket: [i for i, b in enumerate(buckets) if b == bucket] for bucket in dict.fromkeys(buckets)}
-            arrays = {bucket: self.group[dense_path(tap, bucket)] for bucket in groups}
-        else:
-            groups, arrays = {None: list(range(len(ids)))}, {None: self.group[f"{kind}/{tap.name}"]}
-        for bucket, members in groups.items():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                yield [ids[i] for i in chunk], arrays[bucket].oindex[rows[chunk]]

@@ -33,11 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.extraction.config import ConfigError, Flags, differences, option
+from pipeline.engine.models import Tap, ViT, seed_of
+from pipeline.extraction.flags import ConfigError, Flags, option
 from pipeline.extraction.images import prepare
-from pipeline.engine.models import Tap, ViT, load_store_model, seed_of, weights_id
-from pipeline.extraction.sources import read_bytes, read_uri
-from pipeline.store.layout import FeatureStore
+from pipeline.extraction.reading import read_bytes
+from pipeline.extraction.weights import load_store_model, weights_id
+from pipeline.extraction.worker import build_engine
+from pipeline.store.layout import differences
+from pipeline.store.reader import FeatureStore
+from pipeline.store.uris import read_uri
 from pipeline.tasks.shared.training import (
     Report,
     batches,
@@ -48,7 +52,6 @@ from pipeline.tasks.shared.training import (
     save_checkpoint,
     write_bytes,
 )
-from pipeline.extraction.worker import build_engine
 
 LOSSES = ("mse", "l1")
 SCHEDULES = ("step", "cosine")

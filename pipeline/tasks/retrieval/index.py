@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.extraction.config import differences
-from pipeline.extraction.images import prepare
+from pipeline.engine.aggregation import SRTOutput
 from pipeline.engine.models import ViT, check_same_model
-from pipeline.tasks.retrieval.ranking import rank_database
-from pipeline.extraction.sources import normalize_uri
-from pipeline.engine.srt import SRTOutput
-from pipeline.store.layout import FeatureStore
+from pipeline.extraction.images import prepare
 from pipeline.extraction.worker import build_engine
+from pipeline.store.layout import differences
+from pipeline.store.reader import FeatureStore
+from pipeline.store.uris import normalize_uri
+from pipeline.tasks.retrieval.ranking import rank_database
 
 DESCRIPTORS = ("cls", "pooled", "gem")
 INDEX_TYPES = ("flat", "ivf", "ivfpq")

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 from pipeline.extraction.images import from_original, to_original
-from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate_video, to_labels
+from pipeline.store.reader import FeatureStore
+from pipeline.store.uris import uri_path
 from pipeline.tasks.segmentation.metrics import VOID, davis_scores, davis_summary
-from pipeline.extraction.sources import uri_path
-from pipeline.store.layout import FeatureStore
+from pipeline.tasks.segmentation.propagation import PropagationSettings, one_hot, propagate_video, to_labels
 
 RESOLUTION = "480p"
 

@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.extraction.images import to_original
+from pipeline.store.reader import FeatureStore
+from pipeline.store.uris import uri_path
 from pipeline.tasks.segmentation.metrics import max_f, pixel_accuracy, saliency_iou
-from pipeline.extraction.sources import uri_path
-from pipeline.store.layout import FeatureStore
 from pipeline.tasks.shared.tokencut import EPS, TAU, tokencut
 
 

@@ -19,8 +19,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from pipeline.extraction.sources import normalize_uri, read_uri
-from pipeline.store.layout import FeatureStore
+from pipeline.store.reader import FeatureStore
+from pipeline.store.uris import normalize_uri, read_uri
 
 DENSE_SUFFIXES = (".png", ".npy")
 LIST_SUFFIXES = (".txt", ".csv")

@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.extraction.sources import read_uri
+from pipeline.store.uris import read_uri
 
 Report = Callable[[dict[str, Any]], None]
 
