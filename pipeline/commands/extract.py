@@ -24,7 +24,7 @@ from pipeline.store.layout import StoreMismatchError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_arguments(parser, ExtractConfig)
     parser.add_argument("--config", help=CONFIG_FILE_HELP)
     parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
     return parser
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     try:
-        config = from_args(args)
+        config = from_args(args, ExtractConfig)
         summary = run_local(config) if args.local else run_ray(config)
     except (ConfigError, SourceError, StoreMismatchError) as error:
         parser.error(str(error))
