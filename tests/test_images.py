@@ -18,6 +18,7 @@ from pipeline.extraction.images import (
     cell_to_pixel,
     decode,
     decode_scaled,
+    decode_tensor,
     from_original,
     input_geometry,
     prepare,
@@ -185,3 +186,51 @@ def test_reducing_gap_applies_only_where_pillow_resamples():
     for policy in (ImagePolicy(224, "pad", 14, MEAN, STD, reducing_gap=2.0), ImagePolicy(480, "aspect", 16, MEAN, STD, resample="cv2-bilinear", reducing_gap=2.0)):
         assert policy.decoded_shorter_side == 0
     assert ImagePolicy(224, "square", 16, MEAN, STD, reducing_gap=2.5).decoded_shorter_side == 560
+
+
+TORCHVISION_DECODES = {"good.jpg", "rotated.jpg"}  # the 8-bit RGB and greyscale JPEGs of bad_input_files
+
+
+@pytest.mark.parametrize("name", sorted(bad_input_files()))
+def test_torchvision_decodes_plain_jpegs_and_leaves_the_rest_to_pillow(name):
+    data, kind, upright = bad_input_files()[name]
+    policy = ImagePolicy(32, "aspect", 16, MEAN, STD, max_pixels=BOMB_LIMIT, decoder="torchvision")
+    pixels = decode_tensor(data, policy)
+    assert (pixels is not None) == (name in TORCHVISION_DECODES)
+    if pixels is not None:  # bit-identical to Pillow's decode, upright
+        assert torch.equal(pixels, torch.from_numpy(np.array(decode(data, BOMB_LIMIT))).permute(2, 0, 1))
+    if kind is None:
+        assert prepare(data, policy).input_size == prepare(data, dataclasses.replace(policy, decoder="pillow")).input_size
+    else:
+        with pytest.raises(ImageError) as caught:
+            prepare(data, policy)
+        assert caught.value.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("size", "policy"),
+    [
+        ((376, 500), ImagePolicy(224, "square", 16, MEAN, STD)),  # an even margin: torch's resize
+        ((375, 500), ImagePolicy(224, "square", 16, MEAN, STD)),  # an odd margin: the box starts between pixels, Pillow's resize
+        ((375, 500), ImagePolicy(224, "aspect", 16, MEAN, STD)),
+        ((500, 333), ImagePolicy(224, "aspect", 16, MEAN, STD)),
+        ((120, 90), ImagePolicy(224, "aspect", 16, MEAN, STD)),  # upsampled
+        ((41, 57), ImagePolicy(0, "pad", 14, MEAN, STD)),
+        ((375, 500), ImagePolicy(480, "aspect-floor64", 16, MEAN, STD, resample="cv2-bilinear")),
+    ],
+    ids=["square-even", "square-odd", "aspect", "aspect-portrait", "aspect-up", "pad", "cv2-bilinear"],
+)
+def test_both_decoders_give_the_same_model_inputs(size, policy):
+    """The same geometry and manifest facts, pixels within 0.1/255 on average (torch's antialiased
+    bicubic against Pillow's: the same filter, computed with other rounding; at a crop's first and
+    last columns Pillow's filter also reads pixels past the crop, torch's does not)."""
+    data = encode(gradient(*size, seed=3), "JPEG", quality=90)
+    assert decode_tensor(data, policy) is not None
+    by_pillow, by_torch = prepare(data, policy), prepare(data, dataclasses.replace(policy, decoder="torchvision"))
+    facts = ("height", "width", "region", "bucket", "input_size")
+    assert [getattr(by_torch, f) for f in facts] == [getattr(by_pillow, f) for f in facts]
+    difference = (by_torch.pixels.int() - by_pillow.pixels.int()).abs()
+    assert difference.float().mean() <= 0.1 and difference[..., 3:-3].max() <= 2  # measured: 0.015, 1
+    assert (by_torch.valid is None) == (by_pillow.valid is None)
+    if by_pillow.valid is not None:
+        assert torch.equal(by_torch.valid, by_pillow.valid)

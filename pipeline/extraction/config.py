@@ -17,6 +17,7 @@ from pipeline.engine.models import ModelFacts, Tap, describe_model
 from pipeline.engine.shifts import DEFAULT_RANDOM_SHIFTS, Shift, grid_shifts, random_shifts, validate_shifts
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE
 from pipeline.extraction.flags import ConfigError, Flags, masked, option, show_value, with_absolute_uris
+from pipeline.extraction.images import DECODERS
 from pipeline.extraction.presets import PRESETS, apply_preset
 from pipeline.extraction.reading import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS
 from pipeline.extraction.weights import weights_id
@@ -26,6 +27,7 @@ from schemas import STORE_FORMAT_VERSION
 
 RESIZE_POLICIES = ("square", "aspect", "aspect-floor64", "pad")
 RESAMPLERS = ("bicubic", "cv2-bilinear")
+DECODER_CHOICES = ("auto", *DECODERS)
 STORE_DTYPES = ("float16", "float32")
 CODECS = ("lz4", "blosc", "zstd", "none")  # lz4: blosc-lz4 with bit shuffle; blosc: blosc-zstd (smaller, about 3x the write CPU): bench/RESULTS.md
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -56,6 +58,7 @@ class ExtractConfig(Flags):
     resize: str = field(default="square", metadata=option("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size; aspect-floor64: shorter side, longer side floored to a multiple of 64 (DINO's video evaluation); pad: original size, each view centre-padded with zeros to a multiple of the patch after shifting (DINOv2's depth evaluation; --image-size unused, needs --boundary zeros)", choices=RESIZE_POLICIES))
     resample: str = field(default="bicubic", metadata=option("resampling: Pillow's antialiased bicubic, or cv2-bilinear (cv2.resize's default, as DINO's evaluation reads frames; not with --resize square)", choices=RESAMPLERS))
     reducing_gap: float = field(default=0.0, metadata=option("G >= 1: decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where the shorter side stays at least G x --image-size, then resample as usual: about 2x the decode rate of 3-12 MP photos, pixels within 2 levels of a full decode (Pillow's reducing_gap; bench/RESULTS.md); 0: decode in full"))
+    decoder: str = field(default="auto", metadata=option("image decoder: torchvision (8-bit RGB and grey JPEGs; its ops release the interpreter lock) or pillow (every format); both give the same model inputs (within 0.1/255; bench/RESULTS.md), the other formats always go to Pillow; auto: torchvision", choices=DECODER_CHOICES))
     mean: tuple[float, ...] | None = field(default=None, metadata=option("normalization mean, R,G,B (default: the model's)", parse="floats"))
     std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
     preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
@@ -106,7 +109,13 @@ class ResolvedConfig:
 
     def provenance(self) -> dict[str, Any]:
         """What is stored in the group attributes: the fingerprint plus the package version."""
-        return {**self.fingerprint(), "package_version": __version__}
+        return {**self.fingerprint(), "package_version": __version__, "decoder": self.decoder}
+
+    @property
+    def decoder(self) -> str:
+        """The decoder of this run: `auto` is torchvision on every device, since it is never slower
+        than Pillow on CPU and gives the same inputs (bench/RESULTS.md: Decoders)."""
+        return "torchvision" if self.config.decoder == "auto" else self.config.decoder
 
     def store_spec(self) -> StoreSpec:
         """What the store needs of this run to lay out and write its arrays."""
@@ -218,7 +227,7 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         raise ConfigError(f["split_shifts"], "adaptive views (--adaptive-tol) decide per image from all its views: they cannot be split")
     if config.split_shifts != "auto" and not (config.split_shifts.isdigit() and int(config.split_shifts) >= 1):
         raise ConfigError(f["split_shifts"], f"must be 'auto' or a positive integer, got {config.split_shifts!r}")
-    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("resample", RESAMPLERS), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
+    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("resample", RESAMPLERS), ("decoder", DECODER_CHOICES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
         if getattr(config, name) not in allowed:
             raise ConfigError(f[name], f"must be one of {allowed}, got {getattr(config, name)!r}")
     if config.resize == "pad" and config.boundary != "zeros":

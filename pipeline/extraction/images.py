@@ -1,5 +1,12 @@
 """Decode, orient, convert, resize and normalize images, recording where the model input came from.
 
+Two decoders give the same model inputs: Pillow (every format and mode), and torchvision for
+8-bit RGB and greyscale JPEGs, the bulk of datasets, whose ops release the interpreter lock:
+its decode is bit-identical to Pillow's and torch's antialiased bicubic resize is Pillow's
+filter (within 0.1/255 on average; bench/RESULTS.md), so a store's features do not depend on
+which decoded them. Everything else goes to Pillow, and so does a resize whose source box starts
+between pixels (torch's kernel cannot place it).
+
 Decoding failures raise `ImageError` with a short `kind`, which becomes the manifest's
 `error_kind`; the pipeline turns them into error rows and goes on.
 """
@@ -15,11 +22,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 RESAMPLE = Image.Resampling.BICUBIC
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as browsers show them
+DECODERS = ("pillow", "torchvision")
+TORCHVISION_MODES = ("RGB", "L")  # JPEG modes torchvision decodes as Pillow does (not CMYK)
+JPEG_END = b"\xff\xd9"
 
 
 class ImageError(Exception):
@@ -42,6 +54,7 @@ class ImagePolicy:
     max_pixels: int = 89_478_485
     resample: str = "bicubic"  # Pillow's antialiased bicubic, or "cv2-bilinear" (whole-image policies)
     reducing_gap: float = 0.0  # > 0: JPEGs decoded smaller while at least this many times the input size
+    decoder: str = "pillow"  # or "torchvision" (module docstring)
 
     @property
     def decoded_shorter_side(self) -> int:
@@ -168,9 +181,47 @@ def input_geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[
 
 
 def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
-    """Bytes -> normalized model input with its geometry."""
+    """Bytes -> normalized model input with its geometry, by the policy's decoder."""
+    if policy.decoder == "torchvision" and (pixels := decode_tensor(data, policy)) is not None:
+        return prepare_tensor(pixels, policy)
     image, size, scale = decode_scaled(data, policy.max_pixels, policy.decoded_shorter_side)
     return prepare_image(image, policy, original=size, scale=scale)
+
+
+def decode_tensor(data: bytes, policy: ImagePolicy) -> torch.Tensor | None:
+    """An upright [3, H, W] uint8 tensor decoded by torchvision, or None where Pillow must decode:
+    not a whole 8-bit RGB or greyscale JPEG, or JPEGs decoded smaller (`--reducing-gap`). Pillow
+    reads the header (format, mode, size for the bomb limit); a file torchvision still cannot
+    decode goes to Pillow too, which names what is wrong with it."""
+    if policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):  # no end marker: truncated
+        return None
+    try:
+        header = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if header.format != "JPEG" or header.mode not in TORCHVISION_MODES or header.width * header.height > policy.max_pixels:
+        return None
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:
+        return None
+
+
+def prepare_tensor(pixels: torch.Tensor, policy: ImagePolicy) -> Prepared:
+    """An upright [3, H, W] uint8 tensor -> model input with its geometry, as `prepare_image` makes
+    it from the same pixels. torch's antialiased bicubic kernel is Pillow's filter where the source
+    box starts on a pixel; a box that starts between pixels (a centre crop of an odd margin) is
+    resized by Pillow. At a crop's two edge columns Pillow's filter also reads pixels past the
+    crop, torch's does not: 0.01/255 on average at 224², 0.08 at 32² (two columns of 32)."""
+    height, width = pixels.shape[1:]
+    (out_h, out_w), (y0, x0, y1, x1) = input_geometry(height, width, policy)
+    if policy.resize == "pad":  # no resampling: the decoded pixels are the input
+        return _prepared(pixels.numpy(), policy, (height, width), (out_h, out_w), (y0, x0, y1, x1))
+    if policy.resample != "bicubic" or not all(float(v).is_integer() for v in (y0, x0, y1, x1)):
+        return prepare_image(Image.fromarray(pixels.permute(1, 2, 0).numpy()), policy)
+    crop = pixels[None, :, int(y0) : int(y1), int(x0) : int(x1)].contiguous(memory_format=torch.channels_last)
+    resized = F.interpolate(crop, size=(out_h, out_w), mode="bicubic", antialias=True)[0].contiguous()
+    return _prepared(resized.numpy(), policy, (height, width), (out_h, out_w), (y0, x0, y1, x1))
 
 
 def prepare_image(image: Image.Image, policy: ImagePolicy, *, original: tuple[int, int] | None = None, scale: int = 1) -> Prepared:
@@ -187,7 +238,14 @@ def prepare_image(image: Image.Image, policy: ImagePolicy, *, original: tuple[in
         resized = image.resize((out_w, out_h), RESAMPLE, box=(x0 / scale, y0 / scale, x1 / scale, y1 / scale))
     # numpy, not torch: this runs on every decode thread at once, and each torch op there would
     # start a team of torch's intra-op threads of its own (up to 1.4x the decode rate side by side).
-    pixels, valid = np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)), None
+    pixels = np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
+    return _prepared(pixels, policy, (height, width), (out_h, out_w), (y0, x0, y1, x1))
+
+
+def _prepared(pixels: np.ndarray, policy: ImagePolicy, original: tuple[int, int], size: tuple[int, int], region: tuple[float, float, float, float]) -> Prepared:
+    """Resized [3, h, w] uint8 pixels as the model input, padded where the policy pads."""
+    (height, width), (out_h, out_w), (y0, x0, y1, x1) = original, size, region
+    valid = None
     if policy.resize == "pad":  # `normalize` zeroes what lies outside `valid`: the padding is the mean colour
         top, left = round(-y0), round(-x0)
         margins = ((0, 0), (top, out_h - top - height), (left, out_w - left - width))

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.engine import pca
 from pipeline.engine.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
@@ -35,6 +34,7 @@ from pipeline.extraction.images import ImageError, ImagePolicy, Prepared, normal
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
+from pipeline.store.objects import ObjectWriter
 from pipeline.store.manifest import is_committed, write_part
 
 log = logging.getLogger("srt")
@@ -125,7 +125,7 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         tolerance=p["adaptive_tol"],
         min_views=p["min_views"] or 1,
     )
-    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0))
+    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0), p.get("decoder", "pillow"))
     return srt, policy
 
 
@@ -147,7 +147,7 @@ class ShardWorker:
             raise RuntimeError(f"weights changed since the run was planned: {self.vit.weights_id} != {resolved.weights_id}")
         self.srt, self.policy = build_engine(self.vit, resolved.provenance(), batch_size=c.batch_size)
         self.group = open_group(c.out, "r+", c.storage_options, use_consolidated=False)
-        self.arrays: dict[str, zarr.Array] = {}  # opened once, written by every shard
+        self.arrays: dict[str, ObjectWriter] = {}  # opened once, written by every shard
         self.bases: dict[str, pca.Basis] = {}  # --pca-dims: each tap's basis, read from the store once there
         self.images_per_call = images_per_call(c.batch_size, len(resolved.shifts))
         self.budget: ViewBudget = view_budget(self.srt, c.batch_size, (c.image_size, c.image_size))

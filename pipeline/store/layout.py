@@ -16,8 +16,8 @@ Dense arrays have one image per chunk inside one Zarr shard per work shard; per-
 (cls, registers, pooled) have one chunk per work shard, since a 768-byte chunk costs about 100x
 more to write and read than its bytes (bench/RESULTS.md). Either way each stored object belongs
 to exactly one work shard, so it has exactly one writer (two writers of one Zarr shard lose data).
-Arrays are sized from the plan up front and never resized. Rows of failed images keep the fill
-value 0 and cost no storage.
+Arrays are sized from the plan up front and never resized. Rows of failed images hold the fill
+value 0 (stored: a work shard is written whole, `pipeline.store.objects`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ from zarr.errors import ContainsArrayError
 
 from pipeline.engine.models import Tap
 from pipeline.engine.pca import Basis
+from pipeline.store.objects import ObjectWriter
 from schemas import PLAN_SCHEMA_VERSION
 
 ATTRIBUTE = "srt"
 OUTPUTS = ("dense", "cls", "pooled", "registers")  # the store's array kinds
+# Provenance that says how a run computed, not what it stored: no part of a fingerprint, so a
+# store resumes (and an index stays fresh) across package versions and decoders.
+RUN_FACTS = ("package_version", "decoder")
 VECTOR_KINDS = tuple(kind for kind in OUTPUTS if kind != "dense")
 
 
@@ -69,6 +73,11 @@ class StoreSpec:
     stride: int
     dtype: str
     codec: str
+
+
+def fingerprint_of(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The part of a store's provenance a resumed run, an index or a query must match."""
+    return {k: v for k, v in provenance.items() if k not in RUN_FACTS}
 
 
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -135,8 +144,7 @@ def check_existing(out: str, storage_options: dict[str, Any] | None, fingerprint
     existing = stored_provenance(out, storage_options)
     if existing is None or overwrite:
         return False
-    stored = {k: v for k, v in existing.items() if k != "package_version"}
-    if diff := differences(stored, fingerprint):
+    if diff := differences(fingerprint_of(existing), fingerprint):
         raise StoreMismatchError(
             f"--out {out} was written with a different config; pass --overwrite to replace it, "
             "or choose another --out. Differences: " + "; ".join(diff)
@@ -232,30 +240,23 @@ def _create(group: zarr.Group, path: str, shape: tuple[int, ...], spec: StoreSpe
         return group[path]
 
 
-def for_writing(array: zarr.Array) -> zarr.Array:
-    """The array as shards are written to it: every chunk stored, none first compared with the fill
-    value. That comparison scans each chunk on zarr's one event-loop thread, which every writer
-    thread of a process waits on: skipping it cuts that thread's time per image 1.8-3x (bench_store),
-    and costs only the failed images' rows, stored as zeros."""
-    return array.with_config({"write_empty_chunks": True})
-
-
 def write_shard(
     group: zarr.Group,
     spec: StoreSpec,
     shard: int,
     arrays: dict[str, np.ndarray],
-    opened: dict[str, zarr.Array] | None = None,
+    opened: dict[str, ObjectWriter] | None = None,
 ) -> None:
-    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks.
-    `opened`: arrays already opened by earlier calls (opening one reads its metadata), added to."""
+    """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks, each
+    stored as whole objects (`pipeline.store.objects`). `opened`: writers of arrays already opened
+    by earlier calls (opening one reads its metadata), added to."""
     start = shard * spec.shard_size
     opened = {} if opened is None else opened
     for path, block in arrays.items():
         if path not in opened:
             array = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), spec)
-            opened[path] = for_writing(array)
-        opened[path][start : start + len(block)] = block.astype(spec.dtype, copy=False)
+            opened[path] = ObjectWriter.of(array)
+        opened[path].write(start, block.astype(spec.dtype, copy=False))
 
 
 def write_basis(group: zarr.Group, tap: Tap, basis: Basis, shards: list[int]) -> None:

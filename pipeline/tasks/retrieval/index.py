@@ -30,7 +30,7 @@ from pipeline.engine.aggregation import SRTOutput
 from pipeline.engine.models import ViT, check_same_model
 from pipeline.extraction.images import prepare
 from pipeline.extraction.worker import build_engine
-from pipeline.store.layout import differences
+from pipeline.store.layout import differences, fingerprint_of
 from pipeline.store.reader import FeatureStore
 from pipeline.store.uris import normalize_uri
 from pipeline.tasks.retrieval.ranking import rank_database
@@ -136,7 +136,7 @@ class RetrievalIndex:
     def check_store(self, store: FeatureStore) -> None:
         """Refuse a store whose config changed since the index was built (re-extracted with other
         weights or another model): its vectors would not match the index's, and queries return junk."""
-        if diff := differences(self.sidecar["fingerprint"], fingerprint_of(store)):
+        if diff := differences(self.sidecar["fingerprint"], fingerprint_of(store.config)):
             raise ValueError(
                 f"the index was built from {self.sidecar['store']} when it had another config; rebuild it "
                 "(jobs/build_index.py with a new --index). Differences: " + "; ".join(diff)
@@ -150,11 +150,6 @@ class RetrievalIndex:
     @functools.cached_property
     def _uris(self) -> dict[str, str]:
         return dict(zip(self._image_ids, self.ids.column("uri").to_pylist()))
-
-
-def fingerprint_of(store: FeatureStore) -> dict[str, Any]:
-    """What decides a store's vectors (its provenance less the package version)."""
-    return {k: v for k, v in store.config.items() if k != "package_version"}
 
 
 def build_index(
@@ -187,7 +182,7 @@ def build_index(
         index = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             index.train(_training_sample(store, spec, max(256 * params.get("nlist", 1), 4 * (whiten or 0), 10_000)))
-        sidecar = {"store": normalize_uri(store.uri), "fingerprint": fingerprint_of(store), "descriptor": asdict(spec), "factory": description, "params": params, "shards": []}
+        sidecar = {"store": normalize_uri(store.uri), "fingerprint": fingerprint_of(store.config), "descriptor": asdict(spec), "factory": description, "params": params, "shards": []}
         ids = IDS_SCHEMA.empty_table()
     else:
         existing.check_store(store)
