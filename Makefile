@@ -22,6 +22,7 @@ bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.
 	$(PYTHON) -m bench.bench_srt
 	$(PYTHON) -m bench.bench_store
 	$(PYTHON) -m bench.bench_dataplane
+	$(PYTHON) -m bench.bench_dataplane --beside-a-gpu
 	$(PYTHON) -m bench.bench_driver
 	$(PYTHON) -m bench.bench_ray
 	$(PYTHON) -m bench.bench_retrieval

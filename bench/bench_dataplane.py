@@ -11,10 +11,14 @@ up. The stand-in keeps the real model's output shapes (ViT-S/16: 384 channels) a
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
+import multiprocessing
+import os
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +31,10 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.results import imagenet_like, loopback_s3, table, write_section
-from pipeline.engine.aggregation import PartialSum
+from pipeline.engine import pca
+from pipeline.engine.aggregation import PartialSum, SRTOutput
 from pipeline.engine.models import TokenMap, ViT
+from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.images import ImagePolicy, prepare
 from pipeline.extraction.listing import list_items, make_plan, shard_rows
@@ -84,8 +90,108 @@ def engine_on_device() -> Iterator[None]:
         ShardWorker.compute = original
 
 
-def decode_rate(blobs: list[bytes], size: int, threads: int) -> float:
-    policy = ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3)
+@contextlib.contextmanager
+def beside_a_gpu() -> Iterator[None]:
+    """`engine_on_device`, and also what a GPU does after the sums precomputed: finalize, the PCA
+    fit and projection (--pca-dims) and the cast to the stored fp16, so the host only copies the stored
+    dtype into the shard's blocks (as from a GPU) and does the rest: read, decode, store writes,
+    manifest commits. Restored on exit."""
+    finished: dict[tuple, SRTOutput] = {}
+    projected: dict[tuple, torch.Tensor] = {}
+
+    def finalize(self: SRT, partial: PartialSum) -> SRTOutput:
+        tap = next(iter(partial.dense))
+        key = tuple(partial.dense[tap].shape) + tuple(partial.prefix[tap].shape)
+        if key not in finished:
+            dense, prefix = partial.dense[tap].half(), partial.prefix[tap].half()
+            finished[key] = SRTOutput(
+                dense=dict.fromkeys(partial.dense, dense), prefix=dict.fromkeys(partial.dense, prefix),
+                pooled=dict.fromkeys(partial.dense, dense.mean(dim=(2, 3))), n_views=partial.n_views,
+            )  # fmt: skip
+        return finished[key]
+
+    def reduced(self: ShardWorker, tap, dense: torch.Tensor) -> torch.Tensor:
+        if not self.resolved.config.pca_dims:
+            return dense
+        key = (tuple(dense.shape), self.resolved.config.pca_dims)
+        if key not in projected:
+            projected[key] = dense[:, : self.resolved.config.pca_dims].clone()
+        return projected[key]
+
+    def fit(maps: list[torch.Tensor], dims: int, seed: int = 0) -> pca.Basis:
+        channels = maps[0].shape[1]
+        return pca.Basis(mean=torch.zeros(channels), components=torch.eye(channels)[:dims], explained=1.0)
+
+    originals = SRT.finalize, ShardWorker._reduced, pca.fit
+    SRT.finalize, ShardWorker._reduced, pca.fit = finalize, reduced, fit
+    try:
+        with engine_on_device():
+            yield
+    finally:
+        SRT.finalize, ShardWorker._reduced, pca.fit = originals
+
+
+THREAD_GROUPS = (("decode", "decode"), ("commit", "store writers"), ("zarr_io", "zarr event loop"), ("MainThread", "main"), ("produce", "prefetch (read)"))
+
+
+class ThreadCPU:
+    """CPU seconds of this process's threads by group (decode pool, store writers, zarr's event
+    loop, main, the reading prefetch thread, the rest: torch's and blosc's own threads), sampled
+    from /proc every 100 ms while it runs, so threads that end before it stops still count.
+    `sampler` is the sampling's own CPU, to take out of the process's."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self.sampler = 0.0
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> ThreadCPU:
+        self.start = self._sample()
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._sampler.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def _sample(self) -> dict[int, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        for thread in threading.enumerate():
+            self.names.setdefault(thread.native_id, thread.name)
+        now = {}
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                now[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+        for tid, seconds in now.items():
+            self.seconds[tid] = max(self.seconds.get(tid, 0.0), seconds)
+        return now
+
+    def by_group(self) -> dict[str, float]:
+        groups: dict[str, float] = collections.defaultdict(float)
+        busiest: dict[str, float] = collections.defaultdict(float)
+        for tid, seconds in self.seconds.items():
+            used = seconds - self.start.get(tid, 0.0)
+            name = self.names.get(tid, "")
+            if name == "cpu-sampler":
+                self.sampler = used
+                continue
+            group = next((label for marker, label in THREAD_GROUPS if marker in name), "other (torch, blosc, Ray)")
+            groups[group] += used
+            busiest[group] = max(busiest[group], used)
+        self.busiest = dict(busiest)
+        return dict(groups)
+
+
+def decode_rate(blobs: list[bytes], size: int, threads: int, decoder: str = "pillow") -> float:
+    policy = ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3, decoder=decoder)
     with ThreadPoolExecutor(threads) as pool:
         started = time.perf_counter()
         list(pool.map(lambda blob: prepare(blob, policy), blobs))
@@ -151,11 +257,129 @@ def decode_in_job(dataset: str, out: str, shard_size: int, vit: ViT, threads: in
         torch.set_num_threads(previous)
 
 
+# Common photo sizes of ImageNet and COCO: about half have an odd margin around a square centre crop.
+PHOTO_SIZES = ((500, 375), (500, 333), (640, 480), (375, 500), (640, 427), (500, 334))
+OUTPUT_CHOICES = {"dense maps + vectors": {}, "--outputs cls,pooled": {"outputs": ("cls", "pooled")}, "--pca-dims 64": {"pca_dims": 64}}
+SINGLE_THREADS = ("zarr event loop", "main", "prefetch (read)")  # one thread each, however many cores
+
+
+def mixed_photos(count: int) -> list[bytes]:
+    """ImageNet-like JPEGs in the common photo sizes, in turn."""
+    per_size = -(-count // len(PHOTO_SIZES))
+    batches = [imagenet_like(per_size, seed=i, width=w, height=h) for i, (w, h) in enumerate(PHOTO_SIZES)]
+    return [batch[i] for i in range(per_size) for batch in batches][:count]
+
+
+def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict) -> tuple[float, float, ThreadCPU, dict[str, float]]:
+    """The job beside a GPU (`beside_a_gpu`): (images/s, process CPU ms per image, CPU by thread, CPU seconds by thread group),
+    both counted from the first shard's load (planning and start-up left out)."""
+    config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, decoder=decoder, **extra)
+    threads, marks = ThreadCPU(), []
+    original = ShardWorker.load
+
+    def load(self: ShardWorker, shard: int, rows: list) -> object:
+        if not marks:
+            marks.append(time.process_time())
+            threads.start = threads._sample()
+        return original(self, shard, rows)
+
+    ShardWorker.load = load
+    try:
+        with beside_a_gpu(), threads:
+            summary = run_local(config, vit=vit)
+            cpu = time.process_time() - marks[0]
+    finally:
+        ShardWorker.load = original
+    groups = threads.by_group()  # also finds the sampler's own CPU
+    return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (cpu - threads.sampler) / summary.images, threads, groups
+
+
+def pinned_rate(core: int, dataset: str, out: str, size: int, shard_size: int, decoder: str) -> float:
+    """Images/s of one process on one core (decode pool of one thread), beside a GPU."""
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    return host_job(dataset, out, size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, {})[0]
+
+
+def process_scaling(datasets: list[str], root: Path, size: int, shard_size: int, decoder: str) -> tuple[float, float]:
+    """(images/s of one process on one core, of two processes on two cores together)."""
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        one = pool.apply(pinned_rate, (0, datasets[0], str(root / f"one-{size}-{decoder}.zarr"), size, shard_size, decoder))
+    with spawn.Pool(2) as pool:
+        runs = [pool.apply_async(pinned_rate, (core, datasets[core], str(root / f"two-{core}-{size}-{decoder}.zarr"), size, shard_size, decoder)) for core in (0, 1)]
+        two = sum(run.get() for run in runs)
+    return one, two
+
+
+def beside_a_gpu_section(images: int, shard_size: int) -> None:
+    """The host's work beside a GPU: CPU per image by thread group, per decoder, size and output
+    choice; the decoders side by side; one process on one core against two on two."""
+    blobs = mixed_photos(images)
+    vit = stand_in(load_vit(MODEL, device="cpu"))
+    groups = [label for _, label in THREAD_GROUPS] + ["other (torch, blosc, Ray)"]
+    rows, decoders, scaling = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        datasets = []
+        for copy in ("a", "b"):
+            (root / copy).mkdir()
+            for i, blob in enumerate(blobs):
+                (root / copy / f"{i:06d}.jpg").write_bytes(blob)
+            datasets.append(str(root / copy))
+        for size in (224, 448):
+            policies = {name: ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3, decoder=name) for name in ("pillow", "torchvision")}
+            inputs = {name: [prepare(blob, policy) for blob in blobs] for name, policy in policies.items()}
+            difference = np.mean([(a.pixels.int() - b.pixels.int()).abs().float().mean().item() for a, b in zip(*inputs.values())])
+            rates = {name: decode_rate(blobs, size, 1, name) for name in policies}
+            decoders.append([f"{size}²", f"{rates['pillow']:.0f}", f"{rates['torchvision']:.0f}", f"**{rates['torchvision'] / rates['pillow']:.2f}**", f"{difference:.4f}"])
+            for decoder in ("pillow", "torchvision"):
+                for label, extra in OUTPUT_CHOICES.items():
+                    rate, cpu_ms, threads, by_group = host_job(datasets[0], str(root / f"{size}-{decoder}-{len(rows)}.zarr"), size, shard_size, vit, decoder, extra)
+                    single = max(threads.busiest.get(group, 0.0) for group in SINGLE_THREADS)
+                    rows.append([f"{size}²", decoder, label, f"{rate:.0f}", f"**{cpu_ms:.2f}**", *(f"{1000 * by_group.get(g, 0.0) / images:.2f}" for g in groups), f"**{1000 * single / images:.2f}**"])
+                    print(rows[-1])
+            for decoder in ("pillow", "torchvision"):
+                one, two = process_scaling(datasets, root, size, shard_size, decoder)
+                scaling.append([f"{size}²", decoder, f"{one:.0f}", f"{two:.0f}", f"**{two / one:.2f}**"])
+                print(scaling[-1])
+    body = f"""
+What a GPU actor's host does per image, measured on CPU exactly as it runs beside a GPU: the real
+job (`run_local`) with everything a GPU does precomputed (`beside_a_gpu`: the SRT sums, finalize,
+the PCA projection, the fp16 cast), so the host reads, decodes, copies the stored fp16 values into
+the shard's blocks, writes the store and commits manifests. {images} ImageNet-like JPEGs in the
+common photo sizes ({', '.join(f'{w}×{h}' for w, h in PHOTO_SIZES)}: half of them have an odd
+margin around the square centre crop), ViT-S/16 shapes, stride 8, lz4, {shard_size} images per
+shard. CPU is counted from the first shard's load (planning and start-up left out), per thread
+from /proc; "busiest single thread" is the busiest of the threads more cores cannot share (zarr's
+event loop, main, the reading prefetch thread), which caps one process's rate at 1000 / that many
+images/s.
+
+{table(["input", "decoder", "stored", "images/s", "process CPU ms per image", *(f"{g} ms" for g in groups), "busiest single thread ms"], rows)}
+
+The decoders side by side, one thread, the same photos to the square 224² or 448² input
+(decode, orient, resize, channels first); the inputs' mean absolute difference in levels of 255
+(torchvision decodes bit-identically to Pillow; torch's antialiased bicubic is Pillow's filter,
+and a crop box that starts between pixels is resized by Pillow on either path):
+
+{table(["input", "Pillow images/s", "torchvision images/s", "torchvision / Pillow", "mean |difference| of inputs (of 255)"], decoders)}
+
+One process on one core against two processes on two cores (each pinned, decode pool of one
+thread, dense maps + vectors), each with its own copy of the photos and its own store:
+
+{table(["input", "decoder", "1 process, 1 core, images/s", "2 processes, 2 cores, images/s", "2 / 1"], scaling)}
+"""
+    write_section("dataplane-beside-gpu", "Data plane beside a GPU: the host's work per image (CPU)", body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=384)
     parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--beside-a-gpu", action="store_true", help="only the host's work beside a GPU: CPU by thread, decoders, processes")
     args = parser.parse_args()
+    if args.beside_a_gpu:
+        return beside_a_gpu_section(args.images, args.shard_size)
     cores = torch.get_num_threads()
     blobs = imagenet_like(args.images)
     vit = stand_in(load_vit(MODEL, device="cpu"))
