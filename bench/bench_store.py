@@ -52,7 +52,7 @@ def codec_rows(arrays: dict[str, np.ndarray], shard: int, repeats: int) -> list[
         with tempfile.TemporaryDirectory() as folder:
             group = zarr.open_group(folder, mode="w")
             targets = {
-                name: ObjectWriter.of(group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), shards=(shard, *a.shape[1:]), dtype=a.dtype, compressors=compressors(codec), fill_value=0))
+                name: ObjectWriter.of(group.create_array(name, shape=a.shape, chunks=(1, *a.shape[1:]), shards=(shard, *a.shape[1:]), dtype=a.dtype, compressors=compressors(codec), fill_value=0), folder)
                 for name, a in arrays.items()
             }
             for name, array in arrays.items():  # warm-up: codec set-up and the first files cost extra
@@ -105,7 +105,7 @@ def write_paths() -> list[tuple[str, Callable[[zarr.Array, str], Callable[[int, 
 
     paths = [("zarr-python, chunk by chunk", zarr_python)]
     paths += [(f"{name} (installed here for this bench)", make) for name, make in (("zarrs codec pipeline", zarrs), ("tensorstore", tensorstore)) if importlib.util.find_spec(name.split()[0])]
-    return paths + [("the store's whole objects (`pipeline.store.objects`)", lambda array, folder: ObjectWriter.of(array).write)]
+    return paths + [("the store's whole objects (`pipeline.store.objects`)", lambda array, folder: ObjectWriter.of(array, folder).write)]
 
 
 def writer_rows(dense: np.ndarray, shard: int, shards: int) -> list[list[object]]:

@@ -29,7 +29,7 @@ def test_whole_objects_are_byte_for_byte_what_zarr_writes(tmp_path, codec):
     for start in range(0, ROWS, SHARD):
         for theirs, ours, block in zip(by_zarr, by_store, values.values()):
             theirs[start : start + SHARD] = block[start : start + SHARD]
-            ObjectWriter.of(ours).write(start, block[start : start + SHARD])
+            ObjectWriter.of(ours, str(tmp_path / "store")).write(start, block[start : start + SHARD])
     objects = [p for p in (tmp_path / "zarr").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(objects) == 6  # 3 shards of dense maps, 3 chunks of vectors
     for path in objects:
@@ -41,13 +41,13 @@ def test_whole_objects_are_byte_for_byte_what_zarr_writes(tmp_path, codec):
 def test_a_block_that_is_not_whole_objects_is_refused(tmp_path):
     dense, pooled = arrays(tmp_path, "lz4")
     with pytest.raises(ValueError, match="not whole stored objects"):
-        ObjectWriter.of(dense).write(1, np.zeros((SHARD, 4, 3, 5), dtype="float16"))
+        ObjectWriter.of(dense, str(tmp_path)).write(1, np.zeros((SHARD, 4, 3, 5), dtype="float16"))
     with pytest.raises(ValueError, match="not whole stored objects"):
-        ObjectWriter.of(pooled).write(0, np.zeros((5, 4), dtype="float16"))
+        ObjectWriter.of(pooled, str(tmp_path)).write(0, np.zeros((5, 4), dtype="float16"))
 
 
 def test_an_array_of_another_layout_is_refused(tmp_path):
     group = zarr.open_group(str(tmp_path), mode="w")
     two_per_chunk = group.create_array("dense", shape=(8, 4), chunks=(2, 4), shards=(4, 4), dtype="float16")
     with pytest.raises(ValueError, match="not a layout of this store"):
-        ObjectWriter.of(two_per_chunk)
+        ObjectWriter.of(two_per_chunk, str(tmp_path))

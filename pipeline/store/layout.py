@@ -255,7 +255,7 @@ def write_shard(
     for path, block in arrays.items():
         if path not in opened:
             array = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), spec)
-            opened[path] = ObjectWriter.of(array)
+            opened[path] = ObjectWriter.of(array, spec.out, spec.storage_options)
         opened[path].write(start, block.astype(spec.dtype, copy=False))
 
 

@@ -7,21 +7,23 @@ fixed layout (dense maps: one image per chunk inside one Zarr shard per work sha
 chunk per work shard), so a work shard's block is always whole stored objects. They are encoded
 here instead: each chunk by numcodecs (which releases the interpreter lock), the shard index as
 zarr's sharding codec lays it out (offset and length per chunk, little-endian uint64, then its
-CRC32C), and each object put through the array's own store. The bytes are zarr-python's own
+CRC32C), and each object written through fsspec chunk by chunk, never joined in memory. The bytes are zarr-python's own
 (tests/test_store_objects.py compares them), so every Zarr v3 reader opens the store as before.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
+import fsspec
 import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 MISSING = np.uint64(2**64 - 1)  # a shard index entry of a chunk that is not stored
 BLOSC_SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
@@ -50,26 +52,35 @@ class ObjectWriter:
     rows: int  # array rows per stored object: the work shard size
     sharded: bool
     compressor: numcodecs.abc.Codec | None
+    fs: fsspec.AbstractFileSystem
+    folder: str  # the array's folder on `fs`
 
     @classmethod
-    def of(cls, array: zarr.Array) -> ObjectWriter:
+    def of(cls, array: zarr.Array, out: str, storage_options: dict[str, Any] | None = None) -> ObjectWriter:
+        """The writer of `array`, an array of the store at URI `out`."""
+        fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+        where = {"fs": fs, "folder": f"{root.rstrip('/')}/{array.path}"}
         codecs = array.metadata.codecs
         if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
             sharding = codecs[0]
             index = sharding.index_codecs
             if sharding.chunk_shape[0] != 1 or sharding.index_location.value != "end" or len(index) != 2 or not isinstance(index[1], Crc32cCodec):
                 raise ValueError(f"not a layout of this store: {sharding}")
-            return cls(array, array.metadata.chunk_grid.chunk_shape[0], True, chunk_compressor(sharding.codecs))
-        return cls(array, array.metadata.chunk_grid.chunk_shape[0], False, chunk_compressor(codecs))
+            return cls(array, array.metadata.chunk_grid.chunk_shape[0], True, chunk_compressor(sharding.codecs), **where)
+        return cls(array, array.metadata.chunk_grid.chunk_shape[0], False, chunk_compressor(codecs), **where)
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Store `block` as rows `start`.. of the array: every stored object it covers, whole."""
         if start % self.rows or (len(block) != self.rows and start + len(block) != self.array.shape[0]):
             raise ValueError(f"rows {start}..{start + len(block)} are not whole stored objects of {self.rows} rows")
         block = np.ascontiguousarray(block, dtype=self.array.dtype.newbyteorder("<"))
-        data = self._shard(block) if self.sharded else self._chunk(block)
-        key = f"{self.array.path}/{self.array.metadata.encode_chunk_key((start // self.rows,) + (0,) * (block.ndim - 1))}"
-        sync(self.array.store_path.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        parts = self._shard(block) if self.sharded else [self._chunk(block)]
+        path = f"{self.folder}/{self.array.metadata.encode_chunk_key((start // self.rows,) + (0,) * (block.ndim - 1))}"
+        if isinstance(self.fs, LocalFileSystem):  # object stores have no folders to make
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with self.fs.open(path, "wb") as handle:
+            for part in parts:
+                handle.write(part)
 
     def _encode(self, values: np.ndarray) -> bytes:
         return values.tobytes() if self.compressor is None else bytes(self.compressor.encode(values))
@@ -80,9 +91,9 @@ class ObjectWriter:
             block = np.concatenate([block, np.zeros((self.rows - len(block), *block.shape[1:]), dtype=block.dtype)])
         return self._encode(block)
 
-    def _shard(self, block: np.ndarray) -> bytes:
-        """A Zarr shard of one row per chunk: the chunks in order, then the index and its CRC32C.
-        Rows past the array's end (the last work shard) have no chunk."""
+    def _shard(self, block: np.ndarray) -> list[bytes]:
+        """A Zarr shard of one row per chunk, in parts: the chunks in order, then the index and its
+        CRC32C. Rows past the array's end (the last work shard) have no chunk."""
         chunks = [self._encode(row) for row in block]
         lengths = np.array([len(chunk) for chunk in chunks], dtype="<u8")
         index = np.full((self.rows, 2), MISSING, dtype="<u8")
@@ -90,4 +101,4 @@ class ObjectWriter:
         index[: len(chunks), 1] = lengths
         index_bytes = index.reshape(self.rows, *(1,) * (block.ndim - 1), 2).tobytes()
         checksum = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
-        return b"".join(chunks) + index_bytes + checksum
+        return [*chunks, index_bytes + checksum]
