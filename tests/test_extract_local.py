@@ -28,6 +28,7 @@ from pipeline.engine.reference import srt_naive
 from pipeline.engine.shifts import grid_shifts
 from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig, resolve
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.images import ImagePolicy, prepare
 from pipeline.extraction.listing import shard_rows
@@ -574,17 +575,21 @@ def test_a_davis_preset_store_holds_the_authors_features(tmp_path):
     np.testing.assert_allclose(store.dense(record["image_id"]), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_depth_preset_store_holds_the_authors_features(tmp_path):
+@pytest.mark.parametrize("model", ["vit_small_patch14_reg4_dinov2", "vit_small_patch14_dinov2"])
+def test_a_depth_preset_store_holds_the_authors_features(tmp_path, model):
+    """The preset's store against an engine set up by hand: the plain DINOv2 backbone resizes its
+    position table by its own rule (`reference`), the one with registers as timm does."""
     image = encode(gradient(41, 57, seed=8), "PNG")
     write_files(tmp_path / "nyu", {"0001.png": image})
     out = str(tmp_path / "out.zarr")
-    model = "vit_small_patch14_reg4_dinov2"
     run_local(ExtractConfig(dataset=str(tmp_path / "nyu"), out=out, model=model, preset="srt-paper-depth", dtype="float32"))
     store = FeatureStore.open(out)
     record = store.manifest.to_pylist()[0]
     assert (record["input_height"], record["input_width"], record["n_views"], record["region"]) == (42, 70, 50, [0.0, -6.0, 42.0, 64.0])
     assert store.layers == [2, 5, 8, 11] and store.config["norm"] is False  # what DINOv2's linear4 head reads
-    vit = cached_vit(model)
+    assert store.config.get("pos_embed_resize") == (None if "reg" in model else "reference")
+    vit = load_vit(model, device="cpu")
+    vit.use_pos_embed_resize("reference")
     pixels = prepare(image, ImagePolicy(224, "pad", 14, vit.mean, vit.std)).tensor[None, :, 0:41, 6:63]  # the image itself
     shifts = [(0, 0), *grid_shifts(3)]
     for layer in (2, 11):
@@ -691,3 +696,22 @@ def test_outputs_store_only_what_is_asked_for(tmp_path, sample_paths, capsys):
     with pytest.raises(SystemExit):
         extract_main([*small_argv(str(sample_paths[0].parent), str(tmp_path / "x.zarr")), "--outputs", "pooled,logits", "--local"])
     assert "error: --outputs: give some of dense, cls, pooled, registers, got pooled,logits" in capsys.readouterr().err
+
+
+def test_position_embeddings_resize_by_the_model_familys_rule_for_new_stores_and_as_stored_on_resume(tmp_path, sample_paths, capsys):
+    dino = "vit_small_patch16_224.dino"
+    new = resolve(config("d", str(tmp_path / "new.zarr"), model=dino))
+    assert new.pos_embed_resize == "reference" and new.fingerprint()["pos_embed_resize"] == "reference"
+    assert "pos_embed_resize" not in resolve(config("d", str(tmp_path / "tiny.zarr"))).fingerprint()  # no rule of its own: timm's
+    assert resolve(ExtractConfig(dataset="d", out="o", model=dino, preset="srt-paper-davis")).pos_embed_resize == "reference"
+    with pytest.raises(SystemExit):
+        extract_main(["--dataset", "d", "--out", "o", "--model", dino, "--preset", "srt-paper-davis", "--pos-embed-resize", "timm"])
+    assert "error: --pos-embed-resize: --preset srt-paper-davis sets it to reference" in capsys.readouterr().err
+    # A store made with timm's resize (as every store before the flag) resumes under the default, and
+    # asking for the reference rule on it names the difference.
+    out = str(tmp_path / "timm.zarr")
+    made = run_local(config(str(sample_paths[0].parent), out, model=dino, resize="aspect", pos_embed_resize="timm"))
+    assert made.ok == 4 and "pos_embed_resize" not in FeatureStore.open(out).config
+    assert run_local(config(str(sample_paths[0].parent), out, model=dino, resize="aspect")).shards_skipped == 2
+    with pytest.raises(StoreMismatchError, match=r"pos_embed_resize: stored None, requested 'reference'"):
+        run_local(config(str(sample_paths[0].parent), out, model=dino, resize="aspect", pos_embed_resize="reference"))

@@ -19,6 +19,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from pipeline.engine.positions import use_resize
+
 TapKind = Literal["block", "keys"]
 
 # Keys under which training frameworks nest the backbone weights, in order of preference
@@ -128,6 +130,11 @@ class ViT:
     def to(self, device: str | torch.device) -> ViT:
         self.model.to(device)
         return self
+
+    def use_pos_embed_resize(self, resize: str) -> None:
+        """Resize the position table for other input sizes by "reference" (the model family's own
+        code) or "timm" (`pipeline.engine.positions`)."""
+        use_resize(self.model, self.name, resize)
 
     def resolve_layer(self, layer: int) -> int:
         """Map a block index (negative counts from the end) to 0..depth-1, or explain the range."""

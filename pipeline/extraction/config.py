@@ -14,6 +14,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.engine.aggregation import BOUNDARIES, validate_stride
 from pipeline.engine.models import ModelFacts, Tap, describe_model
+from pipeline.engine.positions import RESIZES, reference_rule
 from pipeline.engine.shifts import DEFAULT_RANDOM_SHIFTS, Shift, grid_shifts, random_shifts, validate_shifts
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE
 from pipeline.extraction.flags import ConfigError, Flags, masked, option, show_value, with_absolute_uris
@@ -21,13 +22,14 @@ from pipeline.extraction.images import DECODERS
 from pipeline.extraction.presets import PRESETS, apply_preset
 from pipeline.extraction.reading import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS
 from pipeline.extraction.weights import weights_id
-from pipeline.store.layout import OUTPUTS, StoreSpec
+from pipeline.store.layout import OUTPUTS, StoreSpec, stored_provenance
 from pipeline.store.uris import normalize_uri
 from schemas import STORE_FORMAT_VERSION
 
 RESIZE_POLICIES = ("square", "aspect", "aspect-floor64", "pad")
 RESAMPLERS = ("bicubic", "cv2-bilinear")
 DECODER_CHOICES = ("auto", *DECODERS)
+POS_EMBED_RESIZE_CHOICES = ("auto", *RESIZES)
 STORE_DTYPES = ("float16", "float32")
 CODECS = ("lz4", "blosc", "zstd", "none")  # lz4: blosc-lz4 with bit shuffle; blosc: blosc-zstd (smaller, about 3x the write CPU): bench/RESULTS.md
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -58,6 +60,7 @@ class ExtractConfig(Flags):
     resize: str = field(default="square", metadata=option("square: shorter side then centre crop; aspect: shorter side, longer side rounded to the patch size; aspect-floor64: shorter side, longer side floored to a multiple of 64 (DINO's video evaluation); pad: original size, each view centre-padded with zeros to a multiple of the patch after shifting (DINOv2's depth evaluation; --image-size unused, needs --boundary zeros)", choices=RESIZE_POLICIES))
     resample: str = field(default="bicubic", metadata=option("resampling: Pillow's antialiased bicubic, or cv2-bilinear (cv2.resize's default, as DINO's evaluation reads frames; not with --resize square)", choices=RESAMPLERS))
     reducing_gap: float = field(default=0.0, metadata=option("G >= 1: decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where the shorter side stays at least G x --image-size, then resample as usual: about 2x the decode rate of 3-12 MP photos, pixels within 2 levels of a full decode (Pillow's reducing_gap; bench/RESULTS.md); 0: decode in full"))
+    pos_embed_resize: str = field(default="auto", metadata=option("position embeddings of inputs other than the model's native size: reference (resized as the model family's own code resizes them: DINO and DINOv2 scale by (grid + 0.1) / side without antialiasing), timm (timm's antialiased resize to the grid); auto: reference for a new store, for a resumed store what it was made with. Families without code of their own (ViT, DeiT) and DINOv2 with registers resize as timm either way", choices=POS_EMBED_RESIZE_CHOICES))
     decoder: str = field(default="auto", metadata=option("image decoder: torchvision (8-bit RGB and grey JPEGs; its ops release the interpreter lock) or pillow (every format); both give the same model inputs (within 0.1/255; bench/RESULTS.md), the other formats always go to Pillow; auto: torchvision", choices=DECODER_CHOICES))
     mean: tuple[float, ...] | None = field(default=None, metadata=option("normalization mean, R,G,B (default: the model's)", parse="floats"))
     std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
@@ -95,6 +98,7 @@ class ResolvedConfig:
     weights_id: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    pos_embed_resize: str = "timm"  # "reference" or "timm": `auto` resolved
 
     @property
     def taps(self) -> tuple[Tap, ...]:
@@ -173,6 +177,8 @@ class ResolvedConfig:
             "dtype": c.dtype,
             "codec": c.codec,
             "precision": c.precision,
+            # only where the model family's rule is not timm's: stores from before the flag (timm's) still match
+            **({"pos_embed_resize": "reference"} if self.pos_embed_resize == "reference" and reference_rule(c.model) else {}),
             "shard_size": c.shard_size,
             "max_pixels": c.max_pixels,
             "dataset": normalize_uri(c.dataset),
@@ -227,7 +233,7 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         raise ConfigError(f["split_shifts"], "adaptive views (--adaptive-tol) decide per image from all its views: they cannot be split")
     if config.split_shifts != "auto" and not (config.split_shifts.isdigit() and int(config.split_shifts) >= 1):
         raise ConfigError(f["split_shifts"], f"must be 'auto' or a positive integer, got {config.split_shifts!r}")
-    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("resample", RESAMPLERS), ("decoder", DECODER_CHOICES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
+    for name, allowed in (("boundary", BOUNDARIES), ("resize", RESIZE_POLICIES), ("resample", RESAMPLERS), ("decoder", DECODER_CHOICES), ("pos_embed_resize", POS_EMBED_RESIZE_CHOICES), ("dtype", STORE_DTYPES), ("codec", CODECS), ("precision", PRECISIONS)):
         if getattr(config, name) not in allowed:
             raise ConfigError(f[name], f"must be one of {allowed}, got {getattr(config, name)!r}")
     if config.resize == "pad" and config.boundary != "zeros":
@@ -266,7 +272,16 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     except (OSError, ValueError) as error:
         raise ConfigError(f["weights"], f"cannot read {config.weights}: {error}") from error
     mean, std = config.mean or facts.mean, config.std or facts.std
-    return ResolvedConfig(config=config, facts=facts, layers=layers, keys=keys, shifts=shifts, stride=stride, weights_id=identity, mean=tuple(mean), std=tuple(std))
+    return ResolvedConfig(config=config, facts=facts, layers=layers, keys=keys, shifts=shifts, stride=stride, weights_id=identity, mean=tuple(mean), std=tuple(std), pos_embed_resize=_resolve_pos_embed_resize(config))
+
+
+def _resolve_pos_embed_resize(config: ExtractConfig) -> str:
+    """`--pos-embed-resize auto`: the model family's reference rule for a new store; for a store
+    being resumed, the rule it was made with (timm's in stores from before the flag)."""
+    if config.pos_embed_resize != "auto":
+        return config.pos_embed_resize
+    existing = None if config.overwrite else stored_provenance(config.out, config.storage_options)
+    return "reference" if existing is None else existing.get("pos_embed_resize", "timm")
 
 
 def _resolve_blocks(config: ExtractConfig, facts: ModelFacts, name: str) -> tuple[int, ...]:

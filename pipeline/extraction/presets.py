@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # plus the 3x3 pixel grid (the zero shift twice, 10 views), zero fill and a plain mean, the last
     # block after the final norm pooled to token stride; frames with the shorter side 480 and the
     # longer one floored to a multiple of 64, resized as cv2.resize does, normalized as DINO's
-    # video evaluation does (std 0.228 for red).
+    # video evaluation does (std 0.228 for red); position embeddings resized as DINO's code does.
     "srt-paper-davis": {
         "shifts": ((0, 0), *grid_shifts(1)),
         "radius": None,
@@ -40,6 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_size": 480,
         "resize": "aspect-floor64",
         "resample": "cv2-bilinear",
+        "pos_embed_resize": "reference",
         "mean": (0.485, 0.456, 0.406),
         "std": (0.228, 0.224, 0.225),
     },
@@ -47,7 +48,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the frame plus the 7x7 pixel grid (the zero shift twice, 50 views), zero fill and a plain mean;
     # the four blocks the linear4 / DPT heads read, without the final norm, with their class
     # tokens; images at their own size, each shifted view centre-padded with zeros to a multiple
-    # of the patch (DINOv2's CenterPadding), averaged on that padded canvas at token stride.
+    # of the patch (DINOv2's CenterPadding), averaged on that padded canvas at token stride;
+    # position embeddings resized as DINOv2's code does.
     "srt-paper-depth": {
         "shifts": ((0, 0), *grid_shifts(3)),
         "radius": None,
@@ -57,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layers": DEPTH_HEAD_BLOCKS,
         "norm": False,
         "resize": "pad",
+        "pos_embed_resize": "reference",
     },
 }
 

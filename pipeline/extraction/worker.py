@@ -34,8 +34,8 @@ from pipeline.extraction.images import ImageError, ImagePolicy, Prepared, normal
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
-from pipeline.store.objects import ObjectWriter
 from pipeline.store.manifest import is_committed, write_part
+from pipeline.store.objects import ObjectWriter
 
 log = logging.getLogger("srt")
 
@@ -112,6 +112,7 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
     what a query image must go through to be comparable with the store. `batch_size` 0: the
     default (16 views per pass; `accelerator.view_budget` fits more on a GPU)."""
     p = provenance
+    vit.use_pos_embed_resize(p.get("pos_embed_resize", "timm"))  # absent: timm's, or a family whose rule it is
     srt = SRT(
         vit,
         layers=p["layers"],
