@@ -28,12 +28,12 @@ from pipeline.engine.reference import srt_naive
 from pipeline.engine.shifts import grid_shifts
 from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig, resolve
-from pipeline.extraction.weights import load_vit
 from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.images import ImagePolicy, prepare
 from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, run_local
+from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
 from pipeline.store.layout import StoreMismatchError
 from pipeline.store.reader import FeatureStore
@@ -558,17 +558,22 @@ def test_the_davis_preset_sets_the_papers_settings_and_refuses_contradicting_fla
         assert f"error: {flag}: --preset srt-paper-davis sets it to" in capsys.readouterr().err
 
 
-def test_a_davis_preset_store_holds_the_authors_features(tmp_path):
+@pytest.mark.parametrize("model", [MODEL, "vit_small_patch16_224.dino"])
+def test_a_davis_preset_store_holds_the_authors_features(tmp_path, model):
+    """The preset's store against an engine set up by hand; a DINO model resizes its position table
+    by DINO's own rule (`reference`) at the 30 x 44 tokens of a 480 x 704 frame."""
     frame = encode(gradient(60, 90, seed=7), "PNG")
     write_files(tmp_path / "frames", {"00000.png": frame})
     out = str(tmp_path / "out.zarr")
-    run_local(ExtractConfig(dataset=str(tmp_path / "frames"), out=out, model=MODEL, preset="srt-paper-davis", dtype="float32"))
+    run_local(ExtractConfig(dataset=str(tmp_path / "frames"), out=out, model=model, preset="srt-paper-davis", dtype="float32"))
     store = FeatureStore.open(out)
     record = store.manifest.to_pylist()[0]
     assert (record["input_height"], record["input_width"], record["n_views"]) == (480, 704, 10)  # 720 floored to 704
     assert store.config["preset"] == "srt-paper-davis"
+    assert store.config.get("pos_embed_resize") == (None if model == MODEL else "reference")  # the tiny ViT has no rule of its own
     # The same settings spelt out, independently of the preset and of the store's engine building.
-    vit = cached_vit(MODEL)
+    vit = load_vit(model, device="cpu")
+    vit.use_pos_embed_resize("reference")
     policy = ImagePolicy(480, "aspect-floor64", 16, (0.485, 0.456, 0.406), (0.228, 0.224, 0.225), resample="cv2-bilinear")
     srt = SRT(vit, layers=(-1,), shifts=[(0, 0), *grid_shifts(1)], stride=16, boundary="zeros")
     expected = srt(prepare(frame, policy).tensor[None])[-1][0]

@@ -22,6 +22,7 @@ from pipeline.extraction.images import (
     from_original,
     input_geometry,
     prepare,
+    prepare_array,
     to_original,
 )
 from tests.images_factory import BOMB_LIMIT, bad_input_files, encode, gradient
@@ -234,3 +235,12 @@ def test_both_decoders_give_the_same_model_inputs(size, policy):
     assert (by_torch.valid is None) == (by_pillow.valid is None)
     if by_pillow.valid is not None:
         assert torch.equal(by_torch.valid, by_pillow.valid)
+
+
+@pytest.mark.parametrize("decoder", ["pillow", "torchvision"])
+def test_pixels_decoded_elsewhere_become_the_inputs_the_bytes_would(decoder):
+    """Ray Data's `read_images` hands over decoded arrays: each decoder resizes them as it resizes its own."""
+    data = encode(gradient(376, 500, seed=4), "JPEG", quality=90)
+    policy = ImagePolicy(224, "square", 16, MEAN, STD, decoder=decoder)
+    from_array, from_bytes = prepare_array(np.array(decode(data, BOMB_LIMIT)), policy), prepare(data, policy)
+    assert torch.equal(from_array.pixels, from_bytes.pixels) and from_array.region == from_bytes.region

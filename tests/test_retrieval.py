@@ -254,3 +254,25 @@ def test_an_index_built_from_a_relative_store_path_is_queried_from_anywhere(retr
     monkeypatch.chdir(tmp_path)
     assert load_index(str(tmp_path / "index")).sidecar["store"] == str(tmp_path / "here" / "store.zarr")
     assert len(query(str(tmp_path / "index"), image_ids=["coffee_flip"], k=2)) == 2
+
+
+def test_a_query_runs_the_model_with_its_stores_position_embedding_rule(tmp_path, sample_paths):
+    """A DINO store at a non-native size holds features of DINO's position resize; a new image
+    described through a freshly loaded model (timm's resize until told otherwise) gets the same."""
+    from pipeline.extraction.images import prepare
+    from pipeline.extraction.weights import load_vit
+    from pipeline.extraction.worker import build_engine
+    from pipeline.tasks.retrieval.index import describe_images, output_descriptors, vectors_of
+
+    model, out = "vit_small_patch16_224.dino", str(tmp_path / "dino.zarr")
+    run_local(ExtractConfig(dataset=str(sample_paths[0].parent), out=out, model=model, image_size=48, resize="aspect", radius=1, stride=16, dtype="float32"))
+    store = FeatureStore.open(out)
+    assert store.config["pos_embed_resize"] == "reference"
+    record = store.manifest.to_pylist()[0]
+    fresh = load_vit(model, device="cpu")
+    described = describe_images(store, fresh, [open(record["uri"], "rb").read()], DescriptorSpec("pooled"))
+    np.testing.assert_allclose(described, vectors_of(store, [record["image_id"]], DescriptorSpec("pooled")), atol=1e-5, rtol=1e-4)
+    # Without the store's rule the same image comes out otherwise: the check above can fail.
+    srt, policy = build_engine(fresh, {**store.config, "pos_embed_resize": "timm"}, batch_size=16)
+    by_timm = output_descriptors(srt.run(prepare(open(record["uri"], "rb").read(), policy).tensor[None]), DescriptorSpec("pooled"), store.layers[0])
+    assert not np.allclose(by_timm, described, atol=1e-3)

@@ -207,6 +207,14 @@ def decode_tensor(data: bytes, policy: ImagePolicy) -> torch.Tensor | None:
         return None
 
 
+def prepare_array(pixels: np.ndarray, policy: ImagePolicy) -> Prepared:
+    """Pixels decoded elsewhere ([H, W] or [H, W, C] arrays, as Ray Data's `read_images` gives them)
+    -> model input, resized as the policy's decoder resizes: the inputs a store's images had."""
+    if policy.decoder == "torchvision" and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3:
+        return prepare_tensor(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1), policy)
+    return prepare_image(to_rgb(Image.fromarray(pixels)), policy)
+
+
 def prepare_tensor(pixels: torch.Tensor, policy: ImagePolicy) -> Prepared:
     """An upright [3, H, W] uint8 tensor -> model input with its geometry, as `prepare_image` makes
     it from the same pixels. torch's antialiased bicubic kernel is Pillow's filter where the source

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from PIL import Image
 
 from pipeline.engine.accelerator import view_budget
 from pipeline.extraction.config import ExtractConfig, resolve
-from pipeline.extraction.images import ImageError, Prepared, prepare, prepare_image, to_rgb
+from pipeline.extraction.images import ImageError, Prepared, prepare, prepare_array
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import build_engine
 from pipeline.store.reader import FeatureStore
@@ -70,7 +69,7 @@ class SRTPredictor:
         try:
             if isinstance(item, (bytes, bytearray)):
                 return prepare(bytes(item), self.policy)
-            return prepare_image(to_rgb(Image.fromarray(np.asarray(item))), self.policy)
+            return prepare_array(np.asarray(item), self.policy)
         except ImageError as error:
             return error
 
