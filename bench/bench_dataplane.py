@@ -294,6 +294,13 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
     return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (cpu - threads.sampler) / summary.images, threads, groups
 
 
+def host_row(dataset: str, out: str, size: int, shard_size: int, decoder: str, extra: dict) -> tuple[float, float, dict[str, float], float]:
+    """`host_job` in a process of its own: (images/s, process CPU ms per image, CPU seconds by
+    thread group, CPU seconds of the busiest thread more cores cannot share)."""
+    rate, cpu_ms, threads, groups = host_job(dataset, out, size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, extra)
+    return rate, cpu_ms, groups, max(threads.busiest.get(group, 0.0) for group in SINGLE_THREADS)
+
+
 def pinned_rate(core: int, dataset: str, out: str, size: int, shard_size: int, decoder: str) -> float:
     """Images/s of one process on one core (decode pool of one thread), beside a GPU."""
     os.sched_setaffinity(0, {core})
@@ -316,7 +323,11 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
     """The host's work beside a GPU: CPU per image by thread group, per decoder, size and output
     choice; the decoders side by side; one process on one core against two on two."""
     blobs = mixed_photos(images)
-    vit = stand_in(load_vit(MODEL, device="cpu"))
+    # Each job runs in a fresh process that loads torch with OpenMP's workers sleeping when idle:
+    # beside a GPU the copy of the stored values into the shard's blocks is a device-to-host copy,
+    # not a CPU torch op whose OpenMP team spins after every copy (which would be counted here).
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    spawn = multiprocessing.get_context("spawn")
     groups = [label for _, label in THREAD_GROUPS] + ["other (torch, blosc, Ray)"]
     rows, decoders, scaling = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,8 +346,8 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
             decoders.append([f"{size}²", f"{rates['pillow']:.0f}", f"{rates['torchvision']:.0f}", f"**{rates['torchvision'] / rates['pillow']:.2f}**", f"{difference:.4f}"])
             for decoder in ("pillow", "torchvision"):
                 for label, extra in OUTPUT_CHOICES.items():
-                    rate, cpu_ms, threads, by_group = host_job(datasets[0], str(root / f"{size}-{decoder}-{len(rows)}.zarr"), size, shard_size, vit, decoder, extra)
-                    single = max(threads.busiest.get(group, 0.0) for group in SINGLE_THREADS)
+                    with spawn.Pool(1) as pool:
+                        rate, cpu_ms, by_group, single = pool.apply(host_row, (datasets[0], str(root / f"{size}-{decoder}-{len(rows)}.zarr"), size, shard_size, decoder, extra))
                     rows.append([f"{size}²", decoder, label, f"{rate:.0f}", f"**{cpu_ms:.2f}**", *(f"{1000 * by_group.get(g, 0.0) / images:.2f}" for g in groups), f"**{1000 * single / images:.2f}**"])
                     print(rows[-1])
             for decoder in ("pillow", "torchvision"):
@@ -347,7 +358,9 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
 What a GPU actor's host does per image, measured on CPU exactly as it runs beside a GPU: the real
 job (`run_local`) with everything a GPU does precomputed (`beside_a_gpu`: the SRT sums, finalize,
 the PCA projection, the fp16 cast), so the host reads, decodes, copies the stored fp16 values into
-the shard's blocks, writes the store and commits manifests. {images} ImageNet-like JPEGs in the
+the shard's blocks, writes the store and commits manifests; each job in a process of its own
+with OpenMP's idle workers sleeping (`OMP_WAIT_POLICY=PASSIVE`), as no CPU torch op runs there
+beside a GPU. {images} ImageNet-like JPEGs in the
 common photo sizes ({', '.join(f'{w}×{h}' for w, h in PHOTO_SIZES)}: half of them have an odd
 margin around the square centre crop), ViT-S/16 shapes, stride 8, lz4, {shard_size} images per
 shard. CPU is counted from the first shard's load (planning and start-up left out), per thread
