@@ -5,6 +5,7 @@
     srt          `SRT`: shift ensembles (whole, adaptive, output-space), partial sums that add up
     reference    the naive full-resolution chain the engine is tested and benchmarked against
     models       timm ViTs built from bytes or the hub; taps of blocks and attention keys
+    positions    position tables at other grid sizes, resized as each model family's code resizes them
     accelerator  CPU vs CUDA: autocast dtype, views per forward pass fitted to memory, pinned uploads
     pca          a PCA basis of dense maps, projection and the way back
 

@@ -2,6 +2,7 @@
 
     uris      one spelling per location, whole-object reads through fsspec (checkpoints, sidecars)
     layout    the Zarr layout: creation with a provenance check, shard writes, the PCA basis
+    objects   whole Zarr shards and chunks encoded here and written in one go (zarr-python's bytes)
     manifest  manifest parts: one atomic commit per shard, listing, compaction, reading
     reader    `FeatureStore`: provenance, manifest and features by image_id, for every task
 
