@@ -137,20 +137,22 @@ THREAD_GROUPS = (("decode", "decode"), ("commit", "store writers"), ("zarr_io", 
 class ThreadCPU:
     """CPU seconds of this process's threads by group (decode pool, store writers, zarr's event
     loop, main, the reading prefetch thread, the rest: torch's and blosc's own threads), sampled
-    from /proc every 100 ms while it runs, so threads that end before it stops still count.
-    `sampler` is the sampling's own CPU, to take out of the process's."""
+    from /proc every 100 ms while it runs, so threads that end before it stops still count."""
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
         self.names: dict[int, str] = {}
-        self.sampler = 0.0
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
     def __enter__(self) -> ThreadCPU:
-        self.start = self._sample()
+        self.mark()
         self._sampler.start()
         return self
+
+    def mark(self) -> None:
+        """Count from now on."""
+        self.start = self._sample()
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
@@ -174,20 +176,22 @@ class ThreadCPU:
             self.seconds[tid] = max(self.seconds.get(tid, 0.0), seconds)
         return now
 
-    def by_group(self) -> dict[str, float]:
+    def by_group(self) -> tuple[dict[str, float], dict[str, float], float]:
+        """(CPU seconds by group, CPU seconds of each group's busiest thread, the sampling's own CPU
+        seconds, to take out of the process's)."""
         groups: dict[str, float] = collections.defaultdict(float)
         busiest: dict[str, float] = collections.defaultdict(float)
+        sampler = 0.0
         for tid, seconds in self.seconds.items():
             used = seconds - self.start.get(tid, 0.0)
             name = self.names.get(tid, "")
             if name == "cpu-sampler":
-                self.sampler = used
+                sampler = used
                 continue
             group = next((label for marker, label in THREAD_GROUPS if marker in name), "other (torch, blosc, Ray)")
             groups[group] += used
             busiest[group] = max(busiest[group], used)
-        self.busiest = dict(busiest)
-        return dict(groups)
+        return dict(groups), dict(busiest), sampler
 
 
 def decode_rate(blobs: list[bytes], size: int, threads: int, decoder: str = "pillow") -> float:
@@ -270,9 +274,10 @@ def mixed_photos(count: int) -> list[bytes]:
     return [batch[i] for i in range(per_size) for batch in batches][:count]
 
 
-def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict) -> tuple[float, float, ThreadCPU, dict[str, float]]:
-    """The job beside a GPU (`beside_a_gpu`): (images/s, process CPU ms per image, CPU by thread, CPU seconds by thread group),
-    both counted from the first shard's load (planning and start-up left out)."""
+def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict) -> tuple[float, float, dict[str, float], float]:
+    """The job beside a GPU (`beside_a_gpu`): (images/s, process CPU ms per image, CPU seconds by
+    thread group, CPU seconds of the busiest thread more cores cannot share), counted from the
+    first shard's load (planning and start-up left out)."""
     config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, decoder=decoder, **extra)
     threads, marks = ThreadCPU(), []
     original = ShardWorker.load
@@ -280,7 +285,7 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
     def load(self: ShardWorker, shard: int, rows: list) -> object:
         if not marks:
             marks.append(time.process_time())
-            threads.start = threads._sample()
+            threads.mark()
         return original(self, shard, rows)
 
     ShardWorker.load = load
@@ -290,22 +295,21 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
             cpu = time.process_time() - marks[0]
     finally:
         ShardWorker.load = original
-    groups = threads.by_group()  # also finds the sampler's own CPU
-    return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (cpu - threads.sampler) / summary.images, threads, groups
+    groups, busiest, sampler = threads.by_group()
+    single = max(busiest.get(group, 0.0) for group in SINGLE_THREADS)
+    return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (cpu - sampler) / summary.images, groups, single
 
 
 def host_row(dataset: str, out: str, size: int, shard_size: int, decoder: str, extra: dict) -> tuple[float, float, dict[str, float], float]:
-    """`host_job` in a process of its own: (images/s, process CPU ms per image, CPU seconds by
-    thread group, CPU seconds of the busiest thread more cores cannot share)."""
-    rate, cpu_ms, threads, groups = host_job(dataset, out, size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, extra)
-    return rate, cpu_ms, groups, max(threads.busiest.get(group, 0.0) for group in SINGLE_THREADS)
+    """`host_job` in a process of its own, with its own stand-in model (what `spawn` can run)."""
+    return host_job(dataset, out, size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, extra)
 
 
 def pinned_rate(core: int, dataset: str, out: str, size: int, shard_size: int, decoder: str) -> float:
     """Images/s of one process on one core (decode pool of one thread), beside a GPU."""
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    return host_job(dataset, out, size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, {})[0]
+    return host_row(dataset, out, size, shard_size, decoder, {})[0]
 
 
 def process_scaling(datasets: list[str], root: Path, size: int, shard_size: int, decoder: str) -> tuple[float, float]:
