@@ -39,7 +39,7 @@ from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.images import ImagePolicy, prepare
 from pipeline.extraction.listing import list_items, make_plan, shard_rows
 from pipeline.extraction.reading import read_bytes
-from pipeline.extraction.runner import plan_job, run_local
+from pipeline.extraction.runner import plan_job, preflight, run_local
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
 
@@ -251,7 +251,7 @@ def decode_in_job(dataset: str, out: str, shard_size: int, vit: ViT, threads: in
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # the worker sizes its decode pool from it
     try:
-        job = plan_job(ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=224, stride=8, shard_size=shard_size))
+        job = plan_job(preflight(ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=224, stride=8, shard_size=shard_size)))
         worker = ShardWorker(job.resolved, vit=vit)
         started = time.perf_counter()
         for shard in job.pending:

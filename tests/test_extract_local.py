@@ -32,7 +32,7 @@ from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.images import ImagePolicy, prepare
 from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.reading import read_bytes
-from pipeline.extraction.runner import plan_job, run_local
+from pipeline.extraction.runner import plan_job, preflight, run_local
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
 from pipeline.store.layout import StoreMismatchError
@@ -606,7 +606,7 @@ def test_a_depth_preset_store_holds_the_authors_features(tmp_path, model):
 def test_progress_moves_per_image_group_and_counts_each_image_once(tmp_path, sample_paths):
     write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths} | {"broken.jpg": b"not an image"})
     cfg = config(str(tmp_path / "in"), str(tmp_path / "out.zarr"), shard_size=5)
-    job = plan_job(cfg)
+    job = plan_job(preflight(cfg))
     worker = ShardWorker(job.resolved, vit=cached_vit(MODEL))
     loaded = worker.load(0, shard_rows(job.plan, 0, 5))
     groups: list[int] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from tests.retrieval_set import write_ground_truth, write_retrieval_set
 # Measured with this set, model and settings: mAP 0.79 (cls), 0.75 (pooled), 0.84 (gem). Chance for
 # 3 positives among 23 is about 0.2; 0.6 is three times chance, with room for BLAS/version drift.
 MAP_THRESHOLD = 0.6
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def extraction(dataset: str, out: str, **overrides) -> ExtractConfig:
@@ -187,27 +189,65 @@ def test_query_by_image_id_and_by_new_file(retrieval_set, tmp_path):
     assert by_file[0]["image_id"] == record["image_id"] and by_file[0]["score"] == pytest.approx(1.0, abs=1e-2)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--image-id", "coffee_flip", "--k", "0"], "--k: must be a positive number of matches, got 0"),
+        (["--image", "README.md"], "--image README.md: not an image Pillow can read"),
+        (["--image", "no-such-photo.jpg"], "--image no-such-photo.jpg: FileNotFoundError: "),
+    ],
+)
+def test_query_flags_that_cannot_be_answered_fail_in_one_line_naming_the_flag(retrieval_set, tmp_path, capsys, monkeypatch, flags, message):
+    from pipeline.commands.query import main as query_main
+
+    monkeypatch.chdir(ROOT)
+    index = tmp_path / "index"
+    save_index(build_index(FeatureStore.open(retrieval_set["store"]), DescriptorSpec("pooled")), str(index))
+    with pytest.raises(SystemExit) as exited:
+        query_main(["--index", str(index), *flags])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f": error: {message}" in err.rstrip("\n").splitlines()[-1], err
+
+
 def test_a_query_through_another_model_is_refused(retrieval_set):
     from pipeline.extraction.weights import load_vit
     from pipeline.tasks.retrieval.index import describe_images
 
     store = FeatureStore.open(retrieval_set["store"])
     with pytest.raises(ValueError, match="the query model must be the store's"):
-        describe_images(store, load_vit("vit_tiny_patch16_224", seed=1, device="cpu"), [b""], DescriptorSpec())
+        describe_images(store, load_vit("vit_tiny_patch16_224", seed=1, device="cpu"), [("empty", b"")], DescriptorSpec())
 
 
-def test_exact_rankings_match_names_by_uri_stem(retrieval_set):
+def test_exact_rankings_rank_image_ids(retrieval_set):
     store = FeatureStore.open(retrieval_set["store"])
-    rankings = exact_rankings(store, DescriptorSpec("pooled"), ["coffee_flip"])
-    assert rankings["coffee_flip"][0] == "coffee_flip" and len(rankings["coffee_flip"]) == 24
+    coffee = store.find("coffee_flip")
+    rankings = exact_rankings(store, DescriptorSpec("pooled"), [coffee])
+    assert rankings[coffee][0] == coffee and len(rankings[coffee]) == 24
     with pytest.raises(KeyError, match="not ok images"):
         exact_rankings(store, DescriptorSpec("pooled"), ["no_such_image"])
+
+
+def test_ground_truth_names_images_as_every_command_does(retrieval_set, tmp_path):
+    """File names (`coffee_flip.jpg`, as srt-query takes them), URIs and image_ids name the same
+    images as the stems of the benchmark files, to the same figures."""
+    store = FeatureStore.open(retrieval_set["store"])
+    uris = dict(zip(store.manifest.column("image_id").to_pylist(), store.manifest.column("uri").to_pylist()))
+    text = open(retrieval_set["csv"]).read()
+    spellings = {"files": lambda stem: f"{stem}.jpg", "uris": lambda stem: uris[store.find(stem)], "ids": store.find}
+    expected = evaluate_stores(retrieval_set["csv"], [retrieval_set["store"]], ["pooled"])
+    for name, spell in spellings.items():
+        lines = [",".join(" ".join(spell(n) for n in field.split()) for field in line.split(",")) for line in text.splitlines()[1:]]
+        (tmp_path / f"{name}.csv").write_text("query,positives\n" + "\n".join(lines) + "\n")
+        assert evaluate_stores(str(tmp_path / f"{name}.csv"), [retrieval_set["store"]], ["pooled"]) == {
+            f"{retrieval_set['store']} pooled": expected[f"{retrieval_set['store']} pooled"]
+        }, name
 
 
 def test_ground_truth_with_unknown_names_or_columns_is_refused_naming_them(retrieval_set, tmp_path):
     text = open(retrieval_set["csv"]).read()
     (tmp_path / "misspelt.csv").write_text(text.replace("coffee_flip", "cofee_flip", 1))
-    with pytest.raises(ValueError, match=r"1 names of the ground truth are not ok images of .*'cofee_flip'"):
+    with pytest.raises(ValueError, match=r"1 names of the ground truth are not images of .*'cofee_flip'"):
         evaluate_stores(str(tmp_path / "misspelt.csv"), [retrieval_set["store"]], ["pooled"])
     (tmp_path / "header.csv").write_text(text.replace("query,positives", "image,matches", 1))
     with pytest.raises(ValueError, match=r"header.csv: a ground-truth CSV has the columns query, positives .* found \['image', 'matches'\]"):
@@ -270,7 +310,7 @@ def test_a_query_runs_the_model_with_its_stores_position_embedding_rule(tmp_path
     assert store.config["pos_embed_resize"] == "reference"
     record = store.manifest.to_pylist()[0]
     fresh = load_vit(model, device="cpu")
-    described = describe_images(store, fresh, [open(record["uri"], "rb").read()], DescriptorSpec("pooled"))
+    described = describe_images(store, fresh, [(record["uri"], open(record["uri"], "rb").read())], DescriptorSpec("pooled"))
     np.testing.assert_allclose(described, vectors_of(store, [record["image_id"]], DescriptorSpec("pooled")), atol=1e-5, rtol=1e-4)
     # Without the store's rule the same image comes out otherwise: the check above can fail.
     srt, policy = build_engine(fresh, {**store.config, "pos_embed_resize": "timm"}, batch_size=16)

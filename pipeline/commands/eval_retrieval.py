@@ -4,7 +4,9 @@
     python jobs/eval_retrieval.py --gt groups.csv --store srt.zarr --descriptor cls --descriptor pooled
 
 Ground truth: the revisited Oxford/Paris pickle (easy/medium/hard protocols) or a CSV with
-columns query, positives (space-separated image names) and optional junk. Rankings are exact.
+columns query, positives (space-separated image names) and optional junk. Images are named as
+every command names them: image_id, URI, file name, or file name without extension (`FeatureStore.find`).
+Rankings are exact.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pipeline.commands import add_store_flags
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import DESCRIPTORS, DescriptorSpec, exact_rankings
-from pipeline.tasks.retrieval.ranking import check_names, evaluate, load_ground_truth
+from pipeline.tasks.retrieval.ranking import check_names, evaluate, load_ground_truth, named_by
 
 
 def evaluate_stores(gt: str, stores: list[str], descriptors: list[str], *, layer=None, gem_p=3.0, storage_options=None) -> dict[str, dict]:
@@ -25,10 +27,11 @@ def evaluate_stores(gt: str, stores: list[str], descriptors: list[str], *, layer
     results = {}
     for uri in stores:
         store = FeatureStore.open(uri, storage_options)
+        named = named_by(queries, store.find, uri)
         for kind in descriptors:
-            rankings = exact_rankings(store, DescriptorSpec(kind, layer, gem_p), [q.image for q in queries])
-            check_names(queries, set(next(iter(rankings.values()))), uri)
-            results[f"{uri} {kind}"] = evaluate(rankings, queries)
+            rankings = exact_rankings(store, DescriptorSpec(kind, layer, gem_p), [q.image for q in named])
+            check_names(named, set(next(iter(rankings.values()))), uri)
+            results[f"{uri} {kind}"] = evaluate(rankings, named)
     return results
 
 

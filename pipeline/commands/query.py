@@ -17,8 +17,10 @@ import fsspec
 import numpy as np
 
 from pipeline.commands import add_store_flags
+from pipeline.extraction.images import ImageError
 from pipeline.extraction.weights import load_store_model
 from pipeline.store.reader import FeatureStore
+from pipeline.store.uris import one_line
 from pipeline.tasks.retrieval.index import DescriptorSpec, describe_images, load_index, vectors_of
 
 
@@ -33,12 +35,18 @@ def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, we
     image_ids = [store.find(name) for name in image_ids]
     vectors = [vectors_of(store, image_ids, spec)] if image_ids else []
     if images:
-        vit = load_store_model(store.config["model"], store.config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
         blobs = []
         for uri in images:
-            with fsspec.open(uri, "rb", **options) as handle:
-                blobs.append(handle.read())
-        vectors.append(describe_images(store, vit, blobs, spec))
+            try:
+                with fsspec.open(uri, "rb", **options) as handle:
+                    blobs.append((uri, handle.read()))
+            except Exception as error:  # missing, unreachable, a folder: each filesystem says it its own way
+                raise ValueError(f"--image {uri}: {one_line(error)}") from error
+        vit = load_store_model(store.config["model"], store.config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
+        try:
+            vectors.append(describe_images(store, vit, blobs, spec))
+        except ImageError as error:
+            raise ValueError(f"--image {error}") from error
         names += list(images)
     scores, found = built.search(np.concatenate(vectors), k)
     return [
@@ -64,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.image_id and not args.image:
         parser.error("give --image-id or --image")
+    if args.k < 1:
+        parser.error(f"--k: must be a positive number of matches, got {args.k}")
     try:
         rows = query(args.index, image_ids=args.image_id, images=args.image, k=args.k, pretrained=args.pretrained, weights=args.weights, storage_options=args.storage_options)
     except (ValueError, FileNotFoundError, KeyError) as error:

@@ -43,7 +43,7 @@ class ExtractConfig(Flags):
     out: str = field(default="", metadata=option("output Zarr store URI (resumed if it exists)", required=True, uri="output"))
     model: str = field(default="vit_small_patch16_224.dino", metadata=option("timm ViT name"))
     pretrained: bool = field(default=False, metadata=option("load timm's pretrained weights (needs the model hub)"))
-    weights: str | None = field(default=None, metadata=option("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)", uri="input"))
+    weights: str | None = field(default=None, metadata=option("checkpoint URI (safetensors or torch; DINO-style wrappers unwrapped)", uri="hashed"))
     seed: int = field(default=0, metadata=option("seed for random-init weights (neither --pretrained nor --weights)"))
     layers: tuple[int, ...] = field(default=(-1,), metadata=option("block indices to tap, comma-separated; negative counts from the end", parse="ints"))
     keys: tuple[int, ...] = field(default=(), metadata=option("blocks whose attention keys are stored too, beside the block outputs (TokenCut's features), e.g. -1", parse="ints"))

@@ -32,11 +32,12 @@ from ray.exceptions import RayActorError, RayError
 
 from pipeline.engine.aggregation import PartialSum, combine
 from pipeline.engine.shifts import Shift, split_shifts
-from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
+from pipeline.extraction.config import ExtractConfig, ResolvedConfig
 from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, wait_until_started
-from pipeline.extraction.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, progress
+from pipeline.extraction.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, preflight, progress
 from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
+from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
 
@@ -214,7 +215,7 @@ class ActorPoolScheduler:
             if now >= self.next_warning.get(name, 0.0):
                 self.next_warning[name] = now + START_REPORT_SECONDS
                 others = "its units go to the other actors" if self._available() else "no actor can take units until one is back"
-                log.warning("actor %s is not back yet (%s); %s", name, str(error).splitlines()[0][:200], others)
+                log.warning("actor %s is not back yet (%s); %s", name, one_line(error), others)
             return
         log.info("actor %s is back", name)
         del self.unavailable[name]
@@ -297,7 +298,7 @@ class ActorPoolScheduler:
             return
         self.summary.retries += 1
         kind = "actor died" if isinstance(error, RayActorError) else "task failed"
-        log.warning("shard %d (%s) %s, retrying: %s", unit.shard, unit.batch, kind, str(error).splitlines()[0][:200])
+        log.warning("shard %d (%s) %s, retrying: %s", unit.shard, unit.batch, kind, one_line(error))
         if unit.batch == "commit":  # the batches' payloads may be gone with the actor: recompute them
             self.payloads.pop(unit.shard, None)
             for b in range(len(self.batches)):
@@ -347,14 +348,14 @@ def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
 def run_ray(config: ExtractConfig) -> RunSummary:
     """Extract on a Ray cluster (the one `ray job submit` or RAY_ADDRESS names, else a local one)."""
     started = time.perf_counter()
-    resolved = resolve(config)  # bad flags fail before Ray starts
+    resolved = preflight(config)  # bad flags fail before Ray starts
     config = resolved.config
     # A local instance started here cannot grow: actors that do not fit fail before any work.
     fixed = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     count, resources, threads = actor_plan(config, fixed=fixed)
-    job = plan_job(config, resolved)
+    job = plan_job(resolved)
     summary = RunSummary(shards_skipped=job.shards - len(job.pending))
     if job.pending:
         batches = shift_batches(job, count)

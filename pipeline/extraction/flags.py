@@ -56,14 +56,18 @@ def with_absolute_uris(config: Any) -> Any:
     """The config with local paths made absolute here, on the driver, before anything is stored or
     shipped: actors and Ray Train workers run in other working directories, and a store or index
     must name the same place from anywhere. An output relative to a job's temporary working copy
-    would vanish with it, so it is refused."""
+    would vanish with it, and an input relative to it would be recorded under a path that changes
+    with every change to the directory (so the same command could not resume): both are refused.
+    A "hashed" input (a checkpoint) is recorded by its content's hash, so it may stay relative."""
     changes = {}
     for f in dataclasses.fields(config):
         value, kind = getattr(config, f.name), f.metadata.get("uri")
         if not kind or not value:
             continue
-        if kind == "output" and "://" not in value and not os.path.isabs(value) and job_working_copy():
-            raise ConfigError(flag_of(f.name), f"{value} is relative, and this job runs in Ray's temporary copy of its --working-dir ({os.getcwd()}), which is deleted after the job: give an absolute path or a URI")
+        relative = [v for v in (value if isinstance(value, tuple) else (value,)) if "://" not in v and not os.path.isabs(os.path.expanduser(v))]
+        if relative and kind != "hashed" and job_working_copy():
+            why = "which is deleted after the job" if kind == "output" else "whose path changes with every change to the directory, so the same command could not resume"
+            raise ConfigError(flag_of(f.name), f"{relative[0]} is relative, and this job runs in Ray's temporary copy of its --working-dir ({os.getcwd()}), {why}: give an absolute path or a URI")
         changes[f.name] = tuple(map(normalize_uri, value)) if isinstance(value, tuple) else normalize_uri(value)
     return dataclasses.replace(config, **changes)
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.store.uris import normalize_uri
+from pipeline.store.uris import normalize_uri, one_line
 from schemas import PLAN_SCHEMA
 
 log = logging.getLogger("srt")
@@ -71,6 +71,28 @@ def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 # ---------------------------------------------------------------------------- listing
+
+
+def check_dataset(dataset: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail in one line naming --dataset, before any cluster starts or anything is listed, when the
+    dataset is not there, cannot be reached with these storage options (no credentials, an
+    unreachable endpoint), or is a feature store, whose plan and manifest would be read as file lists."""
+    try:
+        fs, path = fsspec.core.url_to_fs(dataset, **(storage_options or {}))
+        if any(c in path for c in GLOB_CHARS):
+            return  # a pattern is matched at listing
+        try:
+            is_folder = fs.info(path)["type"] == "directory"
+        except FileNotFoundError:
+            if isinstance(fs, LocalFileSystem) and os.path.islink(path):
+                return  # a dangling link is listed as an error row
+            raise SourceError(f"--dataset {dataset}: no such file or directory") from None
+        if is_folder and fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            raise SourceError(f"--dataset {dataset} is a feature store (it holds zarr.json): give the images' folder, file list or containers")
+    except SourceError:
+        raise
+    except Exception as error:  # credentials, endpoints and protocols fail in many types
+        raise SourceError(f"--dataset {dataset} cannot be read ({one_line(error)}); check the URI and --storage-options") from error
 
 
 def list_items(dataset: str, storage_options: dict[str, Any] | None = None) -> list[Item]:

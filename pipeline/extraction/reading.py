@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.extraction.listing import SourceError, not_regular
+from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
 
@@ -64,7 +65,7 @@ def read_bytes(
         wait = READ_BACKOFF_SECONDS * 2**attempt
         if not again or time.monotonic() + wait - started > deadline:
             break
-        log.warning("%d reads failed transiently (%s); retry %d of %d in %.1f s", len(again), _first_line(results[again[0]]), attempt + 1, retries, wait)
+        log.warning("%d reads failed transiently (%s); retry %d of %d in %.1f s", len(again), one_line(results[again[0]]), attempt + 1, retries, wait)
         time.sleep(wait)
         for i, value in zip(again, _read_once([rows[i] for i in again], storage_options or {})):
             results[i] = value
@@ -89,10 +90,6 @@ def is_transient(error: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
 
 def _read_once(rows: list[dict[str, Any]], options: dict[str, Any]) -> list[bytes | Exception]:

@@ -1,7 +1,8 @@
 """Driver-side orchestration shared by every runner, and the in-process runner.
 
-`plan_job` does everything before the first image: validate flags, check an existing output,
-list the dataset once into a saved plan, create the store, find the shards left to do.
+`preflight` checks what needs no cluster (flags, --dataset, --out, weights) in seconds; `plan_job`
+then does the rest before the first image: check an existing output, list the dataset once into
+a saved plan, create the store, find the shards left to do.
 `run_local` then runs the shards in this process; the Ray runner distributes the same shards.
 """
 
@@ -24,11 +25,12 @@ import zarr
 from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
-from pipeline.engine.models import ViT, fetch_pretrained
+from pipeline.engine.models import ViT
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.extraction.flags import ConfigError
-from pipeline.extraction.listing import Item, SourceError, list_items, make_plan, shard_rows
+from pipeline.extraction.listing import Item, SourceError, check_dataset, list_items, make_plan, shard_rows
 from pipeline.extraction.reading import prefetch
+from pipeline.extraction.weights import fetch_pretrained_weights
 from pipeline.extraction.worker import ShardStats, ShardWorker
 from pipeline.store.layout import (
     NotWritableError,
@@ -42,6 +44,7 @@ from pipeline.store.layout import (
     stored_provenance,
 )
 from pipeline.store.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
+from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
 
@@ -68,24 +71,34 @@ class Job:
         return sum(min(size, total - s * size) for s in shards)
 
 
-def plan_job(config: ExtractConfig, resolved: ResolvedConfig | None = None) -> Job:
-    """Everything before the first image; raises ConfigError, StoreMismatchError or SourceError.
-    `resolved`: the config already resolved by the caller (resolving hashes a weights file)."""
-    resolved = resolved or resolve(config)
+def preflight(config: ExtractConfig) -> ResolvedConfig:
+    """Every check that needs no cluster, before one starts, so a bad flag costs seconds: the
+    flags resolved, --out writable, --dataset there and no store, --pretrained weights reachable."""
+    resolved = resolve(config)
     config = resolved.config  # local paths absolute, preset applied
-    log.info("config %s", json.dumps(resolved.flags(), default=str))
-    if not (config.pretrained or config.weights):
-        log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     options = config.storage_options
     try:
         check_writable(config.out, options)
     except NotWritableError as error:
         raise ConfigError("--out", str(error)) from error
+    check_dataset(config.dataset, options)
     if config.pretrained:
         try:
-            fetch_pretrained(config.model)
+            fetch_pretrained_weights(config.model)
         except OSError as error:
             raise ConfigError("--pretrained", str(error)) from error
+    return resolved
+
+
+def plan_job(resolved: ResolvedConfig) -> Job:
+    """Everything else before the first image, on a config `preflight` checked: list the dataset
+    once into a saved plan (or read the plan of the run being resumed), create the store, find the
+    shards left to do. Raises StoreMismatchError or SourceError."""
+    config = resolved.config
+    options = config.storage_options
+    log.info("config %s", json.dumps(resolved.flags(), default=str))
+    if not (config.pretrained or config.weights):
+        log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     resumed = check_existing(config.out, options, resolved.fingerprint(), overwrite=config.overwrite)
     if resumed:
         plan = read_plan(config.out, options)
@@ -120,7 +133,12 @@ def retry_error_rows(out: str, kinds: tuple[str, ...], storage_options: dict[str
 
 def usable_items(dataset: str, storage_options: dict[str, Any]) -> list[Item]:
     """The dataset's items; raises SourceError naming --dataset when none can be extracted."""
-    items = list_items(dataset, storage_options)
+    try:
+        items = list_items(dataset, storage_options)
+    except SourceError:
+        raise
+    except Exception as error:  # the dataset's root could be read, but listing it failed as a whole
+        raise SourceError(f"--dataset {dataset} cannot be listed ({one_line(error)}); check the URI and --storage-options") from error
     if not items:
         raise SourceError(f"--dataset {dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)")
     broken = [item for item in items if item.error_kind]
@@ -245,7 +263,7 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
     (and copied to the GPU) while this one is computed and up to WRITERS earlier ones are written.
     `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in)."""
     started = time.perf_counter()
-    job = plan_job(config)
+    job = plan_job(preflight(config))
     summary = RunSummary(shards_skipped=job.shards - len(job.pending))
     if job.pending:
         worker = ShardWorker(job.resolved, vit=vit, device=device)

@@ -40,6 +40,7 @@ from zarr.errors import ContainsArrayError
 from pipeline.engine.models import Tap
 from pipeline.engine.pca import Basis
 from pipeline.store.objects import ObjectWriter
+from pipeline.store.uris import one_line
 from schemas import PLAN_SCHEMA_VERSION
 
 ATTRIBUTE = "srt"
@@ -156,9 +157,9 @@ def check_writable(out: str, storage_options: dict[str, Any] | None = None) -> N
     """Fail before any listing when `--out` cannot hold a store: an existing file, a path under a
     file, a read-only or pseudo filesystem. A probe object is written and removed, and so are the
     local folders made for it, so a refused or failed run leaves nothing behind."""
-    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    path = path.rstrip("/")
     try:
+        fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+        path = path.rstrip("/")
         if fs.isfile(path):
             raise NotWritableError(f"{out} is an existing file; give a folder for the store")
         made = []
@@ -175,8 +176,9 @@ def check_writable(out: str, storage_options: dict[str, Any] | None = None) -> N
             os.rmdir(folder)
     except NotWritableError:
         raise
-    except OSError as error:
-        raise NotWritableError(f"cannot write a store at {out}: {type(error).__name__}: {error}") from error
+    except Exception as error:  # filesystems, credentials and endpoints fail in many types
+        hint = "; check the URI and --storage-options" if "://" in out else ""
+        raise NotWritableError(f"cannot write a store at {out} ({one_line(error)}){hint}") from error
 
 
 def remove_output(out: str, storage_options: dict[str, Any] | None = None) -> None:

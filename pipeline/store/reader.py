@@ -50,6 +50,7 @@ class FeatureStore:
         self.manifest = manifest
         self._rows = {image_id: i for i, image_id in enumerate(manifest.column("image_id").to_pylist())}
         self._bases: dict[str, Basis | None] = {}
+        self._name_index: dict[tuple[str, str], set[str]] | None = None
 
     @classmethod
     def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
@@ -89,19 +90,27 @@ class FeatureStore:
         name, or its file name without extension, as long as exactly one image of the manifest matches."""
         if name in self._rows:
             return name
-        ids, uris = self.manifest.column("image_id").to_pylist(), self.manifest.column("uri").to_pylist()
-        wanted = normalize_uri(name) if "/" in name else None
-        base = PurePosixPath(name).name
-        found = [
-            image_id for image_id, uri in zip(ids, uris)
-            if normalize_uri(uri) == wanted or (file := PurePosixPath(uri.split("#")[-1]).name) == base or PurePosixPath(file).stem == base
-        ]  # fmt: skip
+        names = self._names()
+        candidates = names.get(("uri", normalize_uri(name)), set()) if "/" in name else set()
+        found = sorted(candidates | names.get(("file", PurePosixPath(name).name), set()), key=self._rows.__getitem__)
         if len(found) == 1:
             return found[0]
         if found:
             raise KeyError(f"{name!r} names {len(found)} images of {self.uri} ({', '.join(found[:5])}); give its image_id or its full URI")
+        ids, uris = self.manifest.column("image_id").to_pylist(), self.manifest.column("uri").to_pylist()
         example = f" (e.g. {ids[0]} or {PurePosixPath(uris[0].split('#')[-1]).name})" if ids else ""
         raise KeyError(f"no image {name!r} in {self.uri}: give an image_id, a URI or a file name from its manifest{example}")
+
+    def _names(self) -> dict[tuple[str, str], set[str]]:
+        """Every other name of each image (its normalized URI, its file name, that name's stem),
+        built once, so naming thousands of images (a benchmark's ground truth) stays linear."""
+        if self._name_index is None:
+            self._name_index = {}
+            for image_id, uri in zip(self.manifest.column("image_id").to_pylist(), self.manifest.column("uri").to_pylist()):
+                file = PurePosixPath(uri.split("#")[-1]).name
+                for key in (("uri", normalize_uri(uri)), ("file", file), ("file", PurePosixPath(file).stem)):
+                    self._name_index.setdefault(key, set()).add(image_id)
+        return self._name_index
 
     def _ok_record(self, image_id: str) -> dict[str, Any]:
         record = self.record(image_id)

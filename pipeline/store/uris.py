@@ -30,6 +30,13 @@ def read_uri(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
         return handle.read()
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An error as its type and first line: what a log line or a flag error quotes of it (S3 and
+    network errors run to many lines)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+
+
 def uri_path(uri: str) -> PurePosixPath:
     """The path part of a URI (no protocol), for its folder and file names."""
     return PurePosixPath(uri.split("://", 1)[-1])

@@ -64,7 +64,7 @@ class DistillConfig(Flags):
     store: str = field(default="", metadata=option("teacher feature store URI (extracted with SRT)", required=True, uri="input"))
     out: str = field(default="", metadata=option("output folder URI: checkpoints, final model, sidecar (resumed if it holds checkpoints)", required=True, uri="output"))
     pretrained: bool = field(default=False, metadata=option("the store was extracted with timm's pretrained weights"))
-    weights: str | None = field(default=None, metadata=option("the store's checkpoint URI (the teacher's weights)", uri="input"))
+    weights: str | None = field(default=None, metadata=option("the store's checkpoint URI (the teacher's weights)", uri="hashed"))
     layer: int | None = field(default=None, metadata=option("stored block to distill (default: the store's only one)"))
     loss: str = field(default="mse", metadata=option("distance between student tokens and pooled SRT targets", choices=LOSSES))
     l2: float = field(default=1e-6, metadata=option("L2 penalty on the trained parameters (times their sum of squares)"))

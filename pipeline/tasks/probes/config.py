@@ -54,7 +54,7 @@ class ProbeConfig(Flags):
     seed: int = field(default=0, metadata=option("seed of the head's initialization and the data order"))
     output_ensemble: bool = field(default=False, metadata=option("also score each plain pair's probe by output ensembling over the views of the SRT test store (needs the model: --pretrained or --weights for real weights)"))
     pretrained: bool = field(default=False, metadata=option("--output-ensemble: the stores were extracted with timm's pretrained weights"))
-    weights: str | None = field(default=None, metadata=option("--output-ensemble: the stores' checkpoint URI", uri="input"))
+    weights: str | None = field(default=None, metadata=option("--output-ensemble: the stores' checkpoint URI", uri="hashed"))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata=option("JSON of fsspec storage options; never stored", parse="json"))
     overwrite: bool = field(default=False, metadata=option("delete an existing run of a pair instead of resuming it"))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.engine.aggregation import SRTOutput
 from pipeline.engine.models import ViT, check_same_model
-from pipeline.extraction.images import prepare
+from pipeline.extraction.images import ImageError, prepare
 from pipeline.extraction.worker import build_engine
 from pipeline.store.layout import differences, fingerprint_of
 from pipeline.store.reader import FeatureStore
@@ -240,14 +239,19 @@ def index_exists(uri: str, storage_options: dict[str, Any] | None = None) -> boo
 # ---------------------------------------------------------------------------- queries
 
 
-def describe_images(store: FeatureStore, vit: ViT, blobs: Sequence[bytes], spec: DescriptorSpec) -> np.ndarray:
-    """Descriptors of new images, computed exactly as the store's were (same model, shifts, policy)."""
+def describe_images(store: FeatureStore, vit: ViT, blobs: Sequence[tuple[str, bytes]], spec: DescriptorSpec) -> np.ndarray:
+    """Descriptors of new images (name, bytes), computed exactly as the store's were (same model,
+    shifts, policy). An image that cannot be decoded raises ImageError naming it."""
     check_same_model(vit, store.config["model"], store.config["weights"])
     srt, policy = build_engine(vit, store.config, batch_size=16)
     layer = store.layer_index(spec.layer)
     vectors = []
-    for blob in blobs:
-        output = srt.run(prepare(blob, policy).tensor[None])
+    for name, blob in blobs:
+        try:
+            image = prepare(blob, policy)
+        except ImageError as error:
+            raise ImageError(error.kind, f"{name}: {str(error).splitlines()[0]}") from error
+        output = srt.run(image.tensor[None])
         vectors.append(output_descriptors(output, spec, layer))
     return np.concatenate(vectors)
 
@@ -261,23 +265,16 @@ def vectors_of(store: FeatureStore, image_ids: Sequence[str], spec: DescriptorSp
 
 
 def exact_rankings(store: FeatureStore, spec: DescriptorSpec, queries: Sequence[str]) -> dict[str, list[str]]:
-    """For each query name, every database image by decreasing cosine similarity (exact).
-
-    Names are matched to the store's images by image_id, else by the stem of their URI
-    (`all_souls_000013` for `.../all_souls_000013.jpg`), as benchmark ground truths name them.
-    """
+    """For each query image_id, every ok image's image_id by decreasing cosine similarity (exact).
+    Benchmarks name images otherwise: resolve their names with `FeatureStore.find` first."""
     ids, vectors = [], []
     for batch_ids, batch in store_descriptors(store, spec):
         ids.extend(batch_ids)
         vectors.append(batch)
     database = np.concatenate(vectors)
-    uris = dict(zip(store.manifest.column("image_id").to_pylist(), store.manifest.column("uri").to_pylist()))
-    by_id = set(queries) <= set(ids)
-    names = ids if by_id else [posixpath.splitext(posixpath.basename(uris[i].split("#")[-1]))[0] for i in ids]
-    position = {name: i for i, name in enumerate(names)}
+    position = {image_id: i for i, image_id in enumerate(ids)}
     missing = [q for q in queries if q not in position]
     if missing:
         raise KeyError(f"{len(missing)} queries are not ok images of {store.uri}, e.g. {missing[:3]}")
     scores = database[[position[q] for q in queries]] @ database.T
-    return {q: rank_database(row, names) for q, row in zip(queries, scores)}
-
+    return {q: rank_database(row, ids) for q, row in zip(queries, scores)}

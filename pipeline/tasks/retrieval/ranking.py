@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -72,9 +72,30 @@ def evaluate(rankings: dict[str, list[str]], queries: Sequence[Query], ks: Seque
     return results
 
 
+def named_by(queries: Sequence[Query], find: Callable[[str], str], where: str) -> list[Query]:
+    """The ground truth with every name replaced by the image_id `find` gives it (a store's
+    `FeatureStore.find`: image_id, URI, file name or its stem, as every command names an image).
+    Names that match no image, or several, are refused together: a misspelt positive would
+    otherwise count as one never found."""
+    names = {q.image for q in queries} | {name for q in queries for group in (*q.positives.values(), *q.junk.values()) for name in group}
+    ids, unknown = {}, []
+    for name in sorted(names):
+        try:
+            ids[name] = find(name)
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"{len(unknown)} names of the ground truth are not images of {where} (or name several), e.g. {unknown[:5]}")
+
+    def renamed(groups: dict[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+        return {protocol: frozenset(ids[name] for name in group) for protocol, group in groups.items()}
+
+    return [Query(ids[q.image], renamed(q.positives), renamed(q.junk)) for q in queries]
+
+
 def check_names(queries: Sequence[Query], known: set[str], where: str) -> None:
-    """Every positive and junk name must be a database image: a misspelt one would silently count
-    as a positive never found."""
+    """Every positive and junk image must be in the ranked database (an ok image): one that is
+    not would silently count as a positive never found."""
     named = {name for q in queries for group in (*q.positives.values(), *q.junk.values()) for name in group}
     if unknown := sorted(named - known):
         raise ValueError(f"{len(unknown)} names of the ground truth are not ok images of {where}, e.g. {unknown[:5]}")

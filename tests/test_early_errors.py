@@ -1,0 +1,124 @@
+"""Bad flags and unreachable sources are answered before any cluster starts, in one line naming
+the flag: a typo must not cost a Ray start-up, and an S3 error must not cost a screen of traceback."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import fsspec
+import huggingface_hub
+import pytest
+
+from pipeline.commands.extract import main as extract_main
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.flags import ConfigError
+from pipeline.extraction.runner import run_local
+from tests.test_extract_local import small_argv
+
+MODEL = "vit_tiny_patch16_224"
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Starting or asking a Ray cluster fails the test: these errors must come before one."""
+
+    def started(*_, **__):
+        raise AssertionError("a Ray cluster was started or asked before the error")
+
+    monkeypatch.setattr("pipeline.extraction.distributed.ray.init", started)
+    monkeypatch.setattr("pipeline.extraction.distributed.actor_plan", started)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run srt-extract on Ray (not --local); return its error, which must be one line."""
+    with pytest.raises(SystemExit) as exited:
+        extract_main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "Traceback" not in err and "Retry" not in err, err
+    message = err.rstrip("\n").splitlines()[-1]
+    assert message.startswith("extract.py: error: ") or ": error: " in message, err
+    return message.split(": error: ", 1)[1]
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_missing_dataset_is_refused_before_ray(tmp_path, capsys, no_cluster):
+    message = one_line_error(capsys, small_argv(str(tmp_path / "no-such-folder"), str(tmp_path / "out.zarr")))
+    assert message == f"--dataset {tmp_path / 'no-such-folder'}: no such file or directory"
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_an_unwritable_out_is_refused_before_ray(tmp_path, sample_paths, capsys, no_cluster):
+    (tmp_path / "file").write_text("x")
+    message = one_line_error(capsys, small_argv(str(sample_paths[0].parent), str(tmp_path / "file" / "out.zarr")))
+    assert message.startswith("--out: cannot write a store at ")
+
+
+def test_a_feature_store_given_as_dataset_is_refused(tmp_path, sample_paths, capsys, no_cluster):
+    store = tmp_path / "samples.zarr"
+    run_local(ExtractConfig(dataset=str(sample_paths[0].parent), out=str(store), model=MODEL, image_size=32, radius=1, stride=8))
+    message = one_line_error(capsys, small_argv(str(store), str(tmp_path / "again.zarr")))
+    assert message == f"--dataset {store} is a feature store (it holds zarr.json): give the images' folder, file list or containers"
+    assert not (tmp_path / "again.zarr").exists()
+
+
+def test_pretrained_weights_neither_cached_nor_reachable_fail_at_once(tmp_path, sample_paths, capsys, no_cluster, monkeypatch):
+    """One request to the hub, no retries: the hub client alone would retry for about a minute."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    argv = [*small_argv(str(sample_paths[0].parent), str(tmp_path / "out.zarr")), "--pretrained"]
+    message = one_line_error(capsys, argv)
+    assert message.startswith(f"--pretrained: weights for {MODEL} are not in the local cache and http://127.0.0.1:")
+    assert "cannot be reached (URLError: " in message and message.endswith("pass --weights URI of a local or fsspec checkpoint")
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    """No credentials anywhere botocore looks (environment, files, instance metadata)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_s3_without_credentials_is_one_line_naming_the_dataset(tmp_path, s3_server, capsys, no_cluster, no_aws_credentials):
+    fsspec.filesystem("s3", **s3_server).pipe("bucket/creds/a.jpg", Path(__file__).read_bytes())
+    options = {"client_kwargs": s3_server["client_kwargs"], "skip_instance_cache": True}
+    argv = [*small_argv("s3://bucket/creds", str(tmp_path / "out.zarr")), "--storage-options", json.dumps(options)]
+    message = one_line_error(capsys, argv)
+    assert message.startswith("--dataset s3://bucket/creds cannot be read (NoCredentialsError: ")
+    assert message.endswith("check the URI and --storage-options")
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_naming_the_dataset(tmp_path, s3_server, capsys, no_cluster):
+    options = {**s3_server, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{closed_port()}", "region_name": "us-east-1"},
+               "config_kwargs": {"retries": {"max_attempts": 1}}, "skip_instance_cache": True}  # fmt: skip
+    argv = [*small_argv("s3://bucket/anything", str(tmp_path / "out.zarr")), "--storage-options", json.dumps(options)]
+    message = one_line_error(capsys, argv)
+    assert message.startswith("--dataset s3://bucket/anything cannot be read (EndpointConnectionError: ")
+
+
+def test_relative_inputs_under_a_job_working_copy_are_refused(monkeypatch, tmp_path):
+    """`ray job submit --working-dir .` runs the driver in a copy whose path changes with the
+    directory: a relative --dataset recorded there could never be resumed. A checkpoint is
+    recorded by its hash, so it may stay relative."""
+    from pipeline.extraction.config import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"hashed, never parsed here")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    with pytest.raises(ConfigError, match=r"^--dataset: data/samples is relative, and this job runs in Ray's temporary copy .* could not resume"):
+        resolve(ExtractConfig(dataset="data/samples", out="/abs/out.zarr", model=MODEL))
+    resolved = resolve(ExtractConfig(dataset="/abs/data", out="/abs/out.zarr", model=MODEL, weights="ckpt.pt"))
+    assert resolved.config.weights == str(tmp_path / "ckpt.pt")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert resolve(ExtractConfig(dataset="data/samples", out="o.zarr", model=MODEL)).config.dataset == str(tmp_path / "data" / "samples")
