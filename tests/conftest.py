@@ -53,3 +53,24 @@ def s3_server():
     """A real S3-compatible server (moto's server mode) on loopback, bucket "bucket"; yields s3fs storage options."""
     with loopback_s3("bucket") as options:
         yield options
+
+
+@pytest.fixture
+def progress_bars(monkeypatch) -> list:
+    """Every progress bar a run opens, each recording the steps it was moved by (a real tqdm)."""
+    from tqdm import tqdm
+
+    bars: list = []
+
+    class RecordingBar(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.steps: list[float] = []
+            bars.append(self)
+
+        def update(self, n: float = 1) -> bool | None:
+            self.steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr("pipeline.extraction.runner.tqdm", RecordingBar)
+    return bars

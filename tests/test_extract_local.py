@@ -205,6 +205,28 @@ def test_a_rerun_of_a_finished_store_rewrites_nothing_and_keeps_the_summary(tmp_
     assert json.loads((out / "summary.json").read_text())["run"]["ok"] == len(sample_paths)
 
 
+def test_a_rerun_writes_a_missing_or_stale_summary_keeping_the_figures_it_knows(tmp_path, sample_paths):
+    """After a driver is killed its actors may still commit the last shards: the rerun finds
+    nothing to do, and must still leave a summary that says what the store holds."""
+    out = tmp_path / "out.zarr"
+    cfg = config(str(sample_paths[0].parent), str(out))
+    run_local(cfg)
+    first = json.loads((out / "summary.json").read_text())
+    shards = -(-len(sample_paths) // 2)
+    assert first["store"] == {"images": len(sample_paths), "ok": len(sample_paths), "errors": 0, "error_kinds": {}, "shards_committed": shards, "shards": shards}
+
+    (out / "summary.json").unlink()
+    assert run_local(cfg).shards_done == 0
+    rewritten = json.loads((out / "summary.json").read_text())
+    assert rewritten["store"] == first["store"] and rewritten["run"] is None  # that run's figures died with it
+    assert rewritten["config"] == first["config"] and rewritten["flags"] == first["flags"]
+
+    stale = {**first, "store": {**first["store"], "images": 1, "shards_committed": 1}}
+    (out / "summary.json").write_text(json.dumps(stale))
+    assert run_local(cfg).shards_done == 0
+    assert json.loads((out / "summary.json").read_text()) == {**first, "store": first["store"]}  # counts mended, figures kept
+
+
 @pytest.mark.parametrize("damage", [b"", b"PAR1 cut short"])
 def test_an_unreadable_compacted_manifest_falls_back_to_the_parts(tmp_path, sample_paths, damage):
     out = tmp_path / "out.zarr"
@@ -609,9 +631,27 @@ def test_progress_moves_per_image_group_and_counts_each_image_once(tmp_path, sam
     job = plan_job(preflight(cfg))
     worker = ShardWorker(job.resolved, vit=cached_vit(MODEL))
     loaded = worker.load(0, shard_rows(job.plan, 0, 5))
-    groups: list[int] = []
-    worker.commit(loaded, worker.assemble(loaded, worker.compute(loaded, progress=groups.append)))
-    assert groups == [1] * len(sample_paths) and loaded.decoded == len(sample_paths)  # 9 views fill a forward pass of 9: one image a group
+    groups: list[tuple[float, int]] = []
+    worker.commit(loaded, worker.assemble(loaded, worker.compute(loaded, progress=lambda *group: groups.append(group))))
+    assert groups == [(1, 9)] * len(sample_paths) and loaded.decoded == len(sample_paths)  # 9 views fill a forward pass of 9: one image a group
+    # A split shard's batches report shares of each image, adding up to each image once.
+    shifts = job.resolved.shifts
+    shares: list[tuple[float, int]] = []
+    for batch in (shifts[:3], shifts[3:]):
+        worker.compute(loaded, batch, progress=lambda *group: shares.append(group))
+    assert [views for _, views in shares] == [3] * len(sample_paths) + [6] * len(sample_paths)
+    assert sum(images for images, _ in shares) == pytest.approx(len(sample_paths))
+
+
+@pytest.mark.parametrize("pca_dims", [0, 8])
+def test_the_local_bar_moves_every_image_group_and_counts_every_image_once(tmp_path, sample_paths, progress_bars, pca_dims):
+    write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths} | {"broken.jpg": b"not an image"})
+    summary = run_local(config(str(tmp_path / "in"), str(tmp_path / "out.zarr"), shard_size=2, pca_dims=pca_dims))
+    (bar,) = progress_bars
+    images = len(sample_paths) + 1
+    assert bar.total == images and sum(bar.steps) == pytest.approx(images) and summary.images == images
+    assert sum(step > 0 for step in bar.steps) >= len(sample_paths)  # one image a group, and the error row
+    assert float(bar.postfix.split("views_per_s=")[1].split(",")[0]) > 0 and "errors=1" in bar.postfix
 
 
 def test_relative_paths_are_made_absolute_on_the_driver(tmp_path, sample_paths, monkeypatch, capsys):
@@ -624,7 +664,7 @@ def test_relative_paths_are_made_absolute_on_the_driver(tmp_path, sample_paths, 
     # output would be written there and deleted with it.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}))
     with pytest.raises(SystemExit) as exited:
-        extract_main([*small_argv("in", "try/other.zarr"), "--local"])
+        extract_main([*small_argv(str(tmp_path / "in"), "try/other.zarr"), "--local"])
     assert exited.value.code == 2
     assert "error: --out: try/other.zarr is relative, and this job runs in Ray's temporary copy of its --working-dir" in capsys.readouterr().err
 

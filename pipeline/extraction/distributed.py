@@ -29,14 +29,25 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.engine.aggregation import PartialSum, combine
 from pipeline.engine.shifts import Shift, split_shifts
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig
 from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, wait_until_started
-from pipeline.extraction.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, preflight, progress
-from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
+from pipeline.extraction.runner import (
+    WRITERS,
+    Job,
+    JobProgress,
+    RunSummary,
+    finish,
+    pca_sample,
+    plan_job,
+    preflight,
+    progress,
+)
+from pipeline.extraction.worker import LoadedShard, Progress, ShardStats, ShardWorker
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
@@ -46,6 +57,7 @@ UNITS_PER_ACTOR = 2 + WRITERS  # one reading and decoding, one computing, the ot
 BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
+COUNTER_TIMEOUT_SECONDS = 10.0  # a counter that does not answer in this long is given up
 
 
 @ray.remote(max_restarts=-1, max_concurrency=UNITS_PER_ACTOR)
@@ -67,21 +79,22 @@ class ExtractActor:
         loaded = self.worker.load(shard, rows)
         with self.model_lock:
             started = time.perf_counter()
-            arrays = self.worker.assemble(loaded, self.worker.compute(loaded, progress=lambda images: counter.add.remote(shard, images)))
+            arrays = self.worker.assemble(loaded, self.worker.compute(loaded, progress=report_to(counter, shard)))
         return self.worker.commit(loaded, arrays, started)
 
     @ray.method(num_returns=2)
-    def compute(self, shard: int, rows: list[dict[str, Any]], shifts: tuple[Shift, ...]) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
+    def compute(self, shard: int, rows: list[dict[str, Any]], shifts: tuple[Shift, ...], counter: Any) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
         """Split-mode unit: partial sums over one shift batch. Returns (a small ack, the payload)."""
         loaded = self.worker.load(shard, rows)
         with self.model_lock:
-            partials = [partial.to("cpu") for partial in self.worker.compute(loaded, shifts)]
+            partials = [partial.to("cpu") for partial in self.worker.compute(loaded, shifts, progress=report_to(counter, shard))]
         return shard, (loaded.without_pixels(), partials)
 
-    def fit_pca(self, shards: list[tuple[int, list[dict[str, Any]]]]) -> list[ShardStats]:
-        """--pca-dims: fit and store the basis on these shards and commit them, before any other unit."""
+    def fit_pca(self, shards: list[tuple[int, list[dict[str, Any]]]], counter: Any) -> list[ShardStats]:
+        """--pca-dims: fit and store the basis on these shards and commit them, before any other unit.
+        Their progress is reported under the first shard's number."""
         with self.model_lock:
-            return self.worker.fit_pca([self.worker.load(shard, rows) for shard, rows in shards])
+            return self.worker.fit_pca([self.worker.load(shard, rows) for shard, rows in shards], progress=report_to(counter, shards[0][0]))
 
     def commit(self, shard: int, *payloads: tuple[LoadedShard, list[PartialSum]]) -> ShardStats:
         """Split-mode commit: add every batch's partial sums in batch order, then write."""
@@ -93,18 +106,40 @@ class ExtractActor:
 
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    """Images computed per shard, added by actors after each image group and taken by the driver
-    about twice a second, so the progress bar moves within shards."""
+    """Images and views computed per shard, added by actors after each image group and taken by
+    the driver about twice a second, so the progress bar moves within shards."""
 
     def __init__(self) -> None:
-        self.counts: collections.Counter[int] = collections.Counter()
+        self.counts: dict[int, list[float]] = {}
 
-    def add(self, shard: int, images: int) -> None:
-        self.counts[shard] += images
+    def add(self, shard: int, images: float, views: int) -> None:
+        counts = self.counts.setdefault(shard, [0.0, 0])
+        counts[0] += images
+        counts[1] += views
 
-    def take(self) -> collections.Counter[int]:
-        counts, self.counts = self.counts, collections.Counter()
+    def take(self) -> dict[int, list[float]]:
+        counts, self.counts = self.counts, {}
         return counts
+
+
+def progress_counter(name: str) -> Any:
+    """A ProgressCounter on the driver's own node: losing a worker node never takes it along."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressCounter.options(name=name, scheduling_strategy=here).remote()
+
+
+def report_to(counter: Any, shard: int) -> Progress | None:
+    """The progress callback of a unit: reports to the counter, and never fails the unit."""
+    if counter is None:
+        return None
+
+    def report(images: float, views: int) -> None:
+        try:
+            counter.add.remote(shard, images, views)
+        except RayError:  # the counter is gone: the driver says so once, the work goes on
+            pass
+
+    return report
 
 
 @dataclass
@@ -158,16 +193,21 @@ class ActorPoolScheduler:
         self.unavailable: dict[str, float] = {}
         self.pings: dict[Any, str] = {}  # ready() ref -> actor name
         self.next_warning: dict[str, float] = {}  # actor name -> when to say again that it is not back
-        self.counter = counter  # a ProgressCounter the actors report image groups to
+        self.counter = counter  # a ProgressCounter the actors report image groups to; None once lost
         self.shown: collections.Counter[int] = collections.Counter()  # images of uncommitted shards already on the bar
+        self.limits: dict[int, int] = {}  # images a counter key may show, where not its shard's (the PCA sample)
+        self.committed: set[int] = set()  # shards whose images are all on the bar: later reports are ignored
         self.next_progress = 0.0
-        for shard in job.pending:
+        self.sample = pca_sample(job)
+        for shard in job.pending[len(self.sample) :]:
             if len(batches) == 1:
                 self.queue.append(Unit(shard))
             else:
                 self.queue.extend(Unit(shard, b) for b in range(len(batches)))
 
-    def run(self, bar) -> None:
+    def run(self, bar: JobProgress) -> None:
+        if self.sample:
+            self._fit_pca(bar)
         while self.queue or self.delayed or self.running:
             self._ping_unavailable()
             self._submit_ready()
@@ -184,16 +224,37 @@ class ActorPoolScheduler:
                 wakes = [*self.unavailable.values(), *([self.delayed[0][0]] if self.delayed else [])]
                 time.sleep(min(1.0, max(0.0, min(wakes, default=time.monotonic() + 1.0) - time.monotonic())))
 
-    def _show_progress(self, bar) -> None:
-        """Move the bar by the image groups computed since last time (never past a shard's size)."""
-        if time.monotonic() < self.next_progress:
+    def _show_progress(self, bar: JobProgress) -> None:
+        """Move the bar by the image groups computed since last time (never past a shard's size).
+        Progress never fails the job: a counter that cannot be reached is dropped with a warning,
+        and the bar then moves as shards commit."""
+        if self.counter is None or time.monotonic() < self.next_progress:
             return
         self.next_progress = time.monotonic() + PROGRESS_SECONDS
-        for shard, images in ray.get(self.counter.take.remote()).items():
-            if (shard, None) not in self.done:
-                step = min(images, self.job.images_in([shard]) - self.shown[shard])
+        try:
+            counts = ray.get(self.counter.take.remote(), timeout=COUNTER_TIMEOUT_SECONDS)
+        except RayError as error:  # GetTimeoutError included
+            log.warning("the progress counter is lost (%s): the bar now moves as shards commit; the job goes on", one_line(error))
+            self.counter = None
+            return
+        for shard, (images, views) in counts.items():
+            if shard not in self.committed:
+                step = min(images, self.limits.get(shard, self.job.images_in([shard])) - self.shown[shard])
                 self.shown[shard] += step
-                bar.update(step)
+                bar.computed(step, int(views))
+
+    def _fit_pca(self, bar: JobProgress) -> None:
+        """--pca-dims: every unit needs the basis, so one actor fits it on the sample shards first."""
+        name, actor = self.actors[0]
+        self.limits[self.sample[0]] = self.job.images_in(self.sample)
+        ref = actor.fit_pca.remote([(s, shard_rows(self.job.plan, s, self.shard_size)) for s in self.sample], self.counter)
+        while not ray.wait([ref], timeout=PROGRESS_SECONDS)[0]:
+            self._show_progress(bar)
+        for stats in ray.get(ref):
+            self.summary.add(stats, name)
+        self.committed.update(self.sample)
+        bar.count_errors(sum(self.summary.errors.values()))
+        bar.advance(self.job.images_in(self.sample) - self.shown.pop(self.sample[0], 0))
 
     def _available(self) -> list[tuple[str, Any]]:
         return [a for a in self.actors if a[0] not in self.unavailable]
@@ -245,7 +306,7 @@ class ActorPoolScheduler:
         elif unit.batch == "commit":
             ref = actor.commit.remote(unit.shard, *unit.payloads)
         else:
-            ref, payload = actor.compute.remote(unit.shard, rows, self.batches[unit.batch])
+            ref, payload = actor.compute.remote(unit.shard, rows, self.batches[unit.batch], self.counter)
         self.load[name] += 1
         self.running[ref] = Running(unit, (name, actor), ref, payload)
 
@@ -285,8 +346,9 @@ class ActorPoolScheduler:
         self.done.add(unit.key)
         self.durations.append(time.monotonic() - started)
         self.summary.add(stats, worker=name)
-        bar.update(self.job.images_in([unit.shard]) - self.shown.pop(unit.shard, 0))
-        bar.set_postfix(views_per_s=f"{self.summary.views / max(bar.format_dict['elapsed'], 1e-9):.1f}", errors=sum(self.summary.errors.values()))
+        self.committed.add(unit.shard)
+        bar.count_errors(sum(self.summary.errors.values()))
+        bar.advance(self.job.images_in([unit.shard]) - self.shown.pop(unit.shard, 0))
 
     def _retry(self, unit: Unit, error: Exception) -> None:
         if unit.key in self.done or any(r.unit.key == unit.key for r in self.running.values()):
@@ -367,14 +429,9 @@ def run_ray(config: ExtractConfig) -> RunSummary:
         ]
         wait_until_started(actors, resources)
         summary.startup_seconds = time.perf_counter() - started
-        if sample := pca_sample(job):  # every unit needs the basis: one actor fits it first
-            name, actor = actors[0]
-            for stats in ray.get(actor.fit_pca.remote([(s, shard_rows(job.plan, s, config.shard_size)) for s in sample])):
-                summary.add(stats, name)
-            job.pending = job.pending[len(sample) :]
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
-        counter = ProgressCounter.remote()
+        counter = progress_counter(f"{ACTOR_PREFIX}-{run_id}-progress")
         try:
             with progress(job) as bar:
                 ActorPoolScheduler(job, actors, batches, summary, counter).run(bar)

@@ -44,7 +44,7 @@ from pipeline.store.layout import (
     stored_provenance,
 )
 from pipeline.store.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
-from pipeline.store.uris import one_line
+from pipeline.store.uris import one_line, read_uri
 
 log = logging.getLogger("srt")
 
@@ -231,17 +231,46 @@ class RunSummary:
 
 def finish(job: Job, summary: RunSummary) -> None:
     """End of a run: the manifest parts compacted into one table, Zarr metadata consolidated
-    (one read opens the store), and the run summary, all inside the output. A rerun that found
-    everything done leaves the summary of the last run that did work."""
+    (one read opens the store), and summary.json, all inside the output.
+
+    summary.json holds what the store holds (images, errors by kind, shards: from the manifest)
+    and the figures of the last run that did work. A rerun that finds everything done rewrites it
+    only when it is missing or its store counts are stale (a killed driver's actors may still
+    commit their last shards), keeping the earlier run's figures where there are any.
+    """
     config = job.resolved.config
     out, options = config.out.rstrip("/"), config.storage_options
     compact(out, options)
     with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
         warnings.simplefilter("ignore", ZarrUserWarning)
         zarr.consolidate_metadata(open_group(out, "r+", options, use_consolidated=False).store)
+    stored = store_counts(read_manifest(out, options), job.shards)
+    uri = f"{out}/summary.json"
     if summary.shards_done or not job.resumed:
-        run = json.dumps({"config": job.resolved.provenance(), "flags": job.resolved.flags(), "run": summary.as_dict()}, indent=2, default=str)
-        put_atomically(f"{out}/summary.json", run.encode(), options)
+        run = summary.as_dict()
+    else:
+        try:
+            previous = json.loads(read_uri(uri, options))
+        except FileNotFoundError:
+            previous = {}
+        if previous.get("store") == stored:
+            return
+        run = previous.get("run")  # None: the run that did the work was killed before writing it
+    document = {"config": job.resolved.provenance(), "flags": job.resolved.flags(), "store": stored, "run": run}
+    put_atomically(uri, json.dumps(document, indent=2, default=str).encode(), options)
+
+
+def store_counts(manifest: pa.Table, shards: int) -> dict[str, Any]:
+    """What a store holds, from its manifest: images, ok, errors by kind, shards committed of all."""
+    kinds = Counter(kind for kind in manifest.column("error_kind").to_pylist() if kind)
+    return {
+        "images": manifest.num_rows,
+        "ok": manifest.num_rows - sum(kinds.values()),
+        "errors": sum(kinds.values()),
+        "error_kinds": dict(kinds.most_common()),
+        "shards_committed": len(set(manifest.column("shard").to_pylist())),
+        "shards": shards,
+    }
 
 
 def pca_sample(job: Job) -> list[int]:
@@ -254,8 +283,44 @@ def pca_sample(job: Job) -> list[int]:
     return job.pending[:PCA_SAMPLE_SHARDS]
 
 
-def progress(job: Job) -> tqdm:
-    return tqdm(total=job.images_in(job.pending), unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0)
+class JobProgress:
+    """The job's progress bar: images as each image group is computed (shares of an image while a
+    shard's shifts are split across actors; error rows when their shard is done), every image of
+    the run counted once, with views computed per second and the errors committed so far."""
+
+    def __init__(self, total: int) -> None:
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+        self.bar = tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
+        self.views = 0
+        self.errors = 0
+
+    def computed(self, images: float, views: int) -> None:
+        self.views += views
+        self.advance(images)
+
+    def advance(self, images: float) -> None:
+        self.bar.update(images)
+        self._postfix()
+
+    def count_errors(self, errors: int) -> None:
+        """The error rows committed so far."""
+        self.errors = errors
+        self._postfix()
+
+    def _postfix(self) -> None:
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix(views_per_s=f"{self.views / elapsed:.1f}", errors=self.errors, refresh=False)
+
+    def __enter__(self) -> JobProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.bar.close()
+
+
+def progress(job: Job) -> JobProgress:
+    """The bar of a run: every pending image, the PCA fitting sample's included."""
+    return JobProgress(job.images_in(job.pending))
 
 
 def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | None = None) -> RunSummary:
@@ -268,23 +333,29 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
     if job.pending:
         worker = ShardWorker(job.resolved, vit=vit, device=device)
         summary.startup_seconds = time.perf_counter() - started
-        if sample := pca_sample(job):
-            for stats in worker.fit_pca([worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in sample]):
-                summary.add(stats)
-            job.pending = job.pending[len(sample) :]
-        loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
         with progress(job) as bar, ThreadPoolExecutor(WRITERS, thread_name_prefix="commit") as writers:
+
+            def record(stats: ShardStats) -> None:
+                summary.add(stats)
+                bar.count_errors(sum(summary.errors.values()))
+
+            if sample := pca_sample(job):
+                fitted = [worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in sample]
+                for loaded, stats in zip(fitted, worker.fit_pca(fitted, progress=bar.computed)):
+                    record(stats)
+                    bar.advance(len(loaded.rows) - loaded.decoded)  # error rows, done without the model
+                job.pending = job.pending[len(sample) :]
+            loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
             writing: collections.deque[Future[ShardStats]] = collections.deque()
             for loaded in loads:
                 computed = time.perf_counter()
-                arrays = worker.assemble(loaded, worker.compute(loaded, progress=bar.update))
+                arrays = worker.assemble(loaded, worker.compute(loaded, progress=bar.computed))
                 while len(writing) >= WRITERS:  # bounds the computed shards held in memory
-                    summary.add(writing.popleft().result())
+                    record(writing.popleft().result())
                 writing.append(writers.submit(worker.commit, loaded, arrays, computed))
-                bar.update(len(loaded.rows) - loaded.decoded)  # error rows, done without the model
-                bar.set_postfix(views_per_s=f"{summary.views / (time.perf_counter() - started):.1f}", errors=sum(summary.errors.values()))
+                bar.advance(len(loaded.rows) - loaded.decoded)
             for done in writing:
-                summary.add(done.result())
+                record(done.result())
     summary.seconds = time.perf_counter() - started
     finish(job, summary)
     return summary

@@ -42,6 +42,8 @@ log = logging.getLogger("srt")
 MAX_IMAGES_PER_CALL = 8  # bounds the fp32 sums one SRT call holds, where views per pass allow
 AUTO_VIEWS_PER_CALL = 256  # --batch-size 0: enough views per SRT call to fill a GPU's forward pass
 
+Progress = Callable[[float, int], object]  # (images, views) computed since the last call
+
 
 @dataclass
 class LoadedShard:
@@ -182,11 +184,14 @@ class ShardWorker:
         except ImageError as error:
             return error
 
-    def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None, progress: Callable[[int], object] | None = None) -> list[PartialSum]:
+    def compute(self, loaded: LoadedShard, shifts: tuple[Shift, ...] | None = None, progress: Progress | None = None) -> list[PartialSum]:
         """Partial sums over `shifts` (default all) for each group of `loaded.groups(...)`, left on
-        the model's device; `progress(images)` after each group, so progress bars move within a shard."""
+        the model's device. `progress(images, views)` after each group, so progress bars move
+        within a shard: images weighted by the share of the shifts computed (a split shard's
+        batches add up to each image once), views as computed."""
         for upload in loaded.uploads:
             torch.cuda.current_stream(self.vit.device).wait_event(upload)
+        share = len(shifts) / len(self.srt.shifts) if shifts is not None else 1.0
         partials = []
         for members in loaded.groups(self.images_per_call):
             padded = loaded.inputs[members[0]].valid is not None
@@ -194,7 +199,9 @@ class ShardWorker:
             pixels = torch.stack([loaded.inputs[i].pixels for i in members])
             partials.append(self._partial(normalize(pixels, self.policy.mean, self.policy.std, valid), shifts, valid))
             if progress is not None:
-                progress(len(members))
+                adaptive = self.resolved.config.adaptive_tol is not None  # views differ per image: count them
+                views = int(partials[-1].n_views.sum()) if adaptive else len(members) * len(shifts or self.srt.shifts)
+                progress(len(members) * share, views)
         return partials
 
     def _partial(self, images: torch.Tensor, shifts: tuple[Shift, ...] | None, valid: torch.Tensor | None) -> PartialSum:
@@ -293,10 +300,10 @@ class ShardWorker:
             self.bases[tap.name] = basis
         return pca.project(dense, self.bases[tap.name].to(dense.device))
 
-    def fit_pca(self, loads: list[LoadedShard]) -> list[ShardStats]:
+    def fit_pca(self, loads: list[LoadedShard], progress: Progress | None = None) -> list[ShardStats]:
         """--pca-dims K: fit each tap's basis on the dense maps of these shards (the first ones of the
         run), store it beside the arrays, then commit the shards, projected like every later one."""
-        computed = [(loaded, self.compute(loaded)) for loaded in loads]
+        computed = [(loaded, self.compute(loaded, progress=progress)) for loaded in loads]
         for tap in self.srt.taps:
             maps = [self.srt.finalize(partial).dense[tap] for _, partials in computed for partial in partials]
             if not maps:
