@@ -126,12 +126,42 @@ def test_box_iou_as_lost_computes_it():
     assert box_iou(np.array([0, 0, 10, 10]), np.array([[20, 20, 30, 30]]))[0] == 0.0
 
 
-def test_corloc_counts_iou_of_at_least_half_after_the_eps_terms():
-    truth = np.array([[0, 0, 10, 20]])
-    assert not localized((0.0, 0.0, 10.0, 10.0), truth)  # exactly 1/2 by hand, just below after eps
-    assert localized((0.0, 0.0, 10.0, 10.01), truth)
+def lost_bbox_iou(box1, box2, eps=1e-7):
+    """LOST's `bbox_iou` (valeoai/LOST networks.py, from ultralytics/yolov5), x1y1x2y2 path, as
+    `main_lost.py` calls it on ViT runs: integer numpy boxes made tensors."""
+    import torch
+
+    box1, box2 = torch.from_numpy(box1), torch.from_numpy(box2).T
+    b1_x1, b1_y1, b1_x2, b1_y2 = box1[0], box1[1], box1[2], box1[3]
+    b2_x1, b2_y1, b2_x2, b2_y2 = box2[0], box2[1], box2[2], box2[3]
+    inter = (torch.min(b1_x2, b2_x2) - torch.max(b1_x1, b2_x1)).clamp(0) * (torch.min(b1_y2, b2_y2) - torch.max(b1_y1, b2_y1)).clamp(0)
+    w1, h1 = b1_x2 - b1_x1, b1_y2 - b1_y1 + eps
+    w2, h2 = b2_x2 - b2_x1, b2_y2 - b2_y1 + eps
+    union = w1 * h1 + w2 * h2 - inter + eps
+    return (inter / union).numpy()
+
+
+@pytest.mark.parametrize(
+    ("box", "truth"),
+    [
+        ([0, 0, 16, 16], [[0, 0, 32, 16]]),  # half of the truth: exactly 0.5 in float32, where the eps terms vanish
+        ([0, 0, 10, 10], [[0, 0, 10, 20], [50, 50, 60, 60]]),
+        ([3, 5, 200, 120], [[0, 0, 197, 115], [3, 5, 200, 120]]),
+        ([0, 0, 1, 1], [[0, 0, 2, 1]]),  # a one-pixel box: eps still vanishes at 1
+        ([0, 0, 16, 16], [[100, 100, 132, 116]]),  # no overlap
+    ],
+)
+def test_box_iou_is_losts_on_integer_boxes_bit_for_bit(box, truth):
+    box, truth = np.array(box, dtype=np.int64), np.array(truth, dtype=np.int64)
+    np.testing.assert_array_equal(box_iou(box, truth), lost_bbox_iou(box, truth))
+
+
+def test_corloc_counts_iou_of_at_least_half_as_lost_on_vit_runs():
+    assert localized((0.0, 0.0, 16.0, 16.0), np.array([[0, 0, 32, 16]]))  # IoU 0.5 in float32 (0.4999999952 in float64)
+    assert localized((0.0, 0.0, 10.0, 10.0), np.array([[0, 0, 10, 20]]))
+    assert not localized((0.0, 0.0, 10.0, 9.9), np.array([[0, 0, 10, 20]]))
     assert localized((0.0, 0.0, 10.0, 10.0), np.array([[50, 50, 60, 60], [0, 0, 10, 10]]))  # any box
-    assert not localized(None, truth) and not localized((0.0, 0.0, 10.0, 10.0), np.zeros((0, 4)))
+    assert not localized(None, np.array([[0, 0, 10, 20]])) and not localized((0.0, 0.0, 10.0, 10.0), np.zeros((0, 4)))
 
 
 def test_voc_boxes_are_read_as_lost_reads_them():

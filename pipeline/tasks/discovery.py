@@ -12,7 +12,8 @@ Both methods follow their authors' code (valeoai/LOST `object_discovery.py`, Tok
 A box of cells spans [min, max + 1) on both axes, as LOST's `detect_box`; it is mapped to original
 pixels through the manifest's region and clipped to the image. CorLoc (LOST's `main_lost.py`): an
 image counts when its box has IoU >= 0.5 with any ground-truth box, IoU as LOST's `bbox_iou`
-(continuous coordinates, eps 1e-7 in the union and heights, computed in float64 for float boxes).
+(continuous coordinates, eps 1e-7 in the union and heights, computed in float32 as torch computes
+it on the integer boxes of ViT runs).
 """
 
 from __future__ import annotations
@@ -82,14 +83,18 @@ def box_to_original(
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one (x0, y0, x1, y1) box with each of `boxes` [n, 4], as LOST's `bbox_iou`."""
-    box, boxes = np.asarray(box, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)
+    """IoU of one (x0, y0, x1, y1) box with each of `boxes` [n, 4], as LOST's `bbox_iou` computes
+    it on ViT runs: in float32, the default dtype torch promotes its integer boxes to once the eps
+    terms are added. There the eps terms vanish against pixel-sized boxes, so a box covering half
+    of its truth scores exactly 0.5 and counts."""
+    box, boxes = np.asarray(box, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4)
+    eps = np.float32(IOU_EPS)
     inter = (np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])).clip(0) * (
         np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
     ).clip(0)
-    w1, h1 = box[2] - box[0], box[3] - box[1] + IOU_EPS
-    w2, h2 = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1] + IOU_EPS
-    return inter / (w1 * h1 + w2 * h2 - inter + IOU_EPS)
+    w1, h1 = box[2] - box[0], box[3] - box[1] + eps
+    w2, h2 = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1] + eps
+    return inter / (w1 * h1 + w2 * h2 - inter + eps)
 
 
 def localized(box: tuple[float, float, float, float] | None, truth: np.ndarray) -> bool:
