@@ -144,6 +144,14 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(teacher_store, tmp_path,
     assert not (tmp_path / "never").exists()
 
 
+def test_a_plain_teacher_store_is_refused(tmp_path, sample_paths):
+    plain = str(tmp_path / "plain.zarr")
+    run_local(ExtractConfig(dataset=str(sample_paths[0].parent), out=plain, model=MODEL, image_size=64, shifts=((0, 0),), layers=(5,)))
+    with pytest.raises(ConfigError, match=r"^--store: .* holds plain features \(one view\)"):
+        validate(config(plain, tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
 def test_another_config_in_the_same_out_is_refused(teacher_store, tmp_path, capsys):
     argv = ["--store", teacher_store, "--out", str(tmp_path / "s"), "--steps", "2", "--batch-size", "4", "--local"]
     assert distill_main(argv) == 0

@@ -89,6 +89,35 @@ def test_a_segmentation_probe_beats_the_majority_class(scenes, tmp_path):
     assert result["mIoU"] > baseline(scenes, "segmentation")["mIoU"] + 0.1
 
 
+def test_labels_beyond_the_classes_are_left_out_and_counted(scenes, tmp_path, caplog):
+    """As mmseg: labels at or above --num-classes count nowhere; the probe says how many there were."""
+    root, _ = scenes
+    labels = tmp_path / "labels"
+    shutil.copytree(root / "labels", labels)
+    marked = sorted((labels / "test").glob("*.png"))[:2]
+    for path in marked:
+        truth = np.asarray(Image.open(path)).copy()
+        truth[:3, :5] = 7  # 6 once zero is reduced: beyond 2 classes
+        Image.fromarray(truth).save(path)
+    cfg = config(scenes, tmp_path / "p", task="segmentation", truth=str(labels), num_classes=2, reduce_zero_label=True, layers=(11,), steps=4)
+    with caplog.at_level("WARNING", logger="srt"):
+        result = train_and_score(cfg)
+    assert np.isfinite(result["mIoU"]) and result["images"] == SPLITS["test"]
+    assert f"30 pixels of {len(marked)} images have labels up to 6, beyond --num-classes 2" in caplog.text
+
+
+def test_a_test_store_with_other_features_than_its_training_store_is_refused(scenes, tmp_path):
+    """Same channel count, other features: other shifts and stride, or other weights."""
+    root, stores = scenes
+    with pytest.raises(ConfigError, match=r"^--test: .* holds other features than its training store .*shifts: train \[\[0, 0\]\], test "):
+        validate(config(scenes, tmp_path / "p", kind="plain", test=(stores["srt", "test"],)))
+    reseeded = str(tmp_path / "seed1.zarr")
+    run_local(ExtractConfig(dataset=str(root / "images" / "test"), out=reseeded, model=MODEL, image_size=SIZE, layers=(5, 11), resize="aspect", radius=1, stride=8, seed=1))
+    with pytest.raises(ConfigError, match=r"weights: train 'random:seed=0', test 'random:seed=1'"):
+        validate(config(scenes, tmp_path / "p", test=(reseeded,)))
+    assert not (tmp_path / "p").exists()
+
+
 def test_resume_continues_from_the_last_checkpoint_and_reaches_the_same_head(scenes, tmp_path):
     whole = config(scenes, tmp_path / "whole", steps=40, checkpoint_every=20)
     validate(whole)

@@ -81,10 +81,25 @@ def fingerprint_of(provenance: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in provenance.items() if k not in RUN_FACTS}
 
 
-def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def differences(stored: dict[str, Any], wanted: dict[str, Any], names: tuple[str, str] = ("stored", "requested")) -> list[str]:
     """Human-readable differences between two fingerprints, e.g. "stride: stored 8, requested 4"."""
     keys = sorted(stored.keys() | wanted.keys())
-    return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
+    return [f"{k}: {names[0]} {stored.get(k)!r}, {names[1]} {wanted.get(k)!r}" for k in keys if stored.get(k) != wanted.get(k)]
+
+
+# What two stores may differ in and still hold features one head can be trained on and tested on:
+# where the images came from and how the features were kept, not how they were computed. Layers
+# are compared by the blocks a reader chooses, not by every block a store holds.
+STORAGE_FACTS = ("dataset", "shard_size", "max_pixels", "codec", "dtype", "outputs", "pca_dims", "precision", "layers", "keys")
+
+
+def feature_differences(first: dict[str, Any], second: dict[str, Any], names: tuple[str, str]) -> list[str]:
+    """How two stores' features were computed differently (model, weights, image policy, shifts):
+    features of such stores are not the same function of their images."""
+    def computed(provenance: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in fingerprint_of(provenance).items() if k not in STORAGE_FACTS}
+
+    return differences(computed(first), computed(second), names)
 
 
 def compressors(codec: str) -> Any:

@@ -123,6 +123,8 @@ def validate(config: DistillConfig) -> FeatureStore:
     if config.trainable == "last-blocks" and config.last_blocks > layer + 1:
         raise ConfigError(f["last_blocks"], f"block {layer} has only {layer + 1} blocks up to it")
     teacher = store.config
+    if len(teacher["shifts"]) < 2:
+        raise ConfigError(f["store"], f"{config.store} holds plain features (one view): the student would learn its own model's features again; distil from a store extracted with SRT's shifts")
     try:
         given = weights_id(teacher["model"], pretrained=config.pretrained, weights=config.weights, seed=seed_of(teacher["weights"]), storage_options=config.storage_options)
     except (OSError, ValueError) as error:

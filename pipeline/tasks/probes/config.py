@@ -15,7 +15,7 @@ import fsspec
 from pipeline.engine.models import seed_of
 from pipeline.extraction.flags import ConfigError, Flags, option
 from pipeline.extraction.weights import weights_id
-from pipeline.store.layout import differences
+from pipeline.store.layout import differences, feature_differences
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.shared.ground_truth import DENSE_SUFFIXES, TruthFiles
 from pipeline.tasks.shared.training import join
@@ -120,6 +120,9 @@ def validate(config: ProbeConfig) -> None:
                 raise ConfigError(f["truth"], str(error)) from error
         if channels(config, train) != channels(config, test):
             raise ConfigError(f["test"], f"{test.uri} has {channels(config, test)} feature channels, its training store {channels(config, train)}")
+        blocks = [{"layers": chosen_layers(config, store)} for store in (train, test)]
+        if diff := feature_differences(train.config, test.config, ("train", "test")) + differences(*blocks, ("train", "test")):
+            raise ConfigError(f["test"], f"{test.uri} holds other features than its training store {train.uri}, so the probe's scores would mean nothing: " + "; ".join(diff))
     if config.output_ensemble:
         ensemble_plan(config)
     pairs = range(len(config.train))

@@ -96,6 +96,8 @@ class SegmentationScores:
         self.num_classes, self.ignore_index, self.reduce_zero_label = num_classes, ignore_index, reduce_zero_label
         self.intersect, self.union, self.predicted, self.labelled = (np.zeros(num_classes, np.float64) for _ in range(4))
         self.images = 0
+        # Labels at or above num_classes (not ignore_index): left out, as mmseg leaves them, and counted to say so.
+        self.beyond_pixels, self.beyond_images, self.largest_label = 0, 0, -1
 
     def add(self, prediction: np.ndarray, truth: np.ndarray, covered: np.ndarray | None = None) -> None:
         label = evaluated_labels(truth, self.reduce_zero_label)
@@ -103,6 +105,10 @@ class SegmentationScores:
         if covered is not None:
             keep &= covered
         prediction, label = prediction[keep].astype(np.int64), label[keep]
+        if (beyond := int((label >= self.num_classes).sum())) > 0:
+            self.beyond_pixels += beyond
+            self.beyond_images += 1
+            self.largest_label = max(self.largest_label, int(label.max()))
         area = self._histogram
         hit = area(prediction[prediction == label])
         predicted, labelled = area(prediction), area(label)

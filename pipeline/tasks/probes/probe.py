@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from typing import Any
@@ -48,6 +49,8 @@ from pipeline.tasks.shared.training import (
     save_checkpoint,
     write_bytes,
 )
+
+log = logging.getLogger("srt")
 
 # ---------------------------------------------------------------------------- data
 
@@ -212,6 +215,17 @@ def evaluate(config: ProbeConfig, pair: int, device: str | torch.device = "cpu")
         maps, coverage = on_pixels(task.maps(head(data.features(records).to(device))), records, truths)
         for values, truth, covered in zip(maps, truths, coverage):
             scores.add(task.prediction(values), truth, covered.cpu().numpy())
+    return scored(config, scores, data)
+
+
+def scored(config: ProbeConfig, scores: DepthScores | SegmentationScores, data: ProbeData) -> dict[str, Any]:
+    """The scores of a test store, saying what the metric left out: labels beyond --num-classes."""
+    if isinstance(scores, SegmentationScores) and scores.beyond_pixels:
+        log.warning(
+            "%s: %d pixels of %d images have labels up to %d, beyond --num-classes %d: left out of the scores and "
+            "of training (as mmseg does); give --num-classes %d to count them",
+            data.store.uri, scores.beyond_pixels, scores.beyond_images, scores.largest_label, config.num_classes, scores.largest_label + 1,
+        )
     return scores.result() | {"missing_truth": len(data.truth.missing)}
 
 
@@ -244,7 +258,7 @@ def evaluate_output_ensemble(config: ProbeConfig, pair: int, source_pair: int, d
         maps, coverage = on_pixels(ensembled.float(), records, truths)
         for values, truth, covered in zip(maps, truths, coverage):
             scores.add(task.prediction(values), truth, covered.cpu().numpy())
-    return scores.result() | {"missing_truth": len(data.truth.missing)}
+    return scored(config, scores, data)
 
 
 def write_scores(config: ProbeConfig, rows: dict[str, dict[str, Any]]) -> None:
