@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -113,3 +114,64 @@ def test_the_installed_wheel_runs_its_commands_outside_the_checkout(tmp_path, sa
     done = subprocess.run([bin_dir / "srt-extract", *argv], cwd=outside, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"features    {outside / 'feats.zarr'}" in done.stdout and "4 ok" in done.stdout
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """Every pipeline command of the README's shell blocks, as (script, argv): continuation lines
+    joined, `for v in a b; do ... done` loops unrolled, `ray job submit ... --` prefixes dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+        loop: tuple[str, list[str]] | None = None
+        for line in (raw.split(" #", 1)[0].strip() for raw in lines):
+            if not line or line.startswith("#"):
+                continue
+            if found := re.match(r"for (\w+) in ([^;]+); do$", line):
+                loop = (found[1], found[2].split())
+                continue
+            if line == "done":
+                loop = None
+                continue
+            for value in loop[1] if loop else [None]:
+                expanded = re.sub(rf"\$\{{?{loop[0]}\}}?", value, line) if loop else line
+                words = shlex.split(expanded)
+                if "--" in words and words[:1] in (["ray"], ["RAY_AUTH_MODE=token"]):
+                    words = words[words.index("--") + 1 :]
+                if words[:1] == ["python"] and words[1:2] and words[1].startswith("jobs/"):
+                    commands.append((Path(words[1]).stem, words[2:]))
+                elif words[:1] and words[0].startswith("srt-"):
+                    commands.append((SCRIPTS[words[0]], words[1:]))
+    return commands
+
+
+SCRIPTS = {"srt-extract": "extract", "srt-index": "build_index", "srt-query": "query", "srt-eval-retrieval": "eval_retrieval", "srt-visualize": "visualize",
+           "srt-propagate": "propagate", "srt-saliency": "saliency", "srt-distill": "distill", "srt-probe": "probe", "srt-discover": "discover"}  # fmt: skip
+
+
+def test_readme_commands_are_found():
+    found = {script for script, _ in readme_commands()}
+    assert {"extract", "build_index", "query", "probe", "distill", "discover", "propagate", "saliency"} <= found, found
+
+
+@pytest.mark.parametrize(("script", "argv"), readme_commands(), ids=lambda value: value if isinstance(value, str) else " ".join(value)[:60])
+def test_every_readme_command_parses_and_resolves(script, argv, monkeypatch, tmp_path):
+    """Without running it: the flags parse, and an extraction's config resolves (presets, the
+    model's facts, every check that needs no data). Weights files are not read."""
+    from pipeline.extraction.config import resolve
+    from pipeline.extraction.flags import ConfigError, from_args, parse_with_config_file
+
+    monkeypatch.setattr("pipeline.extraction.config.weights_id", lambda name, **_: "not read")
+    monkeypatch.setattr("pipeline.extraction.config.stored_provenance", lambda *_: None)  # as if --out held no store yet
+    module = importlib.import_module(f"pipeline.commands.{script}")
+    parser = module.build_parser()
+    config_type = {"extract": ExtractConfig, "distill": DistillConfig, "probe": ProbeConfig}.get(script)
+    try:
+        if config_type is None:
+            parser.parse_args(argv)
+            return
+        config = from_args(parse_with_config_file(parser, argv, config_type), config_type)
+        if config_type is ExtractConfig:
+            resolve(config)
+    except ConfigError as error:
+        pytest.fail(f"{script} {' '.join(argv)}: {error}")

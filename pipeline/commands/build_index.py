@@ -30,7 +30,7 @@ def descriptor_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_flags(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--index", required=True, help="index folder URI")
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-type", default="flat", choices=INDEX_TYPES, help="flat (exact, default), ivf, or ivfpq for large stores")
     parser.add_argument("--whiten", type=int, default=None, help="PCA-whiten to this many dimensions, learned on the store")
     parser.add_argument("--rebuild", action="store_true", help="build from scratch even if the index exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         spec = DescriptorSpec(args.descriptor, args.layer, args.gem_p)

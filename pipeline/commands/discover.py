@@ -32,7 +32,7 @@ from pipeline.tasks.shared.ground_truth import BoxTruth
 from pipeline.tasks.shared.tokencut import EPS, TAU
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--method", type=parse_words, default=("tokencut",), help=f"comma-separated, of {', '.join(METHODS)} (default: tokencut)")
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=TAU, help="TokenCut: cosine above which two cells are joined (default: %(default)s)")
     parser.add_argument("--eps", type=float, default=EPS, help="TokenCut: weight of the other pairs (default: %(default)s)")
     add_store_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keys = args.features == "keys"
     if unknown := [m for m in args.method if m not in METHODS]:

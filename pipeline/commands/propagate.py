@@ -75,7 +75,7 @@ def report(results: list[VideoResult], out: str, split: str, storage_options: di
     write_csv(f"{out}/per-sequence_results-{split}.csv", per_object, storage_options)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", help="feature store extracted from the frames (--resize aspect)")
     parser.add_argument("--davis", required=True, help="DAVIS-2017 root (ImageSets, JPEGImages, Annotations)")
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=count(1), default=defaults.topk, help="context cells kept per query cell (default: %(default)s)")
     parser.add_argument("--temperature", type=positive_float, default=defaults.temperature, help="affinity exp(cos / temperature) (default: %(default)s)")
     add_store_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.score_only is None and not (args.store and args.out):
         parser.error("--store and --out are required, unless --score-only names a results folder")

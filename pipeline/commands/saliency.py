@@ -26,7 +26,7 @@ from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_sto
 from pipeline.tasks.shared.tokencut import EPS, TAU
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--masks", default=None, help="folder of ground-truth PNG masks named like the images")
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=TAU, help="cosine above which two cells are joined (default: %(default)s)")
     parser.add_argument("--eps", type=float, default=EPS, help="weight of the other pairs (default: %(default)s)")
     add_store_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     keys = args.features == "keys"
     try:
