@@ -22,7 +22,7 @@ from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.distributed import ActorPoolScheduler, ProgressCounter
 from pipeline.extraction.runner import Job, RunSummary
 from pipeline.extraction.worker import ShardStats
-from schemas import PLAN_SCHEMA
+from pipeline.store.schemas import PLAN_SCHEMA
 
 
 @ray.remote(num_cpus=0)

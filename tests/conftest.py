@@ -72,5 +72,5 @@ def progress_bars(monkeypatch) -> list:
             self.steps.append(n)
             return super().update(n)
 
-    monkeypatch.setattr("pipeline.extraction.runner.tqdm", RecordingBar)
+    monkeypatch.setattr("pipeline.extraction.progress.tqdm", RecordingBar)
     return bars

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,8 @@ def test_the_installed_wheel_runs_its_commands_outside_the_checkout(tmp_path, sa
     dependencies come from this environment (no index here); the package only from the wheel."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")], check=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("srt_pipeline-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:  # one top-level package, under the project's name: no `schemas` to collide with
+        assert {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")} == {"pipeline"}
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "fresh")], check=True, timeout=300)
     fresh_site = next((tmp_path / "fresh" / "lib").glob("python3*/site-packages"))
     (fresh_site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, ray, ...: not the editable checkout

@@ -8,10 +8,11 @@
     presets      the paper's settings, one name per task
     config       the extraction job's typed config: validation, provenance, resume fingerprint
     worker       one shard through read -> decode -> SRT -> store -> manifest
-    runner       driver steps (plan, resume, summary) and the in-process runner
+    runner       driver steps (checks before any cluster, plan, resume, summary) and the in-process runner
+    progress     the progress bar, and the Ray counter actors report image groups to
     placement    how many actors with what resources, fitted to the cluster or refused naming flags
     distributed  the Ray runner: actor pool, scheduler, split shifts, retries, stragglers
     raydata      SRT in Ray Data pipelines (`SRTPredictor`), a store as a Ray Dataset
 
-May import: the engine, the store, `schemas`, Ray, fsspec; never tasks or commands.
+May import: the engine, the store, Ray, fsspec; never tasks or commands.
 """

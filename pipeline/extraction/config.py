@@ -23,8 +23,8 @@ from pipeline.extraction.presets import PRESETS, apply_preset
 from pipeline.extraction.reading import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS
 from pipeline.extraction.weights import weights_id
 from pipeline.store.layout import OUTPUTS, StoreSpec, stored_provenance
+from pipeline.store.schemas import STORE_FORMAT_VERSION
 from pipeline.store.uris import normalize_uri
-from schemas import STORE_FORMAT_VERSION
 
 RESIZE_POLICIES = ("square", "aspect", "aspect-floor64", "pad")
 RESAMPLERS = ("bicubic", "cv2-bilinear")

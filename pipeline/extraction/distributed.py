@@ -29,25 +29,15 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.engine.aggregation import PartialSum, combine
 from pipeline.engine.shifts import Shift, split_shifts
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig
 from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, wait_until_started
-from pipeline.extraction.runner import (
-    WRITERS,
-    Job,
-    JobProgress,
-    RunSummary,
-    finish,
-    pca_sample,
-    plan_job,
-    preflight,
-    progress,
-)
-from pipeline.extraction.worker import LoadedShard, Progress, ShardStats, ShardWorker
+from pipeline.extraction.progress import JobProgress, progress_counter, report_to
+from pipeline.extraction.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, preflight, progress
+from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
@@ -102,44 +92,6 @@ class ExtractActor:
         loaded = payloads[0][0]
         groups = zip(*(partials for _, partials in payloads))
         return self.worker.commit(loaded, self.worker.assemble(loaded, [combine(list(parts)) for parts in groups]), started)
-
-
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Images and views computed per shard, added by actors after each image group and taken by
-    the driver about twice a second, so the progress bar moves within shards."""
-
-    def __init__(self) -> None:
-        self.counts: dict[int, list[float]] = {}
-
-    def add(self, shard: int, images: float, views: int) -> None:
-        counts = self.counts.setdefault(shard, [0.0, 0])
-        counts[0] += images
-        counts[1] += views
-
-    def take(self) -> dict[int, list[float]]:
-        counts, self.counts = self.counts, {}
-        return counts
-
-
-def progress_counter(name: str) -> Any:
-    """A ProgressCounter on the driver's own node: losing a worker node never takes it along."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ProgressCounter.options(name=name, scheduling_strategy=here).remote()
-
-
-def report_to(counter: Any, shard: int) -> Progress | None:
-    """The progress callback of a unit: reports to the counter, and never fails the unit."""
-    if counter is None:
-        return None
-
-    def report(images: float, views: int) -> None:
-        try:
-            counter.add.remote(shard, images, views)
-        except RayError:  # the counter is gone: the driver says so once, the work goes on
-            pass
-
-    return report
 
 
 @dataclass

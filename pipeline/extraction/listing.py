@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.store.schemas import PLAN_SCHEMA
 from pipeline.store.uris import normalize_uri, one_line
-from schemas import PLAN_SCHEMA
 
 log = logging.getLogger("srt")
 

@@ -22,13 +22,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
-from tqdm import tqdm
 from zarr.errors import ZarrUserWarning
 
 from pipeline.engine.models import ViT
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.listing import Item, SourceError, check_dataset, list_items, make_plan, shard_rows
+from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.reading import prefetch
 from pipeline.extraction.weights import fetch_pretrained_weights
 from pipeline.extraction.worker import ShardStats, ShardWorker
@@ -281,41 +281,6 @@ def pca_sample(job: Job) -> list[int]:
     if not config.pca_dims or all(tap.name in fitted for tap in job.resolved.taps):
         return []
     return job.pending[:PCA_SAMPLE_SHARDS]
-
-
-class JobProgress:
-    """The job's progress bar: images as each image group is computed (shares of an image while a
-    shard's shifts are split across actors; error rows when their shard is done), every image of
-    the run counted once, with views computed per second and the errors committed so far."""
-
-    def __init__(self, total: int) -> None:
-        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-        self.bar = tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
-        self.views = 0
-        self.errors = 0
-
-    def computed(self, images: float, views: int) -> None:
-        self.views += views
-        self.advance(images)
-
-    def advance(self, images: float) -> None:
-        self.bar.update(images)
-        self._postfix()
-
-    def count_errors(self, errors: int) -> None:
-        """The error rows committed so far."""
-        self.errors = errors
-        self._postfix()
-
-    def _postfix(self) -> None:
-        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
-        self.bar.set_postfix(views_per_s=f"{self.views / elapsed:.1f}", errors=self.errors, refresh=False)
-
-    def __enter__(self) -> JobProgress:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.bar.close()
 
 
 def progress(job: Job) -> JobProgress:

@@ -40,8 +40,8 @@ from zarr.errors import ContainsArrayError
 from pipeline.engine.models import Tap
 from pipeline.engine.pca import Basis
 from pipeline.store.objects import ObjectWriter
+from pipeline.store.schemas import PLAN_SCHEMA_VERSION
 from pipeline.store.uris import one_line
-from schemas import PLAN_SCHEMA_VERSION
 
 ATTRIBUTE = "srt"
 OUTPUTS = ("dense", "cls", "pooled", "registers")  # the store's array kinds

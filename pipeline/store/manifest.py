@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from schemas import MANIFEST_SCHEMA
+from pipeline.store.schemas import MANIFEST_SCHEMA
 
 log = logging.getLogger("srt")
 

@@ -30,8 +30,8 @@ from pipeline.store.layout import (
     store_exists,
 )
 from pipeline.store.manifest import read_manifest
+from pipeline.store.schemas import STORE_FORMAT_VERSION
 from pipeline.store.uris import normalize_uri
-from schemas import STORE_FORMAT_VERSION
 
 
 class FeatureStore:

@@ -2,7 +2,13 @@
 
 Bump a version when a reader of the old layout would misread the new one. Readers check
 `schema_version` in the Parquet metadata and `store_format` in the Zarr group attributes.
+Each version is also written out, for readers in any language, as `schemas/<name>.v<N>.json`
+at the top of the repository (`describe`); a test keeps the two the same.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 import pyarrow as pa
 
@@ -52,3 +58,15 @@ MANIFEST_SCHEMA = pa.schema(
     ],
     metadata={"schema_version": str(MANIFEST_SCHEMA_VERSION)},
 )
+
+
+def describe(schema: pa.Schema) -> dict[str, Any]:
+    """A schema as plain JSON: its version and each column's name, Arrow type and nullability."""
+    return {
+        "schema_version": int(schema.metadata[b"schema_version"]),
+        "columns": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+    }
+
+
+PUBLISHED = {"plan": PLAN_SCHEMA, "manifest": MANIFEST_SCHEMA}  # what schemas/<name>.v<N>.json describes
+

@@ -1,0 +1,90 @@
+"""Progress of an extraction: the bar (images as each image group is computed, views per second,
+errors) and, on Ray, the counter actors report image groups to.
+
+A progress report never fails a unit or a job: a counter that is gone costs the bar its moves
+within shards, never an image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
+
+from pipeline.extraction.worker import Progress
+
+
+class JobProgress:
+    """The job's progress bar: images as each image group is computed (shares of an image while a
+    shard's shifts are split across actors; error rows when their shard is done), every image of
+    the run counted once, with views computed per second and the errors committed so far."""
+
+    def __init__(self, total: int) -> None:
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+        self.bar = tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
+        self.views = 0
+        self.errors = 0
+
+    def computed(self, images: float, views: int) -> None:
+        self.views += views
+        self.advance(images)
+
+    def advance(self, images: float) -> None:
+        self.bar.update(images)
+        self._postfix()
+
+    def count_errors(self, errors: int) -> None:
+        """The error rows committed so far."""
+        self.errors = errors
+        self._postfix()
+
+    def _postfix(self) -> None:
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix(views_per_s=f"{self.views / elapsed:.1f}", errors=self.errors, refresh=False)
+
+    def __enter__(self) -> JobProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.bar.close()
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Images and views computed per shard, added by actors after each image group and taken by
+    the driver about twice a second, so the progress bar moves within shards."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, list[float]] = {}
+
+    def add(self, shard: int, images: float, views: int) -> None:
+        counts = self.counts.setdefault(shard, [0.0, 0])
+        counts[0] += images
+        counts[1] += views
+
+    def take(self) -> dict[int, list[float]]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def progress_counter(name: str) -> Any:
+    """A ProgressCounter on the driver's own node: losing a worker node never takes it along."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressCounter.options(name=name, scheduling_strategy=here).remote()
+
+
+def report_to(counter: Any, shard: int) -> Progress | None:
+    """The progress callback of a unit: reports to the counter, and never fails the unit."""
+    if counter is None:
+        return None
+
+    def report(images: float, views: int) -> None:
+        try:
+            counter.add.remote(shard, images, views)
+        except RayError:  # the counter is gone: the driver says so once, the work goes on
+            pass
+
+    return report
