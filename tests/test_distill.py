@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import fsspec
 import numpy as np
@@ -189,3 +190,37 @@ def test_checkpoints_and_the_student_go_to_s3(teacher_store, s3_server):
     trained = safetensors.torch.load(fs.cat_file("bucket/student/model.safetensors"))
     assert torch.equal(student.model.state_dict()["blocks.5.mlp.fc2.bias"], trained["blocks.5.mlp.fc2.bias"])
     assert "secret" not in fs.cat_file("bucket/student/model.json").decode()
+
+
+def test_a_ray_train_worker_lost_mid_run_restarts_the_group_from_the_last_checkpoint(teacher_store, tmp_path):
+    """A worker process killed (as a crash or a failed health check on a loaded machine would end
+    it) after the first checkpoint: the run restarts its workers, which resume from that checkpoint."""
+    import threading
+
+    import psutil
+
+    out = tmp_path / "student"
+    killed: list[bool] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline and not killed:
+            if not workers:  # Ray titles its worker processes by actor class
+                workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers and (out / "checkpoints" / "step-0000002").exists():
+                killed.append(not (out / "checkpoints" / "step-0000040").exists())  # mid-run
+                workers[0].kill()
+            time.sleep(0.05)
+
+    flags = ["--steps", "40", "--checkpoint-every", "2", "--num-workers", "2", "--batch-size", "2", "--holdout", "0.25"]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        watcher = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+        watcher.start()
+        assert distill_main(["--store", teacher_store, "--out", str(out), *flags]) == 0
+        watcher.join(timeout=10)
+    finally:
+        ray.shutdown()
+    assert killed == [True], "no worker was killed mid-run"
+    assert read_sidecar(str(out))["steps"] == 40

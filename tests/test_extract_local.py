@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -498,9 +499,10 @@ def test_one_location_spelt_several_ways_is_one_dataset_and_one_image(tmp_path, 
 
 @pytest.fixture
 def flaky_s3(s3_server):
-    """(storage options of an S3 endpoint that refuses connections, a function that brings it up
-    after some seconds); the same buckets as `s3_server`. The clients' own retries are turned off,
-    so what rides out the outage is ours."""
+    """(storage options of an S3 endpoint that refuses connections, a context in which it comes up
+    as soon as the job logs its first transient read failure); the same buckets as `s3_server`.
+    The clients' own retries are turned off, so what rides out the outage is ours. Keyed to the
+    job's own event, not to wall time, the outage always hits a read however slow the machine."""
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as probe:
@@ -508,14 +510,20 @@ def flaky_s3(s3_server):
         port = probe.getsockname()[1]
     servers = []
 
-    def up_after(seconds: float) -> threading.Timer:
-        def start() -> None:
-            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
-            servers[-1].start()
+    class UpOnFirstFailure(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not servers and "reads failed transiently" in record.getMessage():
+                servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+                servers[-1].start()  # before the job's backoff ends: its retry finds the endpoint up
 
-        timer = threading.Timer(seconds, start)
-        timer.start()
-        return timer
+    @contextlib.contextmanager
+    def up_after_first_failure():
+        handler = UpOnFirstFailure(level=logging.WARNING)
+        logging.getLogger("srt").addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger("srt").removeHandler(handler)
 
     options = {
         **s3_server,
@@ -523,7 +531,7 @@ def flaky_s3(s3_server):
         "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
         "skip_instance_cache": True,
     }
-    yield options, up_after
+    yield options, up_after_first_failure
     for server in servers:
         server.stop()
 
@@ -533,7 +541,7 @@ def test_reads_are_retried_through_an_outage_and_error_rows_recomputed_on_reques
     for path in sample_paths:
         fs.pipe(f"bucket/flaky/{path.name}", path.read_bytes())
     (tmp_path / "list.txt").write_text("".join(f"s3://bucket/flaky/{p.name}\n" for p in sample_paths))
-    options, up_after = flaky_s3
+    options, up_after_first_failure = flaky_s3
     sources = {f"s3://bucket/flaky/{p.name}": p.read_bytes() for p in sample_paths}
 
     # No retries, endpoint down: every image is a read error naming the connection failure.
@@ -542,10 +550,9 @@ def test_reads_are_retried_through_an_outage_and_error_rows_recomputed_on_reques
     assert summary.errors == {"read": len(sample_paths)}
     assert all("EndpointConnectionError" in r["error"] for r in FeatureStore.open(down).manifest.to_pylist())
 
-    # Endpoint down for 2 s: the default retries (0.5 + 1 + 2 s of backoff) ride it out.
-    timer = up_after(2.0)
-    summary = run_local(config(str(tmp_path / "list.txt"), str(tmp_path / "retried.zarr"), storage_options=options))
-    timer.join()
+    # Endpoint down until the first read fails: the default retries ride it out.
+    with up_after_first_failure():
+        summary = run_local(config(str(tmp_path / "list.txt"), str(tmp_path / "retried.zarr"), storage_options=options))
     assert "reads failed transiently (EndpointConnectionError" in caplog.text, "the outage hit no read"
     assert (summary.ok, summary.errors) == (len(sample_paths), {})
     assert_store_matches_engine(FeatureStore.open(str(tmp_path / "retried.zarr")), sources, config("x", "y"))

@@ -22,6 +22,8 @@ import numpy as np
 
 from pipeline.store.uris import read_uri
 
+TRAIN_RESTARTS = 3  # worker-group restarts a Ray Train run may take before it fails
+
 Report = Callable[[dict[str, Any]], None]
 
 
@@ -103,7 +105,7 @@ def fit_on_ray(job: str, loop: Callable[..., Any], config: Any, num_workers: int
     GPU by default (or one CPU worker); `num_workers` overrides. Resuming is the loop's own, from
     its checkpoints, so Ray Train's run folder is only named."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -114,6 +116,8 @@ def fit_on_ray(job: str, loop: Callable[..., Any], config: Any, num_workers: int
         _ray_train_loop,
         train_loop_config={"job": job, "loop": loop, "config_type": type(config), "config": dataclasses.asdict(config), "extra": extra},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=None if gpus else {"CPU": 1}),
-        run_config=RunConfig(name=f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        # A worker lost (a crash, a failed health check on a loaded node) restarts the group, which
+        # resumes from the loop's last checkpoint instead of failing the run.
+        run_config=RunConfig(name=f"{job}-{time.strftime('%Y%m%d-%H%M%S')}", failure_config=FailureConfig(max_failures=TRAIN_RESTARTS)),
     )
     trainer.fit()
