@@ -703,7 +703,7 @@ def test_offline_pretrained_weights_fail_at_planning_in_one_line(tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, env=offline, timeout=120)
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert len(errors) == 1 and f"--pretrained: weights for {MODEL} could not be downloaded" in errors[0] and "pass --weights URI" in errors[0]
+    assert len(errors) == 1 and f"--pretrained: weights for {MODEL} are not in the local cache" in errors[0] and "pass --weights URI" in errors[0]
     assert not out.exists()
 
 

@@ -15,7 +15,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.extraction.distributed import ACTOR_PREFIX, run_ray
+from pipeline.extraction.distributed import run_ray
+from pipeline.extraction.progress import COUNTER_PREFIX
 from pipeline.extraction.runner import run_local
 from pipeline.store.reader import FeatureStore
 from tests.images_factory import encode, gradient, write_files
@@ -110,7 +111,7 @@ def test_losing_the_progress_counter_is_a_warning_and_the_job_goes_on(cluster, p
 
     def kill_the_counter() -> None:
         seen.append(committed_parts(out))
-        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX) and a["name"].endswith("-progress")]
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(COUNTER_PREFIX)]
         ray.kill(ray.get_actor(name), no_restart=True)
 
     killer = when(lambda: committed_parts(out) >= 1, kill_the_counter)

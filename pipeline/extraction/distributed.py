@@ -383,7 +383,7 @@ def run_ray(config: ExtractConfig) -> RunSummary:
         summary.startup_seconds = time.perf_counter() - started
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
-        counter = progress_counter(f"{ACTOR_PREFIX}-{run_id}-progress")
+        counter = progress_counter(run_id)
         try:
             with progress(job) as bar:
                 ActorPoolScheduler(job, actors, batches, summary, counter).run(bar)

@@ -70,10 +70,13 @@ class ProgressCounter:
         return counts
 
 
-def progress_counter(name: str) -> Any:
+COUNTER_PREFIX = "srt-progress"
+
+
+def progress_counter(run_id: str) -> Any:
     """A ProgressCounter on the driver's own node: losing a worker node never takes it along."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ProgressCounter.options(name=name, scheduling_strategy=here).remote()
+    return ProgressCounter.options(name=f"{COUNTER_PREFIX}-{run_id}", scheduling_strategy=here).remote()
 
 
 def report_to(counter: Any, shard: int) -> Progress | None:
