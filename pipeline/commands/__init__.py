@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from pipeline import __version__
@@ -28,7 +29,15 @@ COMMANDS = {
     "srt-distill": "self-distil a student toward a store's SRT features (jobs/distill.py)",
     "srt-probe": "linear depth or segmentation probes on stores, side by side (jobs/probe.py)",
     "srt-discover": "single-object boxes by TokenCut or LOST from a store, with CorLoc (jobs/discover.py)",
+    "srt-serve": "search indexes in a browser: neighbours and feature pictures over HTTP (jobs/serve.py)",
 }
+
+
+def log_to_stderr() -> None:
+    """The project's messages (logger "srt") at INFO; other libraries' (faiss's loader, ...) only
+    when they warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("srt").setLevel(logging.INFO)
 
 
 def add_store_flags(parser: argparse.ArgumentParser, *, layer: bool = True, weights_for: str | None = None) -> None:

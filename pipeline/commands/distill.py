@@ -14,11 +14,10 @@ A rerun against the same --out resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
-from pipeline.commands import training_parser
+from pipeline.commands import log_to_stderr, training_parser
 from pipeline.extraction.flags import ConfigError, from_args, parse_with_config_file
 from pipeline.tasks.distillation.distill import DistillConfig, read_sidecar, train_worker, validate
 from pipeline.tasks.shared.training import fit_on_ray, progress_line
@@ -33,7 +32,7 @@ def log(metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     parser = build_parser()
     try:
         args = parse_with_config_file(parser, argv, DistillConfig)

@@ -11,9 +11,9 @@ A rerun against the same --out resumes: only shards without a manifest part are 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from pipeline.commands import log_to_stderr
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.distributed import run_ray
 from pipeline.extraction.flags import CONFIG_FILE_HELP, ConfigError, add_arguments, from_args, parse_with_config_file
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     parser = build_parser()
     try:
         args = parse_with_config_file(parser, argv, ExtractConfig)

@@ -14,13 +14,12 @@ same --out resumes each probe from its last checkpoint; a finished probe is only
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
 import torch
 
-from pipeline.commands import training_parser
+from pipeline.commands import log_to_stderr, training_parser
 from pipeline.extraction.flags import ConfigError, from_args, parse_with_config_file
 from pipeline.tasks.probes.config import ProbeConfig, ensemble_plan, validate
 from pipeline.tasks.probes.metrics import DEPTH_METRICS
@@ -51,7 +50,7 @@ def table(task: str, rows: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     parser = build_parser()
     try:
         args = parse_with_config_file(parser, argv, ProbeConfig)
