@@ -7,11 +7,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.commands.visualize import TILE
 from pipeline.commands.visualize import main as visualize_main
 from pipeline.extraction.runner import run_local
 from pipeline.store.reader import FeatureStore
-from pipeline.tasks.pictures import pca_rgb
+from pipeline.tasks.pictures import TILE, pca_rgb
 from tests.test_extract_local import config
 
 

@@ -13,47 +13,10 @@ import argparse
 import sys
 
 import fsspec
-import torch
 
 from pipeline.commands import add_store_flags
-from pipeline.engine.srt import SRT
-from pipeline.extraction.images import prepare
-from pipeline.extraction.reading import read_bytes
-from pipeline.extraction.weights import load_store_model
-from pipeline.extraction.worker import build_engine
 from pipeline.store.reader import FeatureStore
-from pipeline.tasks.pictures import grid, pca_rgb, tile
-
-TILE = 256
-
-
-def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weights=None, layer=None, storage_options=None):
-    """The picture (a PIL image): one row per image, three tiles per row."""
-    options = storage_options or {}
-    config = store.config
-    image_ids = [store.find(name) for name in image_ids]
-    for image_id in image_ids:
-        store.transform(image_id)  # an error row fails here, saying why it has no features
-    layer = store.layer_index(layer)
-    vit = load_store_model(config["model"], config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
-    _, policy = build_engine(vit, config, batch_size=1)
-    plain_engine = SRT(vit, layers=(layer,), shifts=[(0, 0)], stride=vit.patch_size, norm=config["norm"])
-    plan = store.plan()
-    originals, maps = [], []
-    for image_id, blob in zip(image_ids, read_bytes([plan[i] for i in image_ids], options)):
-        if isinstance(blob, Exception):
-            raise ValueError(f"cannot read {image_id}: {blob}")
-        prepared = prepare(blob, policy)
-        shown = prepared.tensor * torch.tensor(policy.std).view(3, 1, 1) + torch.tensor(policy.mean).view(3, 1, 1)
-        originals.append(shown.clamp(0, 1).permute(1, 2, 0).numpy())
-        maps += [plain_engine(prepared.tensor[None])[layer][0].numpy(), store.dense(image_id, layer).astype("float32")]
-    colours = pca_rgb(maps)
-    rows = []
-    for i, original in enumerate(originals):
-        height, width = original.shape[:2]
-        size = (TILE, round(TILE * height / width))
-        rows.append([tile(original, size), tile(colours[2 * i], size), tile(colours[2 * i + 1], size)])
-    return grid(rows)
+from pipeline.tasks.pictures import render
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,6 @@
-"""Pictures of feature maps: project maps to RGB with one PCA fitted on all of them, tile them.
+"""Pictures of feature maps: project maps to RGB with one PCA fitted on all of them, tile them;
+`render` draws stored images as original | plain ViT features | SRT features (srt-visualize,
+srt-serve).
 
 One PCA over every map shown (plain and SRT, all images) keeps colours comparable across the
 picture; component signs are fixed (largest loading positive) so the same maps always give the
@@ -10,9 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
+from pipeline.engine.models import ViT
+from pipeline.engine.srt import SRT
+from pipeline.extraction.images import prepare
+from pipeline.extraction.reading import read_bytes
+from pipeline.extraction.weights import load_store_model
+from pipeline.extraction.worker import build_engine
+from pipeline.store.reader import FeatureStore
+
 MAX_FIT_CELLS = 50_000
+TILE = 256  # width of each tile of a rendered picture
 
 
 def pca_rgb(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -43,3 +55,35 @@ def grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
         for x, picture in enumerate(row):
             canvas.paste(picture, (x * width, y * height))
     return canvas
+
+
+
+def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weights=None, layer=None, storage_options=None, vit: ViT | None = None) -> Image.Image:
+    """Original | plain ViT features | SRT features of stored images (a PIL image, one row per
+    image): the SRT maps read from the store, the plain maps computed by the store's own model
+    (`vit` when already loaded) on the same model input, both projected by one PCA."""
+    options = storage_options or {}
+    config = store.config
+    image_ids = [store.find(name) for name in image_ids]
+    for image_id in image_ids:
+        store.transform(image_id)  # an error row fails here, saying why it has no features
+    layer = store.layer_index(layer)
+    vit = vit or load_store_model(config["model"], config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
+    _, policy = build_engine(vit, config, batch_size=1)
+    plain_engine = SRT(vit, layers=(layer,), shifts=[(0, 0)], stride=vit.patch_size, norm=config["norm"])
+    plan = store.plan()
+    originals, maps = [], []
+    for image_id, blob in zip(image_ids, read_bytes([plan[i] for i in image_ids], options)):
+        if isinstance(blob, Exception):
+            raise ValueError(f"cannot read {image_id}: {blob}")
+        prepared = prepare(blob, policy)
+        shown = prepared.tensor * torch.tensor(policy.std).view(3, 1, 1) + torch.tensor(policy.mean).view(3, 1, 1)
+        originals.append(shown.clamp(0, 1).permute(1, 2, 0).numpy())
+        maps += [plain_engine(prepared.tensor[None])[layer][0].numpy(), store.dense(image_id, layer).astype("float32")]
+    colours = pca_rgb(maps)
+    rows = []
+    for i, original in enumerate(originals):
+        height, width = original.shape[:2]
+        size = (TILE, round(TILE * height / width))
+        rows.append([tile(original, size), tile(colours[2 * i], size), tile(colours[2 * i + 1], size)])
+    return grid(rows)
