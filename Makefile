@@ -2,8 +2,10 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL = { $(SUDO) apt-get install -y -qq $(1) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(1); }; }
 
-.PHONY: demo test bench
+.PHONY: demo test bench browser wrk
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -15,10 +17,16 @@ demo: $(STAMP)  ## extract SRT features of the bundled photos on a local Ray ins
 	$(PYTHON) jobs/extract.py --dataset data/samples --out out/samples.zarr
 	$(PYTHON) jobs/visualize.py --store out/samples.zarr --out out/samples.png
 
-test: $(STAMP)  ## the whole test suite (CI runs exactly this)
+browser:  ## Chromium and ChromeDriver for srt-serve's browser test (Debian's packages, installed once)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(call APT_INSTALL,chromium chromium-driver)
+
+wrk:  ## the HTTP load generator of bench_serve (Debian's package, installed once)
+	@command -v wrk >/dev/null || $(call APT_INSTALL,wrk)
+
+test: $(STAMP) browser  ## the whole test suite (CI runs exactly this)
 	$(PYTHON) -m pytest
 
-bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.md
+bench: $(STAMP) wrk  ## every benchmark; each rewrites its section of bench/RESULTS.md
 	$(PYTHON) -m bench.bench_srt
 	$(PYTHON) -m bench.bench_store
 	$(PYTHON) -m bench.bench_dataplane
@@ -26,6 +34,7 @@ bench: $(STAMP)  ## every benchmark; each rewrites its section of bench/RESULTS.
 	$(PYTHON) -m bench.bench_driver
 	$(PYTHON) -m bench.bench_ray
 	$(PYTHON) -m bench.bench_retrieval
+	$(PYTHON) -m bench.bench_serve
 	$(PYTHON) -m bench.quality
 	$(PYTHON) -m bench.bench_segmentation
 	$(PYTHON) -m bench.bench_distill

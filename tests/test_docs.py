@@ -101,6 +101,7 @@ def test_the_installed_wheel_runs_its_commands_outside_the_checkout(tmp_path, sa
     wheel = next((tmp_path / "dist").glob("srt_pipeline-*.whl"))
     with zipfile.ZipFile(wheel) as archive:  # one top-level package, under the project's name: no `schemas` to collide with
         assert {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")} == {"pipeline"}
+        assert {"pipeline/commands/service/static/index.html", "pipeline/commands/service/static/app.js", "pipeline/commands/service/static/style.css"} <= set(archive.namelist())  # srt-serve's page
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "fresh")], check=True, timeout=300)
     fresh_site = next((tmp_path / "fresh" / "lib").glob("python3*/site-packages"))
     (fresh_site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, ray, ...: not the editable checkout
@@ -149,7 +150,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 
 SCRIPTS = {"srt-extract": "extract", "srt-index": "build_index", "srt-query": "query", "srt-eval-retrieval": "eval_retrieval", "srt-visualize": "visualize",
-           "srt-propagate": "propagate", "srt-saliency": "saliency", "srt-distill": "distill", "srt-probe": "probe", "srt-discover": "discover"}  # fmt: skip
+           "srt-propagate": "propagate", "srt-saliency": "saliency", "srt-distill": "distill", "srt-probe": "probe", "srt-discover": "discover", "srt-serve": "serve"}  # fmt: skip
 
 
 def test_readme_commands_are_found():

@@ -24,10 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.engine.aggregation import SRTOutput
 from pipeline.engine.models import ViT, check_same_model
-from pipeline.extraction.images import ImageError, prepare
+from pipeline.extraction.images import ImageError, Prepared, prepare
 from pipeline.extraction.worker import build_engine
 from pipeline.store.layout import differences, fingerprint_of
 from pipeline.store.reader import FeatureStore
@@ -36,6 +37,9 @@ from pipeline.tasks.retrieval.ranking import rank_database
 
 DESCRIPTORS = ("cls", "pooled", "gem")
 INDEX_TYPES = ("flat", "ivf", "ivfpq")
+# FAISS 1.15 raised the batch size from which exhaustive search runs as one BLAS product (20 ->
+# 128000): batches of 32 queries on 100k descriptors then take 4x as long on CPU (bench_serve).
+faiss.cvar.distance_compute_blas_threshold = 20
 IDS_SCHEMA = pa.schema([("faiss_id", pa.int64()), ("image_id", pa.string()), ("uri", pa.string()), ("shard", pa.int32())])
 
 
@@ -128,6 +132,21 @@ class RetrievalIndex:
             faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", self.sidecar["params"]["nprobe"])
         scores, found = self.index.search(l2_normalize(queries), min(k, self.index.ntotal))
         return scores, [[self._image_ids[i] for i in row if i >= 0] for row in found]
+
+    @property
+    def keeps_vectors(self) -> bool:
+        """Whether the index holds every descriptor exactly as the store gives it (Flat, no PCA)."""
+        return self.sidecar["factory"] == "Flat"
+
+    def indexed_vector(self, image_id: str) -> np.ndarray | None:
+        """An image's descriptor from the index, where it `keeps_vectors`; else None (read the store)."""
+        if not self.keeps_vectors or (faiss_id := self._faiss_ids.get(image_id)) is None:
+            return None
+        return self.index.reconstruct(faiss_id)
+
+    @functools.cached_property
+    def _faiss_ids(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self._image_ids)}
 
     def uris(self, image_ids: Sequence[str]) -> list[str]:
         return [self._uris[i] for i in image_ids]
@@ -239,21 +258,43 @@ def index_exists(uri: str, storage_options: dict[str, Any] | None = None) -> boo
 # ---------------------------------------------------------------------------- queries
 
 
+class QueryEncoder:
+    """New images to descriptors exactly as a store's were computed (same model, shifts, image
+    policy): each decoded on its own, then images of one input size run through the model together."""
+
+    def __init__(self, store: FeatureStore, vit: ViT, spec: DescriptorSpec) -> None:
+        check_same_model(vit, store.config["model"], store.config["weights"])
+        self.srt, self.policy = build_engine(vit, store.config, batch_size=16)
+        self.layer, self.spec = store.layer_index(spec.layer), spec
+
+    def prepare(self, blob: bytes) -> Prepared:
+        """The model input of an image's bytes; raises ImageError (decode, too_large, ...)."""
+        return prepare(blob, self.policy)
+
+    def describe(self, inputs: Sequence[Prepared]) -> np.ndarray:
+        """Descriptors [n, D] of prepared inputs, in their order."""
+        vectors: list[np.ndarray | None] = [None] * len(inputs)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(inputs):
+            by_size.setdefault(tuple(image.tensor.shape), []).append(i)
+        for members in by_size.values():
+            output = self.srt.run(torch.stack([inputs[i].tensor for i in members]))
+            for i, vector in zip(members, output_descriptors(output, self.spec, self.layer)):
+                vectors[i] = vector
+        return np.stack(vectors)
+
+
 def describe_images(store: FeatureStore, vit: ViT, blobs: Sequence[tuple[str, bytes]], spec: DescriptorSpec) -> np.ndarray:
     """Descriptors of new images (name, bytes), computed exactly as the store's were (same model,
     shifts, policy). An image that cannot be decoded raises ImageError naming it."""
-    check_same_model(vit, store.config["model"], store.config["weights"])
-    srt, policy = build_engine(vit, store.config, batch_size=16)
-    layer = store.layer_index(spec.layer)
-    vectors = []
+    encoder = QueryEncoder(store, vit, spec)
+    inputs = []
     for name, blob in blobs:
         try:
-            image = prepare(blob, policy)
+            inputs.append(encoder.prepare(blob))
         except ImageError as error:
             raise ImageError(error.kind, f"{name}: {str(error).splitlines()[0]}") from error
-        output = srt.run(image.tensor[None])
-        vectors.append(output_descriptors(output, spec, layer))
-    return np.concatenate(vectors)
+    return encoder.describe(inputs)
 
 
 def vectors_of(store: FeatureStore, image_ids: Sequence[str], spec: DescriptorSpec) -> np.ndarray:
