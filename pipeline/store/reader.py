@@ -51,6 +51,7 @@ class FeatureStore:
         self._rows = {image_id: i for i, image_id in enumerate(manifest.column("image_id").to_pylist())}
         self._bases: dict[str, Basis | None] = {}
         self._name_index: dict[tuple[str, str], set[str]] | None = None
+        self._plan: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def open(cls, out: str, storage_options: dict[str, Any] | None = None) -> FeatureStore:
@@ -59,8 +60,11 @@ class FeatureStore:
         return cls(out, open_group(out, "r", storage_options), read_manifest(out, storage_options), storage_options)
 
     def plan(self) -> dict[str, dict[str, Any]]:
-        """image_id -> planned row: what `reading.read_bytes` reads an image's bytes from."""
-        return {row["image_id"]: row for row in read_plan(self.uri, self.storage_options).to_pylist()}
+        """image_id -> planned row: what `reading.read_bytes` reads an image's bytes from. Read
+        once per opened store, as its manifest is (a service draws many pictures from one store)."""
+        if self._plan is None:
+            self._plan = {row["image_id"]: row for row in read_plan(self.uri, self.storage_options).to_pylist()}
+        return self._plan
 
     @property
     def layers(self) -> list[int]:

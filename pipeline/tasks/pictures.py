@@ -57,7 +57,6 @@ def grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
     return canvas
 
 
-
 def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weights=None, layer=None, storage_options=None, vit: ViT | None = None) -> Image.Image:
     """Original | plain ViT features | SRT features of stored images (a PIL image, one row per
     image): the SRT maps read from the store, the plain maps computed by the store's own model

@@ -7,7 +7,6 @@ own plan, with its storage options, never from a path a request gives.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import posixpath
@@ -46,11 +45,6 @@ class Served:
     uri: str
     index: RetrievalIndex
     store: FeatureStore
-
-    @functools.cached_property
-    def plan(self) -> dict[str, dict[str, Any]]:
-        """image_id -> planned row: where each image's bytes are (thumbnails)."""
-        return self.store.plan()
 
 
 class Catalog:
@@ -143,7 +137,7 @@ class Catalog:
     def thumbnail(self, served: Served, name: str, size: int) -> bytes:
         """A JPEG of at most size x size of a row of the store, read through its plan."""
         image_id = self.find(served, name)
-        blob = read_bytes([served.plan[image_id]], self.options)[0]
+        blob = read_bytes([served.store.plan()[image_id]], self.options)[0]
         if isinstance(blob, Exception):
             raise ServiceError(404, f"cannot read {image_id}: {one_line(blob)}")
         try:  # as extraction decodes it: upright, RGB, within the store's --max-pixels; JPEGs at a fraction of their size
