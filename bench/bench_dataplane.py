@@ -37,11 +37,12 @@ from pipeline.engine.models import TokenMap, ViT
 from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.images import ImagePolicy, prepare
-from pipeline.extraction.listing import list_items, make_plan, shard_rows
+from pipeline.extraction.planning import plan_dataset, thread_map
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, preflight, run_local
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
+from pipeline.store.plan import PlanReader
 
 MODEL = "vit_small_patch16_224"
 
@@ -231,11 +232,13 @@ def tar_shard_read_times(root: Path, members: int, shard_size: int) -> tuple[flo
             info = tarfile.TarInfo(f"{i:06d}.jpg")
             info.size = len(payload)
             archive.addfile(info, io.BytesIO(payload))
-    plan = make_plan(list_items(str(tar)), shard_size)
+    out = str(root / "long-plan")
+    _, index = plan_dataset(str(tar), out, shard_size, {}, thread_map)
+    plan = PlanReader(out, index)
     last = (members - 1) // shard_size
 
     def seconds(shard: int) -> float:
-        rows = shard_rows(plan, shard, shard_size)
+        rows = plan.rows(shard)
         times = []
         for _ in range(5):
             started = time.perf_counter()
@@ -252,10 +255,10 @@ def decode_in_job(dataset: str, out: str, shard_size: int, vit: ViT, threads: in
     torch.set_num_threads(threads)  # the worker sizes its decode pool from it
     try:
         job = plan_job(preflight(ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=224, stride=8, shard_size=shard_size)))
-        worker = ShardWorker(job.resolved, vit=vit)
+        worker = ShardWorker(job.resolved, job.reader(), vit=vit)
         started = time.perf_counter()
         for shard in job.pending:
-            worker.load(shard, shard_rows(job.plan, shard, shard_size))
+            worker.load(int(shard))
         return job.images_in(job.pending) / (time.perf_counter() - started)
     finally:
         torch.set_num_threads(previous)

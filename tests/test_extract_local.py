@@ -18,6 +18,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -31,12 +32,12 @@ from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.images import ImagePolicy, prepare
-from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, preflight, run_local
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
 from pipeline.store.layout import StoreMismatchError
+from pipeline.store.manifest import uncommit
 from pipeline.store.reader import FeatureStore
 from tests.conftest import cached_vit
 from tests.images_factory import BOMB_LIMIT, bad_input_files, damaged_dataset, encode, gradient, write_files
@@ -173,8 +174,7 @@ def test_rerun_recomputes_only_uncommitted_shards(tmp_path, sample_paths):
     assert first.shards_done == 4
     before = {i: FeatureStore.open(str(out)).dense(i) for i in FeatureStore.open(str(out)).manifest.column("image_id").to_pylist()}
     # A run that died after writing shard 2's arrays but before its manifest part, and before shard 3.
-    (out / "manifest" / "part-000002.parquet").unlink()
-    (out / "manifest" / "part-000003.parquet").unlink()
+    uncommit(str(out), {2, 3})
     shutil.rmtree(out / "dense" / "L11" / "c" / "3")
     second = run_local(cfg)
     assert (second.shards_done, second.shards_skipped, second.images) == (2, 2, 2)
@@ -185,21 +185,24 @@ def test_rerun_recomputes_only_uncommitted_shards(tmp_path, sample_paths):
     assert run_local(cfg).shards_done == 0
 
 
-def test_the_compacted_manifest_is_read_only_when_it_covers_every_part(tmp_path, sample_paths):
+def test_range_files_hold_committed_shards_once_and_give_shards_back_as_parts(tmp_path, sample_paths):
     out = tmp_path / "out.zarr"
     run_local(config(str(sample_paths[0].parent), str(out), shard_size=1))
-    assert (out / "manifest.parquet").exists()
-    (out / "manifest" / "part-000001.parquet").write_bytes(b"corrupt")  # never read: the compacted table covers it
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == ["shards-000000-000003.parquet"]  # the parts went
+    (out / "manifest" / "part-000001.parquet").write_bytes(b"corrupt")  # never read: the range covers shard 1
     assert FeatureStore.open(str(out)).manifest.num_rows == 4
-    (out / "manifest" / "part-000001.parquet").unlink()  # shard 1 no longer committed: read the parts
+    uncommit(str(out), {1})  # --retry-errors: shard 1 pending again, the others committed as parts
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == ["part-000000.parquet", "part-000002.parquet", "part-000003.parquet"]
     assert FeatureStore.open(str(out)).manifest.column("shard").to_pylist() == [0, 2, 3]
+    assert run_local(config(str(sample_paths[0].parent), str(out), shard_size=1)).shards_done == 1
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == ["shards-000000-000003.parquet"]
 
 
 def test_a_rerun_of_a_finished_store_rewrites_nothing_and_keeps_the_summary(tmp_path, sample_paths):
     out = tmp_path / "out.zarr"
     cfg = config(str(sample_paths[0].parent), str(out))
     run_local(cfg)
-    files = ("manifest.parquet", "plan.parquet", "summary.json")
+    files = ("manifest/shards-000000-000001.parquet", "plan/index.parquet", "summary.json")
     before = {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in files}
     assert run_local(cfg).shards_done == 0
     assert {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in files} == before
@@ -228,20 +231,23 @@ def test_a_rerun_writes_a_missing_or_stale_summary_keeping_the_figures_it_knows(
     assert json.loads((out / "summary.json").read_text()) == {**first, "store": first["store"]}  # counts mended, figures kept
 
 
-@pytest.mark.parametrize("damage", [b"", b"PAR1 cut short"])
-def test_an_unreadable_compacted_manifest_falls_back_to_the_parts(tmp_path, sample_paths, damage):
+def test_parts_left_by_a_killed_compaction_are_read_once_and_removed_by_the_next_run(tmp_path, sample_paths):
     out = tmp_path / "out.zarr"
     cfg = config(str(sample_paths[0].parent), str(out))
     run_local(cfg)
-    (out / "manifest.parquet").write_bytes(damage)  # what a killed in-place write would have left
+    (ranged,) = (out / "manifest").iterdir()
+    rows = pq.read_table(ranged)
+    for shard in (0, 1):  # the range was written, the kill came before its parts went
+        pq.write_table(rows.filter(pc.equal(rows.column("shard"), shard)), out / "manifest" / f"part-{shard:06d}.parquet")
     assert FeatureStore.open(str(out)).manifest.num_rows == len(sample_paths)
     assert extract_main([*small_argv(str(sample_paths[0].parent), str(out)), "--local"]) == 0
-    assert pq.read_table(out / "manifest.parquet").num_rows == len(sample_paths)  # written whole again
+    assert [p.name for p in (out / "manifest").iterdir()] == [ranged.name]
 
 
 KILLED_WRITER = """
 import sys
 import pyarrow as pa
+import pyarrow.compute as pc
 from pipeline.store.manifest import parquet_bytes, put_atomically
 table = pa.table({"x": list(range(300_000))})
 print("writing", flush=True)
@@ -636,8 +642,8 @@ def test_progress_moves_per_image_group_and_counts_each_image_once(tmp_path, sam
     write_files(tmp_path / "in", {p.name: p.read_bytes() for p in sample_paths} | {"broken.jpg": b"not an image"})
     cfg = config(str(tmp_path / "in"), str(tmp_path / "out.zarr"), shard_size=5)
     job = plan_job(preflight(cfg))
-    worker = ShardWorker(job.resolved, vit=cached_vit(MODEL))
-    loaded = worker.load(0, shard_rows(job.plan, 0, 5))
+    worker = ShardWorker(job.resolved, job.reader(), vit=cached_vit(MODEL))
+    loaded = worker.load(0)
     groups: list[tuple[float, int]] = []
     worker.commit(loaded, worker.assemble(loaded, worker.compute(loaded, progress=lambda *group: groups.append(group))))
     assert groups == [(1, 9)] * len(sample_paths) and loaded.decoded == len(sample_paths)  # 9 views fill a forward pass of 9: one image a group

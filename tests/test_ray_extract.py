@@ -19,6 +19,7 @@ from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_r
 from pipeline.extraction.runner import run_local
 from pipeline.store.reader import FeatureStore
 from tests.images_factory import encode, gradient, write_files
+from tests.test_append import committed_files
 from tests.test_extract_local import (
     assert_every_input_accounted_for,
     assert_store_matches_engine,
@@ -70,7 +71,8 @@ def test_data_parallel_two_actors_give_the_engine_features(tmp_path, photos):
     assert len(summary.per_worker) == 2, "both actors took work"
     assert_exactly_once(out, 12)
     assert_store_matches_engine(FeatureStore.open(out), sources(photos), cfg)
-    assert (tmp_path / "dp.zarr" / "manifest.parquet").exists() and (tmp_path / "dp.zarr" / "summary.json").exists()
+    assert [p.name for p in (tmp_path / "dp.zarr" / "manifest").iterdir()] == ["shards-000000-000005.parquet"]
+    assert (tmp_path / "dp.zarr" / "summary.json").exists()
 
 
 def test_split_shifts_equal_data_parallel_before_the_fp16_cast(tmp_path, photos):
@@ -164,7 +166,21 @@ def test_ray_job_reads_and_writes_s3(tmp_path, photos, s3_server):
     assert run_ray(cfg).ok == 12
     store = FeatureStore.open("s3://bucket/ray-feats.zarr", storage_options=s3_server)
     assert_store_matches_engine(store, {f"s3://bucket/ray-images/{p.name}": p.read_bytes() for p in photos.glob("*.jpg")}, cfg)
-    assert fs.exists("bucket/ray-feats.zarr/manifest.parquet")
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls("bucket/ray-feats.zarr/manifest")] == ["shards-000000-000005.parquet"]
+
+
+def test_append_on_ray_lists_with_tasks_and_computes_only_the_new_tenth(tmp_path, photos):
+    data = tmp_path / "data"
+    write_files(data, {p.name: p.read_bytes() for p in sorted(photos.glob("*.jpg"))[:10]})
+    out = str(tmp_path / "grown.zarr")
+    assert run_ray(config(str(data), out, num_actors=2, cpus_per_actor=1)).images == 10
+    files = committed_files(Path(out))
+    write_files(data, {"10.jpg": (photos / "10.jpg").read_bytes()})  # a tenth more
+    summary = run_ray(config(str(data), out, num_actors=2, cpus_per_actor=1, append=True))
+    assert (summary.images, summary.shards_done, summary.shards_skipped) == (1, 1, 5)
+    assert {path: committed_files(Path(out)).get(path) for path in files} == files
+    manifest = FeatureStore.open(out).manifest
+    assert manifest.column("row").to_pylist() == list(range(11)) and len(set(manifest.column("image_id").to_pylist())) == 11
 
 
 @pytest.mark.parametrize(

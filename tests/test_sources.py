@@ -11,8 +11,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.extraction.listing import SourceError, list_items, make_plan, shard_rows, uri_id
+from pipeline.extraction.listing import SourceError, dataset_inputs, list_input, uri_id
+from pipeline.extraction.planning import plan_dataset, thread_map
 from pipeline.extraction.reading import prefetch, read_bytes
+from pipeline.store.plan import PlanReader, read_plan, write_index
+
+
+def list_items(dataset: str) -> list:
+    """Every item of a dataset, input by input, as the planning step lists them."""
+    return [item for unit in dataset_inputs(dataset) for item in list_input(unit)]
+
+
+def planned(dataset: str, out, shard_size: int) -> PlanReader:
+    """The dataset planned into `out` (parts and index), and a reader of its shards' rows."""
+    _, index = plan_dataset(dataset, str(out), shard_size, {}, thread_map)
+    write_index(str(out), index)
+    return PlanReader(str(out), index)
 
 
 def make_tar(path, members: dict[str, bytes]) -> None:
@@ -32,7 +46,8 @@ def test_directory_listing_is_recursive_sorted_and_skips_other_files(tmp_path):
     assert all(i.image_id == uri_id(i.uri) for i in items)
     glob_items = list_items(str(tmp_path / "b" / "*.webp"))
     assert [i.uri for i in glob_items] == [str(tmp_path / "b/1.webp")]
-    assert [row for row in read_bytes([dict(r, row=0) for r in make_plan(items, 2).to_pylist()])] == [b"a.jpg", b"b/1.webp", b"b/2.PNG"]
+    plan = planned(str(tmp_path), tmp_path / "out", 2)
+    assert read_bytes(plan.rows(0) + plan.rows(1)) == [b"a.jpg", b"b/1.webp", b"b/2.PNG"]
 
 
 def test_file_lists_resolve_relative_uris_and_keep_user_ids(tmp_path):
@@ -44,7 +59,7 @@ def test_file_lists_resolve_relative_uris_and_keep_user_ids(tmp_path):
     assert txt[1].duplicate_of == txt[0].image_id and txt[1].image_id != txt[0].image_id
     csv_items = list_items(str(tmp_path / "list.csv"))
     assert [(i.image_id, i.uri) for i in csv_items] == [("cat", str(tmp_path / "x.jpg")), ("dog", str(tmp_path / "missing.jpg"))]
-    data = read_bytes(make_plan(csv_items, 10).to_pylist())
+    data = read_bytes(planned(str(tmp_path / "list.csv"), tmp_path / "out", 10).rows(0))
     assert data[0] == b"x" and isinstance(data[1], Exception)
     pq.write_table(pa.table({"path": ["x.jpg"], "key": ["k1"]}), tmp_path / "uris.parquet")
     assert [(i.image_id, i.uri) for i in list_items(str(tmp_path / "uris.parquet"))] == [("k1", str(tmp_path / "x.jpg"))]
@@ -56,9 +71,9 @@ def test_webdataset_tar_groups_members_by_key(tmp_path):
     items = list_items(str(tmp_path / "*.tar"))
     assert [i.image_id for i in items] == ["a/0001", "a/0002", "0003"]
     assert items[0].uri == f"{tmp_path}/shard-0.tar#a/0001.jpg" and items[0].source == "tar"
-    plan = make_plan(items, 2)
-    assert read_bytes(shard_rows(plan, 0, 2)) == [b"img1", b"img2"]
-    assert read_bytes(shard_rows(plan, 1, 2)) == [b"img3"]
+    plan = planned(str(tmp_path / "*.tar"), tmp_path / "out", 2)
+    assert read_bytes(plan.rows(0)) == [b"img1", b"img2"]
+    assert read_bytes(plan.rows(1)) == [b"img3"]
 
 
 def test_parquet_of_image_bytes_reads_only_the_needed_row_groups(tmp_path):
@@ -69,9 +84,9 @@ def test_parquet_of_image_bytes_reads_only_the_needed_row_groups(tmp_path):
     pq.write_table(hf, tmp_path / "hf.parquet")
     items = list_items(str(tmp_path))
     assert [i.image_id for i in items[:10]] == [f"k{i}" for i in range(10)] and items[10].uri.endswith("hf.parquet#0")
-    plan = make_plan(items, 4)
-    assert read_bytes(shard_rows(plan, 1, 4)) == images[4:8]
-    assert read_bytes(shard_rows(plan, 2, 4)) == images[8:] + [b"hf0"]
+    plan = planned(str(tmp_path), tmp_path / "out", 4)
+    assert read_bytes(plan.rows(1)) == images[4:8]
+    assert read_bytes(plan.rows(2)) == images[8:] + [b"hf0"]
 
 
 def test_tar_members_are_read_by_their_planned_byte_ranges(tmp_path):
@@ -79,14 +94,14 @@ def test_tar_members_are_read_by_their_planned_byte_ranges(tmp_path):
     items = list_items(str(tmp_path / "a.tar"))
     with tarfile.open(tmp_path / "a.tar") as archive:
         assert [(i.offset, i.size) for i in items] == [(m.offset_data, m.size) for m in archive]
-    plan = make_plan(items, 8)
-    assert read_bytes(shard_rows(plan, 4, 8)) == [bytes([i]) * (100 + i) for i in range(32, 40)]
+    plan = planned(str(tmp_path / "a.tar"), tmp_path / "out", 8)
+    assert read_bytes(plan.rows(4)) == [bytes([i]) * (100 + i) for i in range(32, 40)]
 
 
 def test_containers_changed_after_listing_give_read_errors_not_crashes(tmp_path):
     make_tar(tmp_path / "a.tar", {"0.jpg": b"x" * 600, "1.jpg": b"y" * 700, "2.jpg": b"z" * 800})
     pq.write_table(pa.table({"image": pa.array([b"p0", b"p1", b"p2"], pa.binary())}), tmp_path / "b.parquet")
-    rows = make_plan(list_items(str(tmp_path)), 10).to_pylist()
+    rows = planned(str(tmp_path), tmp_path / "out", 10).rows(0)
     make_tar(tmp_path / "a.tar", {"0.jpg": b"x" * 600, "1.jpg": b"y" * 9000})  # rewritten: 1 grew, 2 gone
     pq.write_table(pa.table({"image": pa.array([b"p0"], pa.binary())}), tmp_path / "b.parquet")  # rows 1, 2 gone
     data = read_bytes(rows)
@@ -107,9 +122,11 @@ def test_special_files_are_listed_as_errors_and_never_opened(tmp_path):
 
 
 def test_plan_is_deterministic_and_sharded(tmp_path):
+    (tmp_path / "data").mkdir()
     for i in range(7):
-        (tmp_path / f"{i}.jpg").write_bytes(b"")
-    first, second = make_plan(list_items(str(tmp_path)), 3), make_plan(list_items(str(tmp_path)), 3)
+        (tmp_path / "data" / f"{i}.jpg").write_bytes(b"")
+    first, second = (planned(str(tmp_path / "data"), tmp_path / name, 3) for name in ("one", "two"))
+    first, second = read_plan(first.out, 3), read_plan(second.out, 3)
     assert first.equals(second)
     assert first.column("shard").to_pylist() == [0, 0, 0, 1, 1, 1, 2]
     assert first.column("row").to_pylist() == list(range(7))

@@ -83,6 +83,7 @@ class ExtractConfig(Flags):
     straggler_timeout: float | None = field(default=None, metadata=option("seconds before a running unit is also started elsewhere (default: 4x the median unit time, at least 60; 0: never)"))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata=option("JSON of fsspec storage options (endpoint, credentials); never logged or stored", parse="json"))
     overwrite: bool = field(default=False, metadata=option("delete an existing output instead of resuming it"))
+    append: bool = field(default=False, metadata=option("list --dataset again and extract what is new (containers, image files, lines added to a file list) after the existing rows; nothing committed changes, inputs gone since are reported"))
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     for name in ("shard_size", "image_size", "max_pixels"):
         if getattr(config, name) < 1:
             raise ConfigError(f[name], f"must be a positive integer, got {getattr(config, name)}")
+    if config.append and config.overwrite:
+        raise ConfigError(f["append"], "adds to an existing output, and --overwrite deletes it: give one of them")
     if unknown := [kind for kind in config.retry_errors if kind not in RETRYABLE_ERROR_KINDS]:
         raise ConfigError(f["retry_errors"], f"{', '.join(unknown)}: only {', '.join(RETRYABLE_ERROR_KINDS)} errors depend on the bytes read, the others would come out the same")
     for name in ("batch_size", "num_actors", "cpus_per_actor", "max_retries", "read_retries"):

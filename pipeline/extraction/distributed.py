@@ -23,6 +23,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +34,21 @@ from ray.exceptions import RayActorError, RayError
 from pipeline.engine.aggregation import PartialSum, combine
 from pipeline.engine.shifts import Shift, split_shifts
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig
-from pipeline.extraction.listing import shard_rows
 from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, wait_until_started
 from pipeline.extraction.progress import JobProgress, progress_counter, report_to
-from pipeline.extraction.runner import WRITERS, Job, RunSummary, finish, pca_sample, plan_job, preflight, progress
+from pipeline.extraction.runner import (
+    WRITERS,
+    Compactor,
+    Job,
+    RunSummary,
+    finish,
+    pca_sample,
+    plan_job,
+    preflight,
+    progress,
+)
 from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
+from pipeline.store.plan import PlanIndex, PlanReader
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
@@ -48,43 +59,44 @@ BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
 COUNTER_TIMEOUT_SECONDS = 10.0  # a counter that does not answer in this long is given up
+LISTING_TASKS_PER_CPU = 2  # listing waits on storage: two tasks a CPU keep it busy
 
 
 @ray.remote(max_restarts=-1, max_concurrency=UNITS_PER_ACTOR)
 class ExtractActor:
     """Owns one model (on its GPU, or on CPU with a thread budget) and writes straight to the store."""
 
-    def __init__(self, resolved: ResolvedConfig, threads: int) -> None:
+    def __init__(self, resolved: ResolvedConfig, index: PlanIndex, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.worker = ShardWorker(resolved)
+        self.worker = ShardWorker(resolved, PlanReader(resolved.config.out, index, resolved.config.storage_options))
         self.model_lock = threading.Lock()  # reads and decodes overlap; forward passes do not
 
     def ready(self) -> bool:
         """Returns once the model is loaded: lets the driver time actor start-up."""
         return True
 
-    def process(self, shard: int, rows: list[dict[str, Any]], counter: Any) -> ShardStats:
+    def process(self, shard: int, counter: Any) -> ShardStats:
         """Data-parallel unit: the whole shard, committed here. Its time counts from when it
         gets the model, so time spent reading while another unit computes is not counted twice."""
-        loaded = self.worker.load(shard, rows)
+        loaded = self.worker.load(shard)
         with self.model_lock:
             started = time.perf_counter()
             arrays = self.worker.assemble(loaded, self.worker.compute(loaded, progress=report_to(counter, shard)))
         return self.worker.commit(loaded, arrays, started)
 
     @ray.method(num_returns=2)
-    def compute(self, shard: int, rows: list[dict[str, Any]], shifts: tuple[Shift, ...], counter: Any) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
+    def compute(self, shard: int, shifts: tuple[Shift, ...], counter: Any) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
         """Split-mode unit: partial sums over one shift batch. Returns (a small ack, the payload)."""
-        loaded = self.worker.load(shard, rows)
+        loaded = self.worker.load(shard)
         with self.model_lock:
             partials = [partial.to("cpu") for partial in self.worker.compute(loaded, shifts, progress=report_to(counter, shard))]
         return shard, (loaded.without_pixels(), partials)
 
-    def fit_pca(self, shards: list[tuple[int, list[dict[str, Any]]]], counter: Any) -> list[ShardStats]:
+    def fit_pca(self, shards: list[int], counter: Any) -> list[ShardStats]:
         """--pca-dims: fit and store the basis on these shards and commit them, before any other unit.
         Their progress is reported under the first shard's number."""
         with self.model_lock:
-            return self.worker.fit_pca([self.worker.load(shard, rows) for shard, rows in shards], progress=report_to(counter, shards[0][0]))
+            return self.worker.fit_pca([self.worker.load(shard) for shard in shards], progress=report_to(counter, shards[0]))
 
     def commit(self, shard: int, *payloads: tuple[LoadedShard, list[PartialSum]]) -> ShardStats:
         """Split-mode commit: add every batch's partial sums in batch order, then write."""
@@ -121,18 +133,20 @@ class Running:
 class ActorPoolScheduler:
     """Hands units to actors with at most UNITS_PER_ACTOR in flight each; retries and duplicates.
 
-    Driver work per event does not grow with the number of pending units: due units wait in a
+    Driver work and memory per event do not grow with the number of pending units: units are made
+    from the pending shards as actors have room for them, retries and split commits wait in a
     deque, retries waiting out their backoff in a heap, and submission stops at the first unit no
     actor has room for.
     """
 
-    def __init__(self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary, counter: Any) -> None:
+    def __init__(
+        self, job: Job, actors: list[tuple[str, Any]], batches: list[tuple[Shift, ...]], summary: RunSummary, counter: Any, compactor: Compactor
+    ) -> None:
         config = job.resolved.config
         self.job, self.actors, self.batches, self.summary = job, actors, batches, summary
-        self.shard_size = config.shard_size
         self.max_retries = config.max_retries
         self.straggler_timeout = config.straggler_timeout
-        self.queue: collections.deque[Unit] = collections.deque()  # due units, in order
+        self.queue: collections.deque[Unit] = collections.deque()  # due retries and commits, before fresh units
         self.delayed: list[tuple[float, int, Unit]] = []  # (not_before, tiebreak, unit): a heap of backed-off retries
         self.running: dict[Any, Running] = {}
         self.load = {name: 0 for name, _ in actors}
@@ -150,17 +164,27 @@ class ActorPoolScheduler:
         self.limits: dict[int, int] = {}  # images a counter key may show, where not its shard's (the PCA sample)
         self.committed: set[int] = set()  # shards whose images are all on the bar: later reports are ignored
         self.next_progress = 0.0
+        self.compactor = compactor
         self.sample = pca_sample(job)
-        for shard in job.pending[len(self.sample) :]:
-            if len(batches) == 1:
-                self.queue.append(Unit(shard))
-            else:
-                self.queue.extend(Unit(shard, b) for b in range(len(batches)))
+        self.fresh = self._fresh_units(job.pending[len(self.sample) :])
+        self.exhausted = False  # every fresh unit was handed out
+
+    def _fresh_units(self, shards: Any) -> Iterator[Unit]:
+        for shard in shards:
+            for batch in [None] if len(self.batches) == 1 else range(len(self.batches)):
+                yield Unit(int(shard), batch)
+
+    def _next_unit(self) -> Unit | None:
+        if self.queue:
+            return self.queue.popleft()
+        unit = next(self.fresh, None)
+        self.exhausted = unit is None
+        return unit
 
     def run(self, bar: JobProgress) -> None:
         if self.sample:
             self._fit_pca(bar)
-        while self.queue or self.delayed or self.running:
+        while self.queue or not self.exhausted or self.delayed or self.running:
             self._ping_unavailable()
             self._submit_ready()
             refs = [*self.running, *self.pings]
@@ -172,7 +196,7 @@ class ActorPoolScheduler:
                     self._finish(self.running.pop(ref), bar)
             self._duplicate_stragglers()
             self._show_progress(bar)
-            if not refs and (self.queue or self.delayed):
+            if not refs and (self.queue or not self.exhausted or self.delayed):
                 wakes = [*self.unavailable.values(), *([self.delayed[0][0]] if self.delayed else [])]
                 time.sleep(min(1.0, max(0.0, min(wakes, default=time.monotonic() + 1.0) - time.monotonic())))
 
@@ -199,11 +223,13 @@ class ActorPoolScheduler:
         """--pca-dims: every unit needs the basis, so one actor fits it on the sample shards first."""
         name, actor = self.actors[0]
         self.limits[self.sample[0]] = self.job.images_in(self.sample)
-        ref = actor.fit_pca.remote([(s, shard_rows(self.job.plan, s, self.shard_size)) for s in self.sample], self.counter)
+        ref = actor.fit_pca.remote(self.sample, self.counter)
         while not ray.wait([ref], timeout=PROGRESS_SECONDS)[0]:
             self._show_progress(bar)
         for stats in ray.get(ref):
             self.summary.add(stats, name)
+            if stats.committed:
+                self.compactor.committed(stats.shard)
         self.committed.update(self.sample)
         bar.count_errors(sum(self.summary.errors.values()))
         bar.advance(self.job.images_in(self.sample) - self.shown.pop(self.sample[0], 0))
@@ -238,11 +264,13 @@ class ActorPoolScheduler:
         while self.delayed and self.delayed[0][0] <= now:
             self.queue.append(heapq.heappop(self.delayed)[2])
         available = self._available()
-        while self.queue and available:
+        while available:
             name, actor = min(available, key=lambda a: self.load[a[0]])
             if self.load[name] >= UNITS_PER_ACTOR:
                 return
-            unit = self.queue.popleft()
+            unit = self._next_unit()
+            if unit is None:
+                return
             if unit.key not in self.done:
                 self._start(unit, name, actor)
 
@@ -251,14 +279,13 @@ class ActorPoolScheduler:
         heapq.heappush(self.delayed, (unit.not_before, id(unit), unit))
 
     def _start(self, unit: Unit, name: str, actor: Any) -> None:
-        rows = shard_rows(self.job.plan, unit.shard, self.shard_size)
         payload = None
         if unit.batch is None:
-            ref = actor.process.remote(unit.shard, rows, self.counter)
+            ref = actor.process.remote(unit.shard, self.counter)
         elif unit.batch == "commit":
             ref = actor.commit.remote(unit.shard, *unit.payloads)
         else:
-            ref, payload = actor.compute.remote(unit.shard, rows, self.batches[unit.batch], self.counter)
+            ref, payload = actor.compute.remote(unit.shard, self.batches[unit.batch], self.counter)
         self.load[name] += 1
         self.running[ref] = Running(unit, (name, actor), ref, payload)
 
@@ -298,6 +325,7 @@ class ActorPoolScheduler:
         self.done.add(unit.key)
         self.durations.append(time.monotonic() - started)
         self.summary.add(stats, worker=name)
+        self.compactor.committed(unit.shard)
         self.committed.add(unit.shard)
         bar.count_errors(sum(self.summary.errors.values()))
         bar.advance(self.job.images_in([unit.shard]) - self.shown.pop(unit.shard, 0))
@@ -347,6 +375,25 @@ class ActorPoolScheduler:
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
 
 
+@ray.remote(max_retries=3)
+def _call(function: Callable[[Any], Any], argument: Any) -> Any:
+    return function(argument)
+
+
+def ray_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
+    """`function` over `arguments` as Ray tasks anywhere on the cluster (listing a dataset's inputs),
+    results in order; at most LISTING_TASKS_PER_CPU per cluster CPU in flight, so the driver holds
+    a bounded number of arguments and results whatever the dataset's size."""
+    in_flight = max(4, int(ray.cluster_resources().get("CPU", 1) * LISTING_TASKS_PER_CPU))
+    running: collections.deque[Any] = collections.deque()
+    for argument in arguments:
+        running.append(_call.remote(function, argument))
+        if len(running) >= in_flight:
+            yield ray.get(running.popleft())
+    while running:
+        yield ray.get(running.popleft())
+
+
 def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
     shifts = job.resolved.shifts
     setting = job.resolved.config.split_shifts
@@ -369,14 +416,14 @@ def run_ray(config: ExtractConfig) -> RunSummary:
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     count, resources, threads = actor_plan(config, fixed=fixed)
-    job = plan_job(resolved)
-    summary = RunSummary(shards_skipped=job.shards - len(job.pending))
-    if job.pending:
+    job = plan_job(resolved, mapper=ray_map)
+    summary = RunSummary.of(job)
+    if len(job.pending):
         batches = shift_batches(job, count)
         summary.shift_batches = len(batches)
         run_id = uuid.uuid4().hex[:8]
         actors = [
-            (f"{ACTOR_PREFIX}-{run_id}-{i}", ExtractActor.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}", **resources).remote(job.resolved, threads))
+            (f"{ACTOR_PREFIX}-{run_id}-{i}", ExtractActor.options(name=f"{ACTOR_PREFIX}-{run_id}-{i}", **resources).remote(job.resolved, job.index, threads))
             for i in range(count)
         ]
         wait_until_started(actors, resources)
@@ -384,10 +431,12 @@ def run_ray(config: ExtractConfig) -> RunSummary:
         mode = f"split shifts into {len(batches)} batches" if len(batches) > 1 else "data parallel"
         log.info("%d actors (%s each, %d threads), %s, %d shards to do", count, resources, threads, mode, len(job.pending))
         counter = progress_counter(run_id)
+        compactor = Compactor(job)
         try:
             with progress(job) as bar:
-                ActorPoolScheduler(job, actors, batches, summary, counter).run(bar)
+                ActorPoolScheduler(job, actors, batches, summary, counter, compactor).run(bar)
         finally:
+            compactor.close()
             for actor in [counter, *(actor for _, actor in actors)]:
                 ray.kill(actor, no_restart=True)
     summary.seconds = time.perf_counter() - started

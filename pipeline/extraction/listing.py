@@ -1,9 +1,15 @@
-"""List a dataset through fsspec into a deterministic plan of work shards.
+"""List a dataset through fsspec, one input at a time.
 
 A dataset URI is a directory or glob (images, .tar shards and image-bytes .parquet files found
 under it), a single .tar or .parquet, or a file list (.txt, .csv, or a .parquet of URIs).
-Listing reads names and metadata only, never image bytes. The plan is written once into the
-output, so workers and resumed runs read it instead of listing again.
+`dataset_inputs` finds its inputs (names and sizes only): each tar, each Parquet file, each range
+of lines of a file list, each batch of image files. `list_input` lists one of them into its items
+(anywhere on a cluster), reading names and metadata only, never image bytes; the planning step
+(pipeline.extraction.planning) writes each input's items as one plan part.
+
+Repeated URIs and image_ids are marked within an input (a tar, a Parquet file, a range of a file
+list, a batch of image files): the first keeps its id, later ones become `duplicate` error rows.
+Across inputs keys are the user's: WebDataset keys and id columns are taken as given.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import posixpath
 import stat
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -24,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.store.schemas import PLAN_SCHEMA
+from pipeline.store.schemas import PLAN_PART_SCHEMA
 from pipeline.store.uris import normalize_uri, one_line
 
 log = logging.getLogger("srt")
@@ -95,32 +102,85 @@ def check_dataset(dataset: str, storage_options: dict[str, Any] | None = None) -
         raise SourceError(f"--dataset {dataset} cannot be read ({one_line(error)}); check the URI and --storage-options") from error
 
 
-def list_items(dataset: str, storage_options: dict[str, Any] | None = None) -> list[Item]:
-    """Every input of the dataset in a stable order, with unique image_ids (duplicates marked).
+@dataclass(frozen=True)
+class Input:
+    """One unit of listing: a container, a range of a file list, or a batch of image files."""
 
-    Each container and special file is an input that can fail on its own: one that cannot be
-    listed, or that is no regular file, becomes an error item; the rest of the dataset goes on.
-    """
+    kind: str  # "files", "tar", "parquet" or "list"
+    uri: str  # the container or file list (files: the dataset)
+    files: tuple[str, ...] = ()  # files: the image files' URIs
+    size: int | None = None  # the object's size, when the folder listing gave it (saves a request)
+    start: int | None = None  # list: the byte range of lines it holds (lines starting in [start, stop))
+    stop: int | None = None
+
+
+FILES_PER_INPUT = 10_000  # image files listed as one input (one plan part)
+LIST_BYTES_PER_INPUT = 16 << 20  # a text file list is listed in ranges of this many bytes (about 250k URIs)
+CONTAINER_BLOCK = 64 << 20  # tars are listed by reading ahead this much per request (headers sit between members)
+TAIL_BYTES = 64  # a file list's last listed bytes, hashed, tell --append whether it only grew
+
+
+def dataset_inputs(dataset: str, storage_options: dict[str, Any] | None = None) -> Iterator[Input]:
+    """The dataset's inputs in a stable order (sorted paths; a file list's ranges in order)."""
     fs, path = fsspec.core.url_to_fs(dataset, **(storage_options or {}))
     if path.lower().endswith(LIST_EXTENSIONS):
-        return _mark_duplicates(_list_file_list(fs, path))
-    items = []
-    for file in _expand(fs, path, dataset):
+        yield from list_ranges(_full_uri(fs, path), fs.size(path))
+        return
+    batch: list[str] = []
+    for file, size in _expand(fs, path, dataset):
         lower = file.lower()
-        lister = _list_tar if lower.endswith(".tar") else _list_parquet if lower.endswith(".parquet") else None
-        if lister is None and not lower.endswith(IMAGE_EXTENSIONS):
-            continue
         uri = _full_uri(fs, file)
-        if isinstance(fs, LocalFileSystem) and (problem := not_regular(file)):
-            items.append(failed_item(uri, "special_file", problem))
-        elif lister is None:
-            items.append(Item(image_id=uri_id(uri), uri=uri))
-        else:
-            try:
-                items.extend(lister(fs, file))
-            except Exception as error:  # unreadable container: one error row, the dataset goes on
-                items.append(failed_item(uri, "container", f"cannot list {posixpath.basename(file)}: {type(error).__name__}: {error}"))
-    return _mark_duplicates(items)
+        kind = "tar" if lower.endswith(".tar") else "parquet" if lower.endswith(".parquet") else None
+        if kind is None and lower.endswith(IMAGE_EXTENSIONS):
+            batch.append(uri)
+            if len(batch) == FILES_PER_INPUT:
+                yield Input("files", dataset, tuple(batch))
+                batch = []
+        elif kind is not None:
+            if batch:
+                yield Input("files", dataset, tuple(batch))
+                batch = []
+            yield Input(kind, uri, size=size)
+    if batch:
+        yield Input("files", dataset, tuple(batch))
+
+
+def list_ranges(uri: str, size: int, start: int = 0) -> Iterator[Input]:
+    """A text file list's bytes [start, size) as inputs of LIST_BYTES_PER_INPUT each."""
+    for begin in range(start, size, LIST_BYTES_PER_INPUT):
+        yield Input("list", uri, start=begin, stop=min(size, begin + LIST_BYTES_PER_INPUT))
+
+
+def list_input(unit: Input, storage_options: dict[str, Any] | None = None) -> list[Item]:
+    """The items of one input, duplicates marked. A container that cannot be listed, or an image
+    file that is no regular file, becomes an error item; a file list that cannot be read raises."""
+    fs, path = fsspec.core.url_to_fs(unit.uri, **(storage_options or {}))
+    if unit.kind == "list":
+        return _mark_duplicates(_list_file_list(fs, path, unit.start or 0, unit.stop))
+    if unit.kind == "files":
+        local = isinstance(fs, LocalFileSystem)
+        return _mark_duplicates(
+            [failed_item(uri, "special_file", problem) if local and (problem := not_regular(uri)) else Item(image_id=uri_id(uri), uri=uri) for uri in unit.files]
+        )
+    if isinstance(fs, LocalFileSystem) and (problem := not_regular(path)):
+        return [failed_item(unit.uri, "special_file", problem)]
+    try:
+        return _mark_duplicates((_list_tar if unit.kind == "tar" else _list_parquet)(fs, path, unit.size))
+    except SourceError:
+        raise
+    except Exception as error:  # unreadable container: one error row, the dataset goes on
+        return [failed_item(unit.uri, "container", f"cannot list {posixpath.basename(path)}: {type(error).__name__}: {error}")]
+
+
+def list_tail(uri: str, stop: int, storage_options: dict[str, Any] | None = None) -> str:
+    """sha1 of a file list's TAIL_BYTES before `stop`: unchanged when the list only grew since."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    begin = max(0, stop - TAIL_BYTES)
+    return hashlib.sha1(fs.cat_file(path, start=begin, end=stop)).hexdigest()
+
+
+def items_table(items: list[Item]) -> pa.Table:
+    return pa.Table.from_pydict({name: [getattr(item, name) for item in items] for name in PLAN_PART_SCHEMA.names}, schema=PLAN_PART_SCHEMA)
 
 
 def failed_item(uri: str, kind: str, reason: str) -> Item:
@@ -142,20 +202,38 @@ def not_regular(path: str) -> str | None:
     return "not a regular file: " + next((name for test, name in kinds if test(mode)), f"file mode {mode:o}")
 
 
-def _expand(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> list[str]:
+def _expand(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> list[tuple[str, int | None]]:
+    """(path, size) of each file the dataset names, sorted; sizes from the listing itself."""
     if any(c in path for c in GLOB_CHARS):
-        return sorted(p for p in fs.glob(path) if not fs.isdir(p))
-    if fs.isdir(path):
-        return sorted(fs.find(path))
-    if fs.exists(path) or (isinstance(fs, LocalFileSystem) and os.path.islink(path)):
-        return [path]
-    raise SourceError(f"--dataset {dataset}: no such file or directory")
+        found = fs.glob(path, detail=True)
+    elif fs.isdir(path):
+        found = fs.find(path, detail=True)
+    elif fs.exists(path) or (isinstance(fs, LocalFileSystem) and os.path.islink(path)):
+        return [(path, None)]
+    else:
+        raise SourceError(f"--dataset {dataset}: no such file or directory")
+    return sorted((name, info.get("size")) for name, info in found.items() if info.get("type") != "directory")
 
 
-def _list_file_list(fs: fsspec.AbstractFileSystem, path: str) -> list[Item]:
-    """A .txt (one URI a line) or .csv (a URI column, optional id column); relative URIs resolve
-    against the list's own folder."""
-    text = fs.cat_file(path).decode()
+def _list_file_list(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int | None) -> list[Item]:
+    """The lines of a .txt (one URI a line) or .csv (a URI column, optional id column) that start
+    in [start, stop) (the whole list when stop is None); relative URIs resolve against the list's
+    own folder. A CSV's header is its first line, whichever range is listed."""
+    with fs.open(path, "rb", block_size=LIST_BYTES_PER_INPUT + (1 << 20)) as handle:
+        header = b""
+        if path.lower().endswith(".csv") and start > 0:
+            header = handle.readline()
+        if start > 0:
+            handle.seek(start - 1)
+            if handle.read(1) != b"\n":
+                handle.readline()  # the line in progress belongs to the range before
+        lines = []
+        while stop is None or handle.tell() < stop:
+            line = handle.readline()
+            if not line:
+                break
+            lines.append(line)
+    text = (header + b"".join(lines)).decode()
     if path.lower().endswith(".txt"):
         rows = [{"uri": line.strip()} for line in text.splitlines() if line.strip() and not line.startswith("#")]
     else:
@@ -182,18 +260,19 @@ def _items_from_rows(rows: list[dict[str, Any]], *, base: str, where: str) -> li
     return items
 
 
-def _list_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[Item]:
+def _list_tar(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> list[Item]:
     """WebDataset convention: members sharing a key (path up to the first dot of the basename)
     form one sample; its image is the first member with an image extension.
 
-    Headers only are read (tarfile seeks over member data), and each image's data offset and size
-    are planned, so readers fetch exactly those bytes. Members listed before a corrupt header or
+    Headers only are parsed (tarfile seeks over member data), read ahead in large blocks, so a
+    tar is listed in a request per CONTAINER_BLOCK rather than one per member; each image's data
+    offset and size are planned, so readers fetch exactly those bytes. Members listed before a corrupt header or
     a truncation are kept, and the damage becomes an error item for the container.
     """
     container = _full_uri(fs, path)
     samples: dict[str, tarfile.TarInfo] = {}
     damage = None
-    with fs.open(path, "rb") as handle:
+    with fs.open(path, "rb", block_size=CONTAINER_BLOCK, cache_type="readahead", size=size) as handle:
         try:
             with tarfile.open(fileobj=handle, mode="r:") as archive:
                 for member in archive:
@@ -221,11 +300,11 @@ def _unlisted_rest(handle: IO[bytes], offset: int) -> str | None:
     return None if block.count(0) == len(block) else f"invalid header at byte {offset}"
 
 
-def _list_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[Item]:
+def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> list[Item]:
     """Parquet of image bytes (a binary column, or a struct with a `bytes` field as Hugging Face
     writes it), or of URIs. Only the schema and the id/URI column are read."""
     container = _full_uri(fs, path)
-    with fs.open(path, "rb") as handle:
+    with fs.open(path, "rb", size=size) as handle:
         parquet = pq.ParquetFile(handle)
         schema = parquet.schema_arrow
         names = {n.lower(): n for n in schema.names}
@@ -279,19 +358,3 @@ def _mark_duplicates(items: list[Item]) -> list[Item]:
         seen_ids.add(image_id)
         marked.append(item)
     return marked
-
-
-# ---------------------------------------------------------------------------- plan
-
-
-def make_plan(items: list[Item], shard_size: int) -> pa.Table:
-    """Items in order, each with its shard and its row (= index in every store array)."""
-    columns = {name: [getattr(item, name) for item in items] for name in PLAN_SCHEMA.names if name not in ("row", "shard")}
-    columns["row"] = list(range(len(items)))
-    columns["shard"] = [row // shard_size for row in columns["row"]]
-    return pa.Table.from_pydict(columns, schema=PLAN_SCHEMA)
-
-
-def shard_rows(plan: pa.Table, shard: int, shard_size: int) -> list[dict[str, Any]]:
-    """The plan rows of one shard, as dicts (what a worker receives): a contiguous slice."""
-    return plan.slice(shard * shard_size, shard_size).to_pylist()

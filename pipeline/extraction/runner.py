@@ -2,7 +2,8 @@
 
 `preflight` checks what needs no cluster (flags, --dataset, --out, weights) in seconds; `plan_job`
 then does the rest before the first image: check an existing output, list the dataset once into
-a saved plan, create the store, find the shards left to do.
+a saved plan (or extend it, --append), create the store, find the shards left to do. The driver
+holds the plan's index (a row per input) and a byte per shard, never a row per image.
 `run_local` then runs the shards in this process; the Ray runner distributes the same shards.
 """
 
@@ -14,36 +15,44 @@ import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 import zarr
 from zarr.errors import ZarrUserWarning
 
 from pipeline.engine.models import ViT
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.extraction.flags import ConfigError
-from pipeline.extraction.listing import Item, SourceError, check_dataset, list_items, make_plan, shard_rows
+from pipeline.extraction.listing import check_dataset
+from pipeline.extraction.planning import Appended, Mapper, list_inputs, new_inputs, plan_dataset, thread_map
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.reading import prefetch
 from pipeline.extraction.weights import fetch_pretrained_weights
 from pipeline.extraction.worker import ShardStats, ShardWorker
 from pipeline.store.layout import (
     NotWritableError,
+    StoreMismatchError,
     check_existing,
     check_writable,
     create_store,
+    grow_store,
     open_group,
-    plan_uri,
-    read_plan,
     remove_output,
     stored_provenance,
 )
-from pipeline.store.manifest import committed_shards, compact, parquet_bytes, put_atomically, read_manifest, uncommit
+from pipeline.store.manifest import (
+    GROUP_SHARDS,
+    compact,
+    error_counts,
+    manifest_files,
+    put_atomically,
+    shards_with_errors,
+    uncommit,
+)
+from pipeline.store.plan import PlanIndex, PlanReader, read_index, write_index
 from pipeline.store.uris import one_line, read_uri
 
 log = logging.getLogger("srt")
@@ -58,17 +67,22 @@ WRITERS = 4
 @dataclass
 class Job:
     resolved: ResolvedConfig
-    plan: pa.Table
-    pending: list[int]  # shards without a manifest part, in order
+    index: PlanIndex
+    pending: np.ndarray  # shards without a manifest part, in order
     resumed: bool
+    appended: Appended | None = None  # what --append added and found gone
 
     @property
     def shards(self) -> int:
-        return int(pc.max(self.plan.column("shard")).as_py()) + 1
+        return self.index.shards
 
-    def images_in(self, shards: Iterable[int]) -> int:
-        size, total = self.resolved.config.shard_size, len(self.plan)
-        return sum(min(size, total - s * size) for s in shards)
+    def images_in(self, shards: np.ndarray | list[int]) -> int:
+        return self.index.images_in(shards)
+
+    def reader(self) -> PlanReader:
+        """What reads a shard's plan rows (in this process, or in an actor it is sent to)."""
+        config = self.resolved.config
+        return PlanReader(config.out, self.index, config.storage_options)
 
 
 def preflight(config: ExtractConfig) -> ResolvedConfig:
@@ -90,62 +104,65 @@ def preflight(config: ExtractConfig) -> ResolvedConfig:
     return resolved
 
 
-def plan_job(resolved: ResolvedConfig) -> Job:
+def plan_job(resolved: ResolvedConfig, mapper: Mapper = thread_map) -> Job:
     """Everything else before the first image, on a config `preflight` checked: list the dataset
-    once into a saved plan (or read the plan of the run being resumed), create the store, find the
-    shards left to do. Raises StoreMismatchError or SourceError."""
+    once into a saved plan (or read the plan of the run being resumed, extended with what is new
+    under --append), create the store, find the shards left to do. `mapper` runs the listing of
+    inputs (threads here; Ray tasks on a cluster). Raises StoreMismatchError or SourceError."""
     config = resolved.config
     options = config.storage_options
     log.info("config %s", json.dumps(resolved.flags(), default=str))
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     resumed = check_existing(config.out, options, resolved.fingerprint(), overwrite=config.overwrite)
+    appended = None
     if resumed:
-        plan = read_plan(config.out, options)
-        log.info(
-            "resuming the plan of %d items listed by the first run into %s: files added to --dataset since are not "
-            "extracted; extract them into another --out, or pass --overwrite to list the dataset again", len(plan), config.out
-        )
+        index = read_index(config.out, config.shard_size, options)
+        if index is None:
+            raise StoreMismatchError(f"--out {config.out} has no plan index (plan/index.parquet): extract again into another --out, or pass --overwrite")
+        if config.append:
+            index, appended = append_to_plan(config, index, mapper)
+        else:
+            log.info(
+                "resuming the plan of %d items listed by the first run into %s: files added to --dataset since are not "
+                "extracted; pass --append to extract them too", index.items, config.out
+            )
     else:  # the old output (--overwrite) goes, and the new one is written, only once listing succeeded
-        plan = make_plan(usable_items(config.dataset, options), config.shard_size)
+        listing, index = plan_dataset(config.dataset, config.out, config.shard_size, options, mapper)
         if config.overwrite:
-            remove_output(config.out, options)
-        put_atomically(plan_uri(config.out), parquet_bytes(plan), options)
-        create_store(resolved.store_spec(), len(plan))
+            remove_output(config.out, options, keep=f"plan/{listing}")
+        write_index(config.out, index, options)
+        create_store(resolved.store_spec(), index.size)
     if resumed and config.retry_errors:
         retry_error_rows(config.out, config.retry_errors, options)
-    done = committed_shards(config.out, options)
-    job = Job(resolved=resolved, plan=plan, pending=[], resumed=resumed)
-    job.pending = [s for s in range(job.shards) if s not in done]
-    return job
+    committed = manifest_files(config.out, options).committed(index.shards)
+    return Job(resolved=resolved, index=index, pending=np.flatnonzero(~committed), resumed=resumed, appended=appended)
+
+
+def append_to_plan(config: ExtractConfig, index: PlanIndex, mapper: Mapper) -> tuple[PlanIndex, Appended]:
+    """--append: the dataset's new inputs listed into parts after the existing rows, from the next
+    shard boundary, so no committed shard (arrays or manifest) is written again. The arrays grow
+    before the index names the new rows: a kill in between leaves the old plan, and longer arrays."""
+    options = config.storage_options
+    units, appended = new_inputs(config.dataset, config.out, index, options)
+    appended.first_row = index.shards * config.shard_size
+    if units:
+        _, listed = list_inputs(config.out, units, appended.first_row, options, mapper)
+        appended.items, appended.inputs = listed.items, len(listed.rows)
+        index = index.extended(listed.rows)
+        grow_store(open_group(config.out, "r+", options, use_consolidated=False), index.size)
+        write_index(config.out, index, options)
+    log.info("%s", appended.describe())
+    return index, appended
 
 
 def retry_error_rows(out: str, kinds: tuple[str, ...], storage_options: dict[str, Any]) -> None:
     """--retry-errors: the committed shards holding error rows of `kinds` become pending again, so
     this run recomputes them whole and commits each once more (exactly once, as any shard)."""
-    manifest = read_manifest(out, storage_options)
-    wanted = manifest.filter(pc.is_in(manifest.column("error_kind"), pa.array(kinds)))
-    shards = set(wanted.column("shard").to_pylist())
+    shards, rows = shards_with_errors(out, kinds, storage_options)
     if shards:
-        log.info("--retry-errors %s: recomputing %d shards holding %d such rows", ",".join(kinds), len(shards), wanted.num_rows)
+        log.info("--retry-errors %s: recomputing %d shards holding %d such rows", ",".join(kinds), len(shards), rows)
         uncommit(out, shards, storage_options)
-
-
-def usable_items(dataset: str, storage_options: dict[str, Any]) -> list[Item]:
-    """The dataset's items; raises SourceError naming --dataset when none can be extracted."""
-    try:
-        items = list_items(dataset, storage_options)
-    except SourceError:
-        raise
-    except Exception as error:  # the dataset's root could be read, but listing it failed as a whole
-        raise SourceError(f"--dataset {dataset} cannot be listed ({one_line(error)}); check the URI and --storage-options") from error
-    if not items:
-        raise SourceError(f"--dataset {dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)")
-    broken = [item for item in items if item.error_kind]
-    if len(broken) == len(items):
-        reasons = "; ".join(f"{item.uri}: {item.error}" for item in broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
-        raise SourceError(f"--dataset {dataset}: nothing usable, every input failed at listing: {reasons}")
-    return items
 
 
 def interrupted_note(config: ExtractConfig) -> str:
@@ -153,8 +170,36 @@ def interrupted_note(config: ExtractConfig) -> str:
     if stored_provenance(config.out, config.storage_options) is None:
         return f"nothing was written to {config.out} yet"
     total = -(-int(open_group(config.out, "r", config.storage_options).attrs["plan_size"]) // config.shard_size)
-    done = len(committed_shards(config.out, config.storage_options))
+    done = manifest_files(config.out, config.storage_options).count()
     return f"{done} of {total} shards of {config.out} are committed; rerun the same command to resume"
+
+
+class Compactor:
+    """Compacts the manifest parts of each group of GROUP_SHARDS shards into a range file as soon
+    as the group's last pending shard commits, on a thread of the driver, so the end of a run (and
+    a resume) reads few files whatever the store's size. What is left (groups with failed shards,
+    the last one) is compacted by `finish`."""
+
+    def __init__(self, job: Job) -> None:
+        config = job.resolved.config
+        self.out, self.options, self.shards = config.out, config.storage_options, job.shards
+        self.remaining = np.bincount(job.pending // GROUP_SHARDS, minlength=-(-job.shards // GROUP_SHARDS))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="compact")
+        self.writing: list[Future[int]] = []
+
+    def committed(self, shard: int) -> None:
+        group = shard // GROUP_SHARDS
+        self.remaining[group] -= 1
+        if self.remaining[group] == 0:
+            last = min(self.shards, (group + 1) * GROUP_SHARDS) - 1
+            self.writing.append(self.pool.submit(compact, self.out, self.options, group * GROUP_SHARDS, last))
+
+    def close(self) -> None:
+        """Waits for the range files being written; one that failed leaves its parts, which are the truth."""
+        for future in self.writing:
+            if error := future.exception():
+                log.warning("compacting manifest parts failed (%s); the parts stay and the run's end compacts them", one_line(error))
+        self.pool.shutdown()
 
 
 @dataclass
@@ -174,6 +219,12 @@ class RunSummary:
     shift_batches: int = 1  # > 1: each shard's shifts were split across actors
     failed_shards: list[int] = field(default_factory=list)  # gave up after --max-retries; a rerun resumes them
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
+    appended: dict[str, Any] | None = None  # --append: what was added, what is gone (planning.Appended)
+
+    @classmethod
+    def of(cls, job: Job) -> RunSummary:
+        """A run's summary before any work: what earlier runs did, what --append found."""
+        return cls(shards_skipped=job.shards - len(job.pending), appended=job.appended.as_dict() if job.appended else None)
 
     def add(self, stats: ShardStats, worker: str = "local") -> None:
         if not stats.committed:
@@ -207,6 +258,7 @@ class RunSummary:
             "duplicates": self.duplicates,
             "shift_batches": self.shift_batches,
             "failed_shards": self.failed_shards,
+            **({"appended": self.appended} if self.appended else {}),
             "per_worker": {
                 name: {**v, "images_per_second": round(v["images"] / v["seconds"], 3) if v["seconds"] else None}
                 for name, v in self.per_worker.items()
@@ -222,6 +274,9 @@ class RunSummary:
         ]
         if self.errors:
             lines.append("errors      " + ", ".join(f"{kind}: {n}" for kind, n in self.errors.most_common(5)))
+        if self.appended:
+            a = self.appended
+            lines.append(f"appended    {a['items']} items in {a['inputs']} inputs from row {a['first_row']}" + (f"; {a['removed']} inputs gone since (kept)" if a["removed"] else ""))
         if self.failed_shards:
             lines.append(f"FAILED      shards {self.failed_shards} after retries; rerun the same command to resume them")
         for name, v in d["per_worker"].items():
@@ -244,7 +299,7 @@ def finish(job: Job, summary: RunSummary) -> None:
     with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
         warnings.simplefilter("ignore", ZarrUserWarning)
         zarr.consolidate_metadata(open_group(out, "r+", options, use_consolidated=False).store)
-    stored = store_counts(read_manifest(out, options), job.shards)
+    stored = store_counts(out, options, job.shards)
     uri = f"{out}/summary.json"
     if summary.shards_done or not job.resumed:
         run = summary.as_dict()
@@ -260,15 +315,16 @@ def finish(job: Job, summary: RunSummary) -> None:
     put_atomically(uri, json.dumps(document, indent=2, default=str).encode(), options)
 
 
-def store_counts(manifest: pa.Table, shards: int) -> dict[str, Any]:
-    """What a store holds, from its manifest: images, ok, errors by kind, shards committed of all."""
-    kinds = Counter(kind for kind in manifest.column("error_kind").to_pylist() if kind)
+def store_counts(out: str, storage_options: dict[str, Any], shards: int) -> dict[str, Any]:
+    """What a store holds, from its manifest read one file at a time: images, ok, errors by kind,
+    shards committed of all."""
+    rows, kinds = error_counts(out, storage_options)
     return {
-        "images": manifest.num_rows,
-        "ok": manifest.num_rows - sum(kinds.values()),
+        "images": rows,
+        "ok": rows - sum(kinds.values()),
         "errors": sum(kinds.values()),
         "error_kinds": dict(kinds.most_common()),
-        "shards_committed": len(set(manifest.column("shard").to_pylist())),
+        "shards_committed": manifest_files(out, storage_options).count(),
         "shards": shards,
     }
 
@@ -280,7 +336,7 @@ def pca_sample(job: Job) -> list[int]:
     fitted = open_group(config.out, "r", config.storage_options, use_consolidated=False).attrs.get("pca", {})
     if not config.pca_dims or all(tap.name in fitted for tap in job.resolved.taps):
         return []
-    return job.pending[:PCA_SAMPLE_SHARDS]
+    return [int(s) for s in job.pending[:PCA_SAMPLE_SHARDS]]
 
 
 def progress(job: Job) -> JobProgress:
@@ -294,23 +350,26 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
     `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in)."""
     started = time.perf_counter()
     job = plan_job(preflight(config))
-    summary = RunSummary(shards_skipped=job.shards - len(job.pending))
-    if job.pending:
-        worker = ShardWorker(job.resolved, vit=vit, device=device)
+    summary = RunSummary.of(job)
+    if len(job.pending):
+        worker = ShardWorker(job.resolved, job.reader(), vit=vit, device=device)
         summary.startup_seconds = time.perf_counter() - started
+        compactor = Compactor(job)
         with progress(job) as bar, ThreadPoolExecutor(WRITERS, thread_name_prefix="commit") as writers:
 
             def record(stats: ShardStats) -> None:
                 summary.add(stats)
+                if stats.committed:
+                    compactor.committed(stats.shard)
                 bar.count_errors(sum(summary.errors.values()))
 
             if sample := pca_sample(job):
-                fitted = [worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in sample]
+                fitted = [worker.load(s) for s in sample]
                 for loaded, stats in zip(fitted, worker.fit_pca(fitted, progress=bar.computed)):
                     record(stats)
                     bar.advance(len(loaded.rows) - loaded.decoded)  # error rows, done without the model
                 job.pending = job.pending[len(sample) :]
-            loads = prefetch((worker.load(s, shard_rows(job.plan, s, config.shard_size)) for s in job.pending), depth=2)
+            loads = prefetch((worker.load(int(s)) for s in job.pending), depth=2)
             writing: collections.deque[Future[ShardStats]] = collections.deque()
             for loaded in loads:
                 computed = time.perf_counter()
@@ -321,6 +380,7 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
                 bar.advance(len(loaded.rows) - loaded.decoded)
             for done in writing:
                 record(done.result())
+        compactor.close()
     summary.seconds = time.perf_counter() - started
     finish(job, summary)
     return summary

@@ -36,6 +36,7 @@ from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
 from pipeline.store.manifest import is_committed, write_part
 from pipeline.store.objects import ObjectWriter
+from pipeline.store.plan import PlanReader
 
 log = logging.getLogger("srt")
 
@@ -141,9 +142,10 @@ def images_per_call(batch_size: int, views: int) -> int:
 
 
 class ShardWorker:
-    def __init__(self, resolved: ResolvedConfig, *, vit: ViT | None = None, device: str | None = None) -> None:
+    def __init__(self, resolved: ResolvedConfig, plan: PlanReader, *, vit: ViT | None = None, device: str | None = None) -> None:
         c = resolved.config
         self.resolved = resolved
+        self.plan = plan
         self.store_spec = resolved.store_spec()
         self.vit = vit or load_vit(c.model, pretrained=c.pretrained, weights=c.weights, seed=c.seed, device=device, storage_options=c.storage_options)
         if self.vit.weights_id != resolved.weights_id:
@@ -161,11 +163,12 @@ class ShardWorker:
             self.budget.fixed or f"up to {self.budget.views((c.image_size, c.image_size), self.vit.patch_size)}",
         )
 
-    def load(self, shard: int, rows: list[dict[str, Any]]) -> LoadedShard:
-        """Read and decode every row of the shard; failures become ImageErrors, never exceptions.
+    def load(self, shard: int) -> LoadedShard:
+        """Read the shard's plan rows, then read and decode each; failures become ImageErrors, never exceptions.
         Images decode in parallel on the worker's threads (Pillow releases the GIL while decoding
         and resizing: 1.9x at 224² and 1.6x at 448² on 2 threads, bench/RESULTS.md)."""
         config = self.resolved.config
+        rows = self.plan.rows(shard)
         blobs = read_bytes(rows, config.storage_options, retries=config.read_retries)
         loaded = LoadedShard(shard, rows, list(self.decoders.map(self._input_of, rows, blobs)))
         if self.copies is not None:

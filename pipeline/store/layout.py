@@ -3,8 +3,8 @@
 Layout under the output URI (N = planned items, n = one image per chunk):
 
     zarr.json                 group attributes: {"srt": provenance of the run, "plan_size": N}
-    plan.parquet              the work plan (pipeline.extraction.listing)
-    manifest/part-*.parquet   one part per committed shard (pipeline.store.manifest)
+    plan/                     the work plan: an index and a part per listed input (pipeline.store.plan)
+    manifest/*.parquet        committed rows: a part per shard, range files of shards (pipeline.store.manifest)
     dense/L{L}                [N, C, H/s, W/s] SRT maps of block L  (aspect policy: dense/L{L}/{H}x{W})
     cls/L{L}                  [N, C] class token averaged over views (models with a class token)
     registers/L{L}            [N, R, C] register tokens averaged over views (models with registers)
@@ -16,7 +16,8 @@ Dense arrays have one image per chunk inside one Zarr shard per work shard; per-
 (cls, registers, pooled) have one chunk per work shard, since a 768-byte chunk costs about 100x
 more to write and read than its bytes (bench/RESULTS.md). Either way each stored object belongs
 to exactly one work shard, so it has exactly one writer (two writers of one Zarr shard lose data).
-Arrays are sized from the plan up front and never resized. Rows of failed images hold the fill
+Arrays are sized from the plan up front, and grow only when --append adds rows after the
+existing ones (metadata only: no stored object changes). Rows of failed images hold the fill
 value 0 (stored: a work shard is written whole, `pipeline.store.objects`).
 """
 
@@ -29,8 +30,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
@@ -40,7 +39,6 @@ from zarr.errors import ContainsArrayError
 from pipeline.engine.models import Tap
 from pipeline.engine.pca import Basis
 from pipeline.store.objects import ObjectWriter
-from pipeline.store.schemas import PLAN_SCHEMA_VERSION
 from pipeline.store.uris import one_line
 
 ATTRIBUTE = "srt"
@@ -122,23 +120,6 @@ def open_group(out: str, mode: str, storage_options: dict[str, Any] | None, **kw
     return zarr.open_group(out, mode=mode, storage_options=(storage_options or None) if remote else None, **kwargs)
 
 
-def plan_uri(out: str) -> str:
-    return out.rstrip("/") + "/plan.parquet"
-
-
-def read_plan(out: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The work plan saved beside the store (pipeline.extraction.listing.make_plan), of this schema version."""
-    with fsspec.open(plan_uri(out), "rb", **(storage_options or {})) as handle:
-        plan = pq.read_table(handle)
-    version = int((plan.schema.metadata or {}).get(b"schema_version", b"1"))
-    if version != PLAN_SCHEMA_VERSION:
-        raise StoreMismatchError(
-            f"{plan_uri(out)} has plan schema {version}, this version reads {PLAN_SCHEMA_VERSION}: "
-            "extract again into another --out, or pass --overwrite"
-        )
-    return plan
-
-
 def store_exists(out: str, storage_options: dict[str, Any] | None) -> bool:
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
@@ -196,11 +177,24 @@ def check_writable(out: str, storage_options: dict[str, Any] | None = None) -> N
         raise NotWritableError(f"cannot write a store at {out} ({one_line(error)}){hint}") from error
 
 
-def remove_output(out: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Delete whatever is at `out` (--overwrite), so no file of the old run is mistaken for the new one's."""
+def remove_output(out: str, storage_options: dict[str, Any] | None = None, keep: str | None = None) -> None:
+    """Delete whatever is at `out` (--overwrite), so no file of the old run is mistaken for the new
+    one's; `keep`: a path under `out` to leave (the new run's plan listing, made before)."""
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    if fs.exists(path):
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        return
+    if keep is None:
         fs.rm(path, recursive=True)
+        return
+    kept = f"{path}/{keep.strip('/')}"
+    folder = path
+    while folder != kept:  # down the kept path, removing every sibling on the way
+        child = kept[: kept.index("/", len(folder) + 1)] if "/" in kept[len(folder) + 1 :] else kept
+        for entry in fs.ls(folder, detail=False):
+            if entry.rstrip("/") != child:
+                fs.rm(entry, recursive=True)
+        folder = child
 
 
 def create_store(spec: StoreSpec, plan_size: int) -> zarr.Group:
@@ -213,6 +207,18 @@ def create_store(spec: StoreSpec, plan_size: int) -> zarr.Group:
             if kind in spec.outputs:
                 _create(group, f"{kind}/{tap.name}", (plan_size, *shape), spec)
     return group
+
+
+def grow_store(group: zarr.Group, plan_size: int) -> None:
+    """--append: every per-image array grows to the new plan size (its metadata only; chunks and
+    shards of existing rows are not touched), then the group says so."""
+    for _, array in group.arrays():
+        if array.shape[0] < plan_size and not array.path.startswith("pca/"):
+            array.resize((plan_size, *array.shape[1:]))
+    for _, child in group.groups():
+        grow_store(child, plan_size)
+    if group.path == "":
+        group.attrs["plan_size"] = plan_size
 
 
 def axes(path: str, stride: int) -> tuple[tuple[str, ...], dict[str, Any]]:

@@ -26,11 +26,11 @@ from pipeline.store.layout import (
     dense_path,
     open_group,
     read_basis,
-    read_plan,
     store_exists,
 )
 from pipeline.store.manifest import read_manifest
-from pipeline.store.schemas import STORE_FORMAT_VERSION
+from pipeline.store.plan import read_plan
+from pipeline.store.schemas import READABLE_STORE_FORMATS
 from pipeline.store.uris import normalize_uri
 
 
@@ -45,8 +45,8 @@ class FeatureStore:
         self.storage_options = storage_options or {}
         self.group = group
         self.config: dict[str, Any] = dict(group.attrs[ATTRIBUTE])
-        if self.config.get("store_format") != STORE_FORMAT_VERSION:
-            raise ValueError(f"{out}: store format {self.config.get('store_format')} is not {STORE_FORMAT_VERSION}")
+        if self.config.get("store_format") not in READABLE_STORE_FORMATS:
+            raise ValueError(f"{out}: store format {self.config.get('store_format')} is not one of {READABLE_STORE_FORMATS}")
         self.manifest = manifest
         self._rows = {image_id: i for i, image_id in enumerate(manifest.column("image_id").to_pylist())}
         self._bases: dict[str, Basis | None] = {}
@@ -63,7 +63,7 @@ class FeatureStore:
         """image_id -> planned row: what `reading.read_bytes` reads an image's bytes from. Read
         once per opened store, as its manifest is (a service draws many pictures from one store)."""
         if self._plan is None:
-            self._plan = {row["image_id"]: row for row in read_plan(self.uri, self.storage_options).to_pylist()}
+            self._plan = {row["image_id"]: row for row in read_plan(self.uri, self.config["shard_size"], self.storage_options).to_pylist()}
         return self._plan
 
     @property

@@ -1,0 +1,219 @@
+"""Plan a dataset into a store, input by input, and extend the plan with what is new (--append).
+
+Each input (a tar, a Parquet file, a range of a file list, a batch of image files) is listed by
+`list_part` into a plan part of its own, wherever the mapper runs it: threads in this process, or
+Ray tasks over a cluster (`pipeline.extraction.distributed.ray_map`). The driver only numbers the
+parts' rows as their counts come back (a row per input), so its memory and its work per item do
+not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from tqdm import tqdm
+
+from pipeline.extraction.listing import (
+    FILES_PER_INPUT,
+    LIST_EXTENSIONS,
+    Input,
+    SourceError,
+    dataset_inputs,
+    items_table,
+    list_input,
+    list_ranges,
+    list_tail,
+)
+from pipeline.store.plan import PlanIndex, part_path, plan_dir, write_part
+from pipeline.store.uris import one_line
+
+log = logging.getLogger("srt")
+
+LISTING_THREADS = 8  # inputs listed at once in this process (listing waits on storage, not on cores)
+REASONS_KEPT = 3  # listing errors quoted when nothing in the dataset is usable
+
+Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
+
+
+@dataclass(frozen=True)
+class PartFacts:
+    """What the driver keeps of a listed input: its index row, and a few of its listing errors."""
+
+    row: dict[str, Any]  # PLAN_INDEX_SCHEMA, first_row left to the driver
+    reasons: tuple[str, ...] = ()
+
+
+def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered: tuple[int, Input]) -> PartFacts:
+    """List one input and write its part; runs wherever the mapper sends it."""
+    number, unit = numbered
+    items = list_input(unit, storage_options)
+    path = part_path(listing, number)
+    write_part(out, path, items_table(items), storage_options)
+    broken = [item for item in items if item.error_kind]
+    tail = list_tail(unit.uri, unit.stop, storage_options) if unit.kind == "list" and unit.stop else None
+    row = {
+        "path": path, "input": unit.uri, "kind": unit.kind, "first_row": 0, "count": len(items), "errors": len(broken),
+        "start": unit.start, "stop": unit.stop, "tail": tail,
+    }  # fmt: skip
+    return PartFacts(row, tuple(f"{item.uri}: {item.error}" for item in broken[:REASONS_KEPT]))
+
+
+def thread_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
+    """The in-process mapper: inputs listed on a few threads, results in input order."""
+    with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="listing") as pool:
+        yield from pool.map(function, arguments)
+
+
+@dataclass
+class Listed:
+    """A listing's parts as index rows, and what the driver says about them."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    items: int = 0
+    errors: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, Listed]:
+    """List `units` into parts of a new listing folder, rows numbered from `first_row`.
+    Returns the folder's name (under plan/) and the index rows. A failure removes the folder."""
+    listing = uuid.uuid4().hex[:12]
+    listed = Listed()
+    row = first_row
+    try:
+        with tqdm(desc="listing", unit="input", dynamic_ncols=True, mininterval=1.0) as bar:
+            for facts in mapper(functools.partial(list_part, out, listing, storage_options), enumerate(units)):
+                listed.rows.append({**facts.row, "first_row": row})
+                row += facts.row["count"]
+                listed.items += facts.row["count"]
+                listed.errors += facts.row["errors"]
+                listed.reasons.extend(facts.reasons[: REASONS_KEPT - len(listed.reasons)])
+                bar.update(1)
+                bar.set_postfix(items=listed.items, refresh=False)
+    except BaseException:
+        remove_listing(out, listing, storage_options)
+        raise
+    return listing, listed
+
+
+def remove_listing(out: str, listing: str, storage_options: dict[str, Any]) -> None:
+    """A failed listing's parts go, and the local folders it left empty (a refused run writes nothing)."""
+    fs, path = fsspec.core.url_to_fs(f"{plan_dir(out)}/{listing}", **storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    if isinstance(fs, LocalFileSystem):
+        for folder in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                os.rmdir(folder)
+
+
+def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, PlanIndex]:
+    """A new plan of the whole dataset: (its listing folder, its index). Raises SourceError naming
+    --dataset when nothing can be extracted."""
+    try:
+        listing, listed = list_inputs(out, dataset_inputs(dataset, storage_options), 0, storage_options, mapper)
+    except SourceError:
+        raise
+    except Exception as error:  # the dataset's root could be read, but listing it failed as a whole
+        raise SourceError(f"--dataset {dataset} cannot be listed ({one_line(error)}); check the URI and --storage-options") from error
+    problem = None
+    if not listed.items:
+        problem = f"--dataset {dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)"
+    elif listed.errors == listed.items:
+        more = f"; and {listed.errors - len(listed.reasons)} more" if listed.errors > len(listed.reasons) else ""
+        problem = f"--dataset {dataset}: nothing usable, every input failed at listing: " + "; ".join(listed.reasons) + more
+    if problem:
+        remove_listing(out, listing, storage_options)
+        raise SourceError(problem)
+    return listing, PlanIndex.of(listed.rows, shard_size)
+
+
+@dataclass
+class Appended:
+    """What --append found: new items planned after the existing rows, inputs gone since."""
+
+    items: int = 0
+    inputs: int = 0
+    first_row: int = 0
+    removed: list[str] = field(default_factory=list)  # inputs (containers, image files, lists) no longer found
+    edited: list[str] = field(default_factory=list)  # file lists changed other than by lines added at the end
+
+    def as_dict(self) -> dict[str, Any]:
+        """For summary.json: counts, and the first names of what is gone or edited."""
+        return {"items": self.items, "inputs": self.inputs, "first_row": self.first_row, "removed": len(self.removed),
+                "removed_examples": self.removed[:10], "edited_lists": self.edited}  # fmt: skip
+
+    def describe(self) -> str:
+        said = [f"--append: {self.items} new items in {self.inputs} inputs, planned from row {self.first_row}" if self.items else "--append: nothing new in --dataset"]
+        if self.removed:
+            said.append(f"{len(self.removed)} inputs listed before are gone (their rows stay in the store): " + ", ".join(self.removed[:3]) + (" ..." if len(self.removed) > 3 else ""))
+        if self.edited:
+            said.append("file lists edited other than by adding lines at the end are not listed again: " + ", ".join(self.edited))
+        return "; ".join(said)
+
+
+def new_inputs(dataset: str, out: str, index: PlanIndex, storage_options: dict[str, Any]) -> tuple[list[Input], Appended]:
+    """The dataset's inputs the plan does not hold yet: containers not listed before, image files
+    not planned before, and lines added at the end of a file list. Whatever was listed before and
+    is gone is reported, never removed from the store."""
+    appended = Appended()
+    fs, path = fsspec.core.url_to_fs(dataset, **storage_options)
+    table = index.table
+    if path.lower().endswith(LIST_EXTENSIONS):
+        return _new_lines(fs, path, table, appended, storage_options), appended
+    known = set(table.filter(pc.is_in(table.column("kind"), pa.array(["tar", "parquet"]))).column("input").to_pylist())
+    planned_files = _planned_files(out, table, storage_options)
+    units: list[Input] = []
+    files: list[str] = []
+    found: set[str] = set()
+    for unit in dataset_inputs(dataset, storage_options):
+        if unit.kind == "files":
+            found.update(unit.files)
+            files.extend(uri for uri in unit.files if uri not in planned_files)
+        elif unit.uri in known:
+            found.add(unit.uri)
+        else:
+            units.append(unit)
+    units.extend(Input("files", dataset, tuple(files[i : i + FILES_PER_INPUT])) for i in range(0, len(files), FILES_PER_INPUT))
+    appended.removed = sorted((known | planned_files) - found)
+    return units, appended
+
+
+def _planned_files(out: str, table: pa.Table, storage_options: dict[str, Any]) -> set[str]:
+    """The image files the plan holds (batches of loose files are the only inputs named per item)."""
+    fs, root = fsspec.core.url_to_fs(plan_dir(out), **storage_options)
+    planned: set[str] = set()
+    for path in table.filter(pc.equal(table.column("kind"), "files")).column("path").to_pylist():
+        with fs.open(f"{root}/{path}", "rb") as handle:
+            planned.update(pq.read_table(handle, columns=["uri"]).column(0).to_pylist())
+    return planned
+
+
+def _new_lines(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, appended: Appended, storage_options: dict[str, Any]) -> list[Input]:
+    """A file list's lines after the last byte listed, when the bytes before it are unchanged."""
+    rows = table.filter(pc.equal(table.column("kind"), "list")).to_pylist()
+    last = max(rows, key=lambda row: row["stop"]) if rows else None
+    if last is None:
+        return []
+    uri = last["input"]
+    if not fs.exists(path):
+        appended.removed.append(uri)
+        return []
+    size = fs.size(path)
+    if size < last["stop"] or list_tail(uri, last["stop"], storage_options) != last["tail"]:
+        appended.edited.append(uri)
+        return []
+    return list(list_ranges(uri, size, last["stop"]))
