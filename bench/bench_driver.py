@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from bench.results import table, write_section
 from pipeline.extraction.config import ExtractConfig, resolve
-from pipeline.extraction.distributed import ActorPoolScheduler, ProgressCounter
+from pipeline.extraction.distributed import ActorPoolScheduler
+from pipeline.extraction.progress import JobProgress, ProgressCounter
 from pipeline.extraction.runner import Compactor, Job, RunSummary
 from pipeline.extraction.worker import ShardStats
 from pipeline.store.plan import PlanIndex
@@ -39,14 +39,15 @@ def job_of(shards: int) -> Job:
     return Job(resolved=resolved, index=index, pending=np.arange(shards), resumed=False)
 
 
-def driver_cpu_per_unit(shards: int, actors: list) -> tuple[float, float]:
-    """(driver CPU µs per unit, wall µs per unit) over a whole run of `shards` pending units."""
-    job = job_of(shards)
+def driver_cpu_per_unit(job: Job, actors: list) -> tuple[float, float]:
+    """(driver CPU µs per unit, wall µs per unit) over a whole run of the job's pending units."""
+    shards = len(job.pending)
     counter = ProgressCounter.remote()
     summary = RunSummary()
     cpu, wall = time.process_time(), time.perf_counter()
     compactor = Compactor(job)  # finds no manifest folder to compact: its bookkeeping per unit is measured
-    ActorPoolScheduler(job, actors, [()], summary, counter, compactor).run(tqdm(total=shards, disable=True))
+    with JobProgress(job.images_in(job.pending)) as bar:  # the real bar: its updates are driver work too
+        ActorPoolScheduler(job, actors, [()], summary, counter, compactor).run(bar)
     compactor.close()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     assert summary.shards_done == shards, summary.as_dict()
@@ -62,10 +63,10 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     ray.init(include_dashboard=False, log_to_driver=False)
     actors = [(f"instant-{i}", InstantActor.remote()) for i in range(args.actors)]
-    driver_cpu_per_unit(200, actors)  # warm-up: workers, connections, imports
+    driver_cpu_per_unit(job_of(200), actors)  # warm-up: workers, connections, imports
     rows, first = [], None
     for shards in sizes:
-        cpu, wall = driver_cpu_per_unit(shards, actors)
+        cpu, wall = driver_cpu_per_unit(job_of(shards), actors)
         first = first or cpu
         rows.append([f"{shards:,}", f"{cpu:.0f}", f"{wall:.0f}", f"**{cpu / first:.2f}**"])
         print(rows[-1])

@@ -75,9 +75,10 @@ def write_section(name: str, title: str, body: str) -> None:
 
 
 @contextlib.contextmanager
-def loopback_s3(bucket: str) -> Iterator[dict]:
+def loopback_s3(bucket: str, requests: list[tuple[str, str]] | None = None) -> Iterator[dict]:
     """moto's S3-compatible server on loopback with one bucket; yields s3fs storage options.
-    The benches and the tests' `s3_server` fixture share it."""
+    The benches and the tests' `s3_server` fixture share it. `requests`: a list the server appends
+    each request it answers to, as (method, path), counted where they arrive whatever the client."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -89,6 +90,14 @@ def loopback_s3(bucket: str) -> Iterator[dict]:
     endpoint = f"http://127.0.0.1:{port}"
     credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
     boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket=bucket)
+    if requests is not None:
+        answer = server._server.app  # moto keeps its WSGI server private; a wrapper sees every request
+
+        def logged(environ: dict, start_response: Callable) -> object:
+            requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+            return answer(environ, start_response)
+
+        server._server.app = logged
     try:
         yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     finally:

@@ -699,7 +699,7 @@ def test_a_resumed_run_says_its_plan_is_fixed(tmp_path, sample_paths, caplog):
     write_files(tmp_path / "in", {sample_paths[2].name: sample_paths[2].read_bytes()})  # added after the first run
     with caplog.at_level("INFO", logger="srt"):
         assert run_local(config(str(tmp_path / "in"), out)).images == 0
-    assert "resuming the plan of 2 items listed by the first run" in caplog.text and "pass --overwrite to list the dataset again" in caplog.text
+    assert "resuming the plan of 2 items listed by the first run" in caplog.text and "pass --append to extract them too" in caplog.text
 
 
 def test_offline_pretrained_weights_fail_at_planning_in_one_line(tmp_path):

@@ -7,12 +7,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.commands.eval_retrieval import evaluate_stores
 from pipeline.commands.query import query
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.runner import run_local
+from pipeline.store.manifest import uncommit
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import (
     DescriptorSpec,
@@ -139,14 +142,13 @@ def test_factory_parameters_scale_with_the_store():
 def test_incremental_add_equals_a_one_shot_build(retrieval_set, tmp_path):
     out = tmp_path / "store.zarr"
     shutil.copytree(retrieval_set["store"], out)
-    aside = tmp_path / "aside"
-    aside.mkdir()
-    shutil.move(out / "manifest" / "part-000002.parquet", aside / "part-000002.parquet")  # not committed yet
+    rows = FeatureStore.open(str(out)).manifest
+    uncommit(str(out), {2})  # not committed yet
     spec = DescriptorSpec("cls")
     partial = build_index(FeatureStore.open(str(out)), spec)
     assert partial.index.ntotal == 16 and partial.sidecar["shards"] == [0, 1]
     save_index(partial, str(tmp_path / "index"))
-    shutil.move(aside / "part-000002.parquet", out / "manifest" / "part-000002.parquet")  # committed now
+    pq.write_table(rows.filter(pc.equal(rows.column("shard"), 2)), out / "manifest" / "part-000002.parquet")  # committed now
     store = FeatureStore.open(str(out))
     grown = build_index(store, spec, existing=load_index(str(tmp_path / "index")))
     assert grown.index.ntotal == 24 and grown.sidecar["shards"] == [0, 1, 2]

@@ -7,19 +7,23 @@ import os
 import posixpath
 import tarfile
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.extraction.listing import SourceError, dataset_inputs, list_input, uri_id
+import pipeline.store.plan as plan_module
+from bench.results import loopback_s3
+from pipeline.extraction import listing
+from pipeline.extraction.listing import Item, SourceError, dataset_inputs, list_input, uri_id
 from pipeline.extraction.planning import plan_dataset, thread_map
 from pipeline.extraction.reading import prefetch, read_bytes
 from pipeline.store.plan import PlanReader, read_plan, write_index
 
 
-def list_items(dataset: str) -> list:
+def list_items(dataset: str, storage_options: dict | None = None) -> list[Item]:
     """Every item of a dataset, input by input, as the planning step lists them."""
-    return [item for unit in dataset_inputs(dataset) for item in list_input(unit)]
+    return [Item(**row) for unit in dataset_inputs(dataset, storage_options) for row in list_input(unit, storage_options).to_pylist()]
 
 
 def planned(dataset: str, out, shard_size: int) -> PlanReader:
@@ -30,7 +34,8 @@ def planned(dataset: str, out, shard_size: int) -> PlanReader:
 
 
 def make_tar(path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as archive:
+    """A tar of these members at `path` (a file name or a binary file object)."""
+    with tarfile.open(path, "w") if not hasattr(path, "write") else tarfile.open(fileobj=path, mode="w") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -151,3 +156,48 @@ def test_prefetch_keeps_order_and_reraises():
     assert next(stream) == 1
     with pytest.raises(RuntimeError, match="boom"):
         next(stream)
+
+
+def test_a_tar_on_s3_is_listed_in_few_large_requests_not_one_per_member():
+    members = {f"{i:06d}{ext}": data for i in range(1000) for ext, data in ((".jpg", bytes([i % 256]) * 100), (".txt", b"a caption"))}
+    requests: list[tuple[str, str]] = []
+    with loopback_s3("bucket", requests) as options:
+        fs = fsspec.filesystem("s3", **options)
+        for name in ("a", "b"):
+            buffer = io.BytesIO()
+            make_tar(buffer, members)
+            fs.pipe(f"bucket/tars/{name}.tar", buffer.getvalue())
+        del requests[:]
+        single = list_items("s3://bucket/tars/a.tar", options)
+        assert len(single) == 1000 and len(requests) <= 3, requests  # the size, then the headers in one read
+        del requests[:]
+        folder = list_items("s3://bucket/tars", options)
+        assert len(folder) == 2000
+        reads = [path for method, path in requests if path.endswith(".tar")]
+        assert sorted(reads) == ["/bucket/tars/a.tar", "/bucket/tars/b.tar"], requests  # sizes from the folder listing
+        assert read_bytes([dict(folder[-1].__dict__)], options) == [bytes([999 % 256]) * 100]
+
+
+def test_a_file_list_is_listed_in_byte_ranges_each_line_in_exactly_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "LIST_BYTES_PER_INPUT", 37)  # ranges that cut lines anywhere
+    uris = [f"s3://bucket/images/{i:04d}{'x' * (i % 7)}.jpg" for i in range(60)]
+    (tmp_path / "list.txt").write_text("".join(f"{u}\n" for u in uris))
+    (tmp_path / "list.csv").write_text("key,url\n" + "".join(f"k{i},{u}\n" for i, u in enumerate(uris)))
+    units = list(dataset_inputs(str(tmp_path / "list.txt")))
+    assert len(units) > 20 and [u.start for u in units] == list(range(0, (tmp_path / "list.txt").stat().st_size, 37))
+    assert [uri for unit in units for uri in list_input(unit).column("uri").to_pylist()] == uris
+    assert [(i.image_id, i.uri) for i in list_items(str(tmp_path / "list.csv"))] == [(f"k{i}", u) for i, u in enumerate(uris)]
+
+
+def test_plan_rows_of_shards_across_parts_row_groups_and_the_gap_before_appended_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_module, "PART_ROW_GROUP", 4)
+    monkeypatch.setattr(listing, "FILES_PER_INPUT", 7)
+    for i in range(17):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(b"")
+    plan = planned(str(tmp_path), tmp_path / "out", 5)  # parts of 7, 7, 3 items: shards cross them
+    assert plan.index.counts.tolist() == [7, 7, 3] and plan.index.shard_counts.tolist() == [5, 5, 5, 2]
+    assert [[r["uri"][-6:] for r in plan.rows(s)] for s in range(4)] == [[f"{i:02d}.jpg" for i in range(s * 5, min(17, s * 5 + 5))] for s in range(4)]
+    assert [r["row"] for r in plan.rows(2)] == [10, 11, 12, 13, 14] and {r["shard"] for r in plan.rows(2)} == {2}
+    grown = plan.index.extended([{"path": "x/part-000000.parquet", "input": "new", "kind": "files", "first_row": 20, "count": 6, "errors": 0}])
+    assert grown.size == 26 and grown.shards == 6 and grown.shard_counts.tolist() == [5, 5, 5, 2, 5, 1]  # rows 17..19: no item
+    assert grown.spans(3) == [(2, 1, 3)] and grown.spans(4) == [(3, 0, 5)] and grown.images_in([3, 4, 5]) == 8

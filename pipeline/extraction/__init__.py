@@ -1,6 +1,7 @@
 """Extraction: a dataset through source -> decode -> SRT -> store -> manifest, in-process or on Ray.
 
-    listing      list a dataset (files, globs, file lists, tars, Parquet) into a deterministic plan
+    listing      a dataset's inputs (files, globs, file lists, tars, Parquet), each listed into its items
+    planning     the plan made input by input (threads, or Ray tasks), extended by --append
     reading      read the planned bytes: merged byte ranges, retries with backoff, prefetch
     images       decode, orient, resize and normalize; the pixel <-> feature-cell transform
     weights      checkpoints named by URI, read into the engine's models; their provenance
@@ -11,6 +12,7 @@
     runner       driver steps (checks before any cluster, plan, resume, summary) and the in-process runner
     progress     the progress bar, and the Ray counter actors report image groups to
     placement    how many actors with what resources, fitted to the cluster or refused naming flags
+    actor        the Ray extraction actor: one model, units read, computed and written in it
     distributed  the Ray runner: actor pool, scheduler, split shifts, retries, stragglers
     raydata      SRT in Ray Data pipelines (`SRTPredictor`), a store as a Ray Dataset
 

@@ -1,4 +1,4 @@
-"""The Ray runner: a pool of extraction actors fed work units by a scheduler over `ray.wait`.
+"""The Ray runner: a pool of extraction actors (`actor.ExtractActor`) fed work units by a scheduler over `ray.wait`.
 
 A work unit is (shard, shift batch). In data-parallel mode a unit is a whole shard with every
 shift: the actor reads, decodes, computes, writes the arrays and commits the manifest part. In
@@ -20,24 +20,22 @@ import heapq
 import logging
 import os
 import statistics
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import RayActorError, RayError
 
-from pipeline.engine.aggregation import PartialSum, combine
 from pipeline.engine.shifts import Shift, split_shifts
-from pipeline.extraction.config import ExtractConfig, ResolvedConfig
+from pipeline.extraction.actor import UNITS_PER_ACTOR, ExtractActor
+from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, wait_until_started
-from pipeline.extraction.progress import JobProgress, progress_counter, report_to
+from pipeline.extraction.planning import ray_map
+from pipeline.extraction.progress import JobProgress, progress_counter
 from pipeline.extraction.runner import (
-    WRITERS,
     Compactor,
     Job,
     RunSummary,
@@ -47,63 +45,16 @@ from pipeline.extraction.runner import (
     preflight,
     progress,
 )
-from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
-from pipeline.store.plan import PlanIndex, PlanReader
+from pipeline.extraction.worker import ShardStats
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
 
 ACTOR_PREFIX = "srt-extract"
-UNITS_PER_ACTOR = 2 + WRITERS  # one reading and decoding, one computing, the others writing
 BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
 COUNTER_TIMEOUT_SECONDS = 10.0  # a counter that does not answer in this long is given up
-LISTING_TASKS_PER_CPU = 2  # listing waits on storage: two tasks a CPU keep it busy
-
-
-@ray.remote(max_restarts=-1, max_concurrency=UNITS_PER_ACTOR)
-class ExtractActor:
-    """Owns one model (on its GPU, or on CPU with a thread budget) and writes straight to the store."""
-
-    def __init__(self, resolved: ResolvedConfig, index: PlanIndex, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.worker = ShardWorker(resolved, PlanReader(resolved.config.out, index, resolved.config.storage_options))
-        self.model_lock = threading.Lock()  # reads and decodes overlap; forward passes do not
-
-    def ready(self) -> bool:
-        """Returns once the model is loaded: lets the driver time actor start-up."""
-        return True
-
-    def process(self, shard: int, counter: Any) -> ShardStats:
-        """Data-parallel unit: the whole shard, committed here. Its time counts from when it
-        gets the model, so time spent reading while another unit computes is not counted twice."""
-        loaded = self.worker.load(shard)
-        with self.model_lock:
-            started = time.perf_counter()
-            arrays = self.worker.assemble(loaded, self.worker.compute(loaded, progress=report_to(counter, shard)))
-        return self.worker.commit(loaded, arrays, started)
-
-    @ray.method(num_returns=2)
-    def compute(self, shard: int, shifts: tuple[Shift, ...], counter: Any) -> tuple[int, tuple[LoadedShard, list[PartialSum]]]:
-        """Split-mode unit: partial sums over one shift batch. Returns (a small ack, the payload)."""
-        loaded = self.worker.load(shard)
-        with self.model_lock:
-            partials = [partial.to("cpu") for partial in self.worker.compute(loaded, shifts, progress=report_to(counter, shard))]
-        return shard, (loaded.without_pixels(), partials)
-
-    def fit_pca(self, shards: list[int], counter: Any) -> list[ShardStats]:
-        """--pca-dims: fit and store the basis on these shards and commit them, before any other unit.
-        Their progress is reported under the first shard's number."""
-        with self.model_lock:
-            return self.worker.fit_pca([self.worker.load(shard) for shard in shards], progress=report_to(counter, shards[0]))
-
-    def commit(self, shard: int, *payloads: tuple[LoadedShard, list[PartialSum]]) -> ShardStats:
-        """Split-mode commit: add every batch's partial sums in batch order, then write."""
-        started = time.perf_counter()
-        loaded = payloads[0][0]
-        groups = zip(*(partials for _, partials in payloads))
-        return self.worker.commit(loaded, self.worker.assemble(loaded, [combine(list(parts)) for parts in groups]), started)
 
 
 @dataclass
@@ -373,25 +324,6 @@ class ActorPoolScheduler:
                 self.summary.duplicates += 1
                 name, actor = min(others, key=lambda a: self.load[a[0]])
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
-
-
-@ray.remote(max_retries=3)
-def _call(function: Callable[[Any], Any], argument: Any) -> Any:
-    return function(argument)
-
-
-def ray_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
-    """`function` over `arguments` as Ray tasks anywhere on the cluster (listing a dataset's inputs),
-    results in order; at most LISTING_TASKS_PER_CPU per cluster CPU in flight, so the driver holds
-    a bounded number of arguments and results whatever the dataset's size."""
-    in_flight = max(4, int(ray.cluster_resources().get("CPU", 1) * LISTING_TASKS_PER_CPU))
-    running: collections.deque[Any] = collections.deque()
-    for argument in arguments:
-        running.append(_call.remote(function, argument))
-        if len(running) >= in_flight:
-            yield ray.get(running.popleft())
-    while running:
-        yield ray.get(running.popleft())
 
 
 def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:

@@ -23,7 +23,7 @@ import posixpath
 import stat
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
@@ -115,7 +115,7 @@ class Input:
 
 
 FILES_PER_INPUT = 10_000  # image files listed as one input (one plan part)
-LIST_BYTES_PER_INPUT = 16 << 20  # a text file list is listed in ranges of this many bytes (about 250k URIs)
+LIST_BYTES_PER_INPUT = 4 << 20  # a text file list is listed in ranges of this many bytes (about 60k URIs)
 CONTAINER_BLOCK = 64 << 20  # tars are listed by reading ahead this much per request (headers sit between members)
 TAIL_BYTES = 64  # a file list's last listed bytes, hashed, tell --append whether it only grew
 
@@ -151,25 +151,26 @@ def list_ranges(uri: str, size: int, start: int = 0) -> Iterator[Input]:
         yield Input("list", uri, start=begin, stop=min(size, begin + LIST_BYTES_PER_INPUT))
 
 
-def list_input(unit: Input, storage_options: dict[str, Any] | None = None) -> list[Item]:
-    """The items of one input, duplicates marked. A container that cannot be listed, or an image
-    file that is no regular file, becomes an error item; a file list that cannot be read raises."""
+def list_input(unit: Input, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The items of one input (PLAN_PART_SCHEMA), duplicates marked. A container that cannot be
+    listed, or an image file that is no regular file, becomes an error item; a file list that
+    cannot be read raises."""
     fs, path = fsspec.core.url_to_fs(unit.uri, **(storage_options or {}))
     if unit.kind == "list":
-        return _mark_duplicates(_list_file_list(fs, path, unit.start or 0, unit.stop))
+        return _marked(_list_file_list(fs, path, unit.start or 0, unit.stop))
     if unit.kind == "files":
         local = isinstance(fs, LocalFileSystem)
-        return _mark_duplicates(
+        return _marked(items_table(
             [failed_item(uri, "special_file", problem) if local and (problem := not_regular(uri)) else Item(image_id=uri_id(uri), uri=uri) for uri in unit.files]
-        )
+        ))  # fmt: skip
     if isinstance(fs, LocalFileSystem) and (problem := not_regular(path)):
-        return [failed_item(unit.uri, "special_file", problem)]
+        return items_table([failed_item(unit.uri, "special_file", problem)])
     try:
-        return _mark_duplicates((_list_tar if unit.kind == "tar" else _list_parquet)(fs, path, unit.size))
+        return _marked(_list_tar(fs, path, unit.size) if unit.kind == "tar" else _list_parquet(fs, path, unit.size))
     except SourceError:
         raise
     except Exception as error:  # unreadable container: one error row, the dataset goes on
-        return [failed_item(unit.uri, "container", f"cannot list {posixpath.basename(path)}: {type(error).__name__}: {error}")]
+        return items_table([failed_item(unit.uri, "container", f"cannot list {posixpath.basename(path)}: {type(error).__name__}: {error}")])
 
 
 def list_tail(uri: str, stop: int, storage_options: dict[str, Any] | None = None) -> str:
@@ -181,6 +182,12 @@ def list_tail(uri: str, stop: int, storage_options: dict[str, Any] | None = None
 
 def items_table(items: list[Item]) -> pa.Table:
     return pa.Table.from_pydict({name: [getattr(item, name) for item in items] for name in PLAN_PART_SCHEMA.names}, schema=PLAN_PART_SCHEMA)
+
+
+def columns_table(count: int, **columns: list[Any]) -> pa.Table:
+    """A part's items from whole columns (the rest null): file lists' millions of rows are never
+    made into an object each."""
+    return pa.table({f.name: pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(count, f.type) for f in PLAN_PART_SCHEMA}, schema=PLAN_PART_SCHEMA)
 
 
 def failed_item(uri: str, kind: str, reason: str) -> Item:
@@ -203,19 +210,24 @@ def not_regular(path: str) -> str | None:
 
 
 def _expand(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> list[tuple[str, int | None]]:
-    """(path, size) of each file the dataset names, sorted; sizes from the listing itself."""
+    """(path, size) of each file the dataset names, sorted; sizes from the listing itself, so no
+    input is asked for its size again (one request fewer per container on an object store)."""
     if any(c in path for c in GLOB_CHARS):
         found = fs.glob(path, detail=True)
-    elif fs.isdir(path):
-        found = fs.find(path, detail=True)
-    elif fs.exists(path) or (isinstance(fs, LocalFileSystem) and os.path.islink(path)):
-        return [(path, None)]
     else:
-        raise SourceError(f"--dataset {dataset}: no such file or directory")
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            if isinstance(fs, LocalFileSystem) and os.path.islink(path):
+                return [(path, None)]  # a dangling link: an error row
+            raise SourceError(f"--dataset {dataset}: no such file or directory") from None
+        if info["type"] != "directory":
+            return [(path, info.get("size"))]
+        found = fs.find(path, detail=True)
     return sorted((name, info.get("size")) for name, info in found.items() if info.get("type") != "directory")
 
 
-def _list_file_list(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int | None) -> list[Item]:
+def _list_file_list(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int | None) -> pa.Table:
     """The lines of a .txt (one URI a line) or .csv (a URI column, optional id column) that start
     in [start, stop) (the whole list when stop is None); relative URIs resolve against the list's
     own folder. A CSV's header is its first line, whichever range is listed."""
@@ -227,40 +239,40 @@ def _list_file_list(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: 
             handle.seek(start - 1)
             if handle.read(1) != b"\n":
                 handle.readline()  # the line in progress belongs to the range before
-        lines = []
-        while stop is None or handle.tell() < stop:
-            line = handle.readline()
-            if not line:
-                break
-            lines.append(line)
-    text = (header + b"".join(lines)).decode()
+        data = handle.read() if stop is None else handle.read(max(0, stop - handle.tell()))
+        if data and not data.endswith(b"\n"):
+            data += handle.readline()  # the last line started in the range: it belongs to it
+    text = (header + data).decode()
+    base = _full_uri(fs, posixpath.dirname(path))
     if path.lower().endswith(".txt"):
-        rows = [{"uri": line.strip()} for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    else:
-        rows = list(csv.DictReader(io.StringIO(text)))
-    return _items_from_rows(rows, base=_full_uri(fs, posixpath.dirname(path)), where=path)
+        uris = [stripped for line in text.splitlines() if (stripped := line.strip()) and not stripped.startswith("#")]
+        return _file_items(uris, None, base)
+    return _items_from_rows(list(csv.DictReader(io.StringIO(text))), base=base, where=path)
 
 
-def _items_from_rows(rows: list[dict[str, Any]], *, base: str, where: str) -> list[Item]:
+def _items_from_rows(rows: list[dict[str, Any]], *, base: str, where: str) -> pa.Table:
+    """File items of the rows of a file list: their URIs (relative ones resolved against `base`),
+    and their ids (an id column, else a hash of the URI)."""
     if not rows:
-        return []
+        return PLAN_PART_SCHEMA.empty_table()
     columns = {c.lower(): c for c in rows[0]}
     uri_column = next((columns[c] for c in URI_COLUMNS if c in columns), None)
     if uri_column is None:
         raise SourceError(f"{where}: no URI column; expected one of {URI_COLUMNS}, found {list(rows[0])}")
     id_column = next((columns[c] for c in ID_COLUMNS if c in columns), None)
-    items = []
-    for row in rows:
-        uri = str(row[uri_column]).strip()
-        if "://" not in uri and not uri.startswith("/"):
-            uri = posixpath.join(base, uri)
-        uri = normalize_uri(uri)
-        key = str(row[id_column]).strip() if id_column and row[id_column] not in (None, "") else uri_id(uri)
-        items.append(Item(image_id=key, uri=uri))
-    return items
+    keys = [str(row[id_column]).strip() if row[id_column] not in (None, "") else None for row in rows] if id_column else None
+    return _file_items([str(row[uri_column]).strip() for row in rows], keys, base)
 
 
-def _list_tar(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> list[Item]:
+def _file_items(written: list[str], keys: list[str | None] | None, base: str) -> pa.Table:
+    """File items of URIs as a list writes them (relative ones resolved against `base`), with the
+    user's keys where given, else a hash of the URI."""
+    uris = [normalize_uri(uri if "://" in uri or uri.startswith("/") else posixpath.join(base, uri)) for uri in written]
+    ids = [key or uri_id(uri) for key, uri in zip(keys or [None] * len(uris), uris)]
+    return columns_table(len(uris), image_id=ids, uri=uris, source=["file"] * len(uris))
+
+
+def _list_tar(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> pa.Table:
     """WebDataset convention: members sharing a key (path up to the first dot of the basename)
     form one sample; its image is the first member with an image extension.
 
@@ -289,7 +301,7 @@ def _list_tar(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> lis
     if damage:
         listed = f"the {len(items)} image members before it are kept, any after it are not listed" if items else "no member could be listed"
         items.append(failed_item(container, "container", f"{posixpath.basename(path)} is damaged ({damage}): {listed}"))
-    return items
+    return items_table(items)
 
 
 def _unlisted_rest(handle: IO[bytes], offset: int) -> str | None:
@@ -300,7 +312,7 @@ def _unlisted_rest(handle: IO[bytes], offset: int) -> str | None:
     return None if block.count(0) == len(block) else f"invalid header at byte {offset}"
 
 
-def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> list[Item]:
+def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> pa.Table:
     """Parquet of image bytes (a binary column, or a struct with a `bytes` field as Hugging Face
     writes it), or of URIs. Only the schema and the id/URI column are read."""
     container = _full_uri(fs, path)
@@ -317,20 +329,11 @@ def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None) ->
         id_column = next((names[c] for c in ID_COLUMNS if c in names), None)
         count = parquet.metadata.num_rows
         keys = parquet.read(columns=[id_column]).column(0).to_pylist() if id_column else [None] * count
-    items = []
-    for row, key in enumerate(keys):
-        uri = f"{container}#{row}"
-        items.append(
-            Item(
-                image_id=str(key) if key is not None else uri_id(uri),
-                uri=uri,
-                source="parquet",
-                container=container,
-                member=str(row),
-                column=image_column,
-            )
-        )
-    return items
+    uris = [f"{container}#{row}" for row in range(count)]
+    return columns_table(
+        count, image_id=[str(key) if key is not None else uri_id(uri) for key, uri in zip(keys, uris)], uri=uris, source=["parquet"] * count,
+        container=[container] * count, member=[str(row) for row in range(count)], column=[image_column] * count,
+    )  # fmt: skip
 
 
 def _holds_bytes(kind: pa.DataType) -> bool:
@@ -339,22 +342,24 @@ def _holds_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
-def _mark_duplicates(items: list[Item]) -> list[Item]:
+def _marked(items: pa.Table) -> pa.Table:
     """A repeated URI or key keeps one image_id for its first occurrence; later ones get a
     derived unique id and `duplicate_of`, so they become error rows instead of vanishing."""
+    ids, uris = items.column("image_id").to_pylist(), items.column("uri").to_pylist()
+    duplicate_of: list[str | None] = [None] * len(ids)
     first_by_uri: dict[str, str] = {}
     seen_ids: set[str] = set()
-    marked = []
-    for item in items:
-        original = first_by_uri.get(item.uri)
-        image_id = item.image_id
+    for i, (image_id, uri) in enumerate(zip(ids, uris)):
+        original = first_by_uri.get(uri)
         if original is not None or image_id in seen_ids:
             n = 1
             while f"{image_id}~{n}" in seen_ids:
                 n += 1
-            image_id = f"{image_id}~{n}"
-            item = Item(**{**asdict(item), "image_id": image_id, "duplicate_of": original or item.image_id})
-        first_by_uri.setdefault(item.uri, image_id)
+            duplicate_of[i] = original or image_id
+            image_id = ids[i] = f"{image_id}~{n}"
+        first_by_uri.setdefault(uri, image_id)
         seen_ids.add(image_id)
-        marked.append(item)
-    return marked
+    if not any(duplicate_of):
+        return items
+    items = items.set_column(items.schema.get_field_index("image_id"), PLAN_PART_SCHEMA.field("image_id"), pa.array(ids, pa.string()))
+    return items.set_column(items.schema.get_field_index("duplicate_of"), PLAN_PART_SCHEMA.field("duplicate_of"), pa.array(duplicate_of, pa.string()))

@@ -9,6 +9,7 @@ not grow with the dataset.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -23,6 +24,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
@@ -32,7 +34,6 @@ from pipeline.extraction.listing import (
     Input,
     SourceError,
     dataset_inputs,
-    items_table,
     list_input,
     list_ranges,
     list_tail,
@@ -43,6 +44,7 @@ from pipeline.store.uris import one_line
 log = logging.getLogger("srt")
 
 LISTING_THREADS = 8  # inputs listed at once in this process (listing waits on storage, not on cores)
+LISTING_TASKS_PER_CPU = 2  # Ray tasks listing at once per cluster CPU (they wait on storage too)
 REASONS_KEPT = 3  # listing errors quoted when nothing in the dataset is usable
 
 Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
@@ -61,20 +63,39 @@ def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered:
     number, unit = numbered
     items = list_input(unit, storage_options)
     path = part_path(listing, number)
-    write_part(out, path, items_table(items), storage_options)
-    broken = [item for item in items if item.error_kind]
+    write_part(out, path, items, storage_options)
+    broken = items.filter(pc.is_valid(items.column("error_kind")))
     tail = list_tail(unit.uri, unit.stop, storage_options) if unit.kind == "list" and unit.stop else None
     row = {
-        "path": path, "input": unit.uri, "kind": unit.kind, "first_row": 0, "count": len(items), "errors": len(broken),
+        "path": path, "input": unit.uri, "kind": unit.kind, "first_row": 0, "count": items.num_rows, "errors": broken.num_rows,
         "start": unit.start, "stop": unit.stop, "tail": tail,
     }  # fmt: skip
-    return PartFacts(row, tuple(f"{item.uri}: {item.error}" for item in broken[:REASONS_KEPT]))
+    return PartFacts(row, tuple(f"{r['uri']}: {r['error']}" for r in broken.slice(0, REASONS_KEPT).to_pylist()))
 
 
 def thread_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
     """The in-process mapper: inputs listed on a few threads, results in input order."""
     with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="listing") as pool:
         yield from pool.map(function, arguments)
+
+
+@ray.remote(max_retries=3)
+def _call(function: Callable[[Any], Any], argument: Any) -> Any:
+    return function(argument)
+
+
+def ray_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
+    """`function` over `arguments` as Ray tasks anywhere on the cluster (listing a dataset's inputs),
+    results in order; at most LISTING_TASKS_PER_CPU per cluster CPU in flight, so the driver holds
+    a bounded number of arguments and results whatever the dataset's size."""
+    in_flight = max(4, int(ray.cluster_resources().get("CPU", 1) * LISTING_TASKS_PER_CPU))
+    running: collections.deque[Any] = collections.deque()
+    for argument in arguments:
+        running.append(_call.remote(function, argument))
+        if len(running) >= in_flight:
+            yield ray.get(running.popleft())
+    while running:
+        yield ray.get(running.popleft())
 
 
 @dataclass

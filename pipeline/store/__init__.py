@@ -4,7 +4,8 @@
     uris      one spelling per location, whole-object reads through fsspec (checkpoints, sidecars)
     layout    the Zarr layout: creation with a provenance check, shard writes, the PCA basis
     objects   whole Zarr shards and chunks encoded here and written in one go (zarr-python's bytes)
-    manifest  manifest parts: one atomic commit per shard, listing, compaction, reading
+    plan      the work plan: a part per listed input and an index of parts; a shard's rows read from them
+    manifest  manifest parts: one atomic commit per shard, range files of shards, reading, counts
     reader    `FeatureStore`: provenance, manifest and features by image_id, for every task
 
 May import: the engine, fsspec, zarr, pyarrow; never extraction, tasks or commands.
