@@ -120,7 +120,9 @@ def test_a_killed_actor_costs_nothing_but_time(tmp_path, photos):
     killer.join()
     assert killed, "the test killed no actor"
     assert 1 <= summary.retries <= UNITS_PER_ACTOR, "one retry per unit in flight on the killed actor, none bounced off it while it restarts"
-    assert summary.ok == 12 and not summary.failed_shards
+    # A unit whose actor died after committing and before answering is retried and finds its shard
+    # committed: the store holds it once, the run counts it as discarded.
+    assert summary.ok + summary.discarded == 12 and summary.discarded <= 1 and not summary.failed_shards
     assert_exactly_once(str(out), 12)
     expected, got = all_arrays(reference), all_arrays(str(out))
     for image_id in expected:

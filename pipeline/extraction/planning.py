@@ -38,7 +38,7 @@ from pipeline.extraction.listing import (
     list_ranges,
     list_tail,
 )
-from pipeline.store.plan import PlanIndex, part_path, plan_dir, write_part
+from pipeline.store.plan import PlanIndex, part_path, plan_dir, save_part
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
@@ -63,7 +63,7 @@ def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered:
     number, unit = numbered
     items = list_input(unit, storage_options)
     path = part_path(listing, number)
-    write_part(out, path, items, storage_options)
+    save_part(out, path, items, storage_options)
     broken = items.filter(pc.is_valid(items.column("error_kind")))
     tail = list_tail(unit.uri, unit.stop, storage_options) if unit.kind == "list" and unit.stop else None
     row = {

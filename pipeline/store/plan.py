@@ -52,7 +52,7 @@ def part_path(listing: str, number: int) -> str:
     return f"{listing}/part-{number:06d}.parquet"
 
 
-def write_part(out: str, path: str, items: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
+def save_part(out: str, path: str, items: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(items.cast(PLAN_PART_SCHEMA), sink, row_group_size=PART_ROW_GROUP)
     put_atomically(f"{plan_dir(out)}/{path}", sink.getvalue().to_pybytes(), storage_options)
