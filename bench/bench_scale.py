@@ -250,7 +250,8 @@ files kept by the compactor):
 Listing {s3_tars} tars of {MEMBERS:,} members (a tiny image and a caption each) in one folder on moto's
 S3, requests counted by the server: **{per_tar:.2f} requests per tar** (the folder's listing, then one
 read of each tar's headers; sizes come from the listing). One such tar given alone as --dataset:
-**{single} requests** (its size, then its headers in one read; target ≤ 3).
+**{single} requests** (a HEAD for its size, s3fs's own HEAD for its ETag at the first read, then its
+headers in one read; target ≤ 3).
 """
     write_section("scale", "The driver at scale: planning, resume and driving millions of items", body)
 

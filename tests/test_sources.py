@@ -28,7 +28,7 @@ def list_items(dataset: str, storage_options: dict | None = None) -> list[Item]:
 
 def planned(dataset: str, out, shard_size: int) -> PlanReader:
     """The dataset planned into `out` (parts and index), and a reader of its shards' rows."""
-    _, index = plan_dataset(dataset, str(out), shard_size, {}, thread_map)
+    _, index = plan_dataset(dataset, str(out), shard_size, {}, thread_map(2))
     write_index(str(out), index)
     return PlanReader(str(out), index)
 

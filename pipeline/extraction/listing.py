@@ -115,7 +115,7 @@ class Input:
 
 
 FILES_PER_INPUT = 10_000  # image files listed as one input (one plan part)
-LIST_BYTES_PER_INPUT = 4 << 20  # a text file list is listed in ranges of this many bytes (about 60k URIs)
+LIST_BYTES_PER_INPUT = 1 << 20  # a text file list is listed in ranges of this many bytes (about 20k URIs)
 CONTAINER_BLOCK = 64 << 20  # tars are listed by reading ahead this much per request (headers sit between members)
 TAIL_BYTES = 64  # a file list's last listed bytes, hashed, tell --append whether it only grew
 

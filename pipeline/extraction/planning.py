@@ -43,7 +43,7 @@ from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
 
-LISTING_THREADS = 8  # inputs listed at once in this process (listing waits on storage, not on cores)
+LISTING_THREADS = 8  # inputs of a remote dataset listed at once in this process (listing waits on storage)
 LISTING_TASKS_PER_CPU = 2  # Ray tasks listing at once per cluster CPU (they wait on storage too)
 REASONS_KEPT = 3  # listing errors quoted when nothing in the dataset is usable
 
@@ -73,10 +73,26 @@ def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered:
     return PartFacts(row, tuple(f"{r['uri']}: {r['error']}" for r in broken.slice(0, REASONS_KEPT).to_pylist()))
 
 
-def thread_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
-    """The in-process mapper: inputs listed on a few threads, results in input order."""
-    with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="listing") as pool:
-        yield from pool.map(function, arguments)
+def thread_map(threads: int) -> Mapper:
+    """An in-process mapper: `function` over its arguments on `threads` threads, results in order.
+    A failure (or a consumer that stops) cancels what has not started."""
+
+    def mapped(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterator[Any]:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="listing")
+        try:
+            yield from pool.map(function, arguments)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    return mapped
+
+
+def local_mapper(dataset: str, storage_options: dict[str, Any]) -> Mapper:
+    """How this process lists a dataset: on one thread where listing is CPU-bound (local files:
+    tar headers are parsed in Python, and threads only contend for the interpreter lock: 200 tars
+    took 10.6 s on one thread, 23.8 s on eight), on LISTING_THREADS where it waits on a remote store."""
+    fs, _ = fsspec.core.url_to_fs(dataset, **storage_options)
+    return thread_map(1 if isinstance(fs, LocalFileSystem) else LISTING_THREADS)
 
 
 @ray.remote(max_retries=3)
@@ -90,12 +106,16 @@ def ray_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterato
     a bounded number of arguments and results whatever the dataset's size."""
     in_flight = max(4, int(ray.cluster_resources().get("CPU", 1) * LISTING_TASKS_PER_CPU))
     running: collections.deque[Any] = collections.deque()
-    for argument in arguments:
-        running.append(_call.remote(function, argument))
-        if len(running) >= in_flight:
+    try:
+        for argument in arguments:
+            running.append(_call.remote(function, argument))
+            if len(running) >= in_flight:
+                yield ray.get(running.popleft())
+        while running:
             yield ray.get(running.popleft())
-    while running:
-        yield ray.get(running.popleft())
+    finally:  # a failure (or a consumer that stops) leaves no task writing behind it
+        for ref in running:
+            ray.cancel(ref)
 
 
 @dataclass

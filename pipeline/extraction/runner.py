@@ -3,7 +3,7 @@
 `preflight` checks what needs no cluster (flags, --dataset, --out, weights) in seconds; `plan_job`
 then does the rest before the first image: check an existing output, list the dataset once into
 a saved plan (or extend it, --append), create the store, find the shards left to do. The driver
-holds the plan's index (a row per input) and a byte per shard, never a row per image.
+holds the plan's index (a row per input) and a few bytes per shard, never a row per image.
 `run_local` then runs the shards in this process; the Ray runner distributes the same shards.
 """
 
@@ -27,7 +27,7 @@ from pipeline.engine.models import ViT
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.listing import check_dataset
-from pipeline.extraction.planning import Appended, Mapper, list_inputs, new_inputs, plan_dataset, thread_map
+from pipeline.extraction.planning import Appended, Mapper, list_inputs, local_mapper, new_inputs, plan_dataset
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.reading import prefetch
 from pipeline.extraction.weights import fetch_pretrained_weights
@@ -104,13 +104,15 @@ def preflight(config: ExtractConfig) -> ResolvedConfig:
     return resolved
 
 
-def plan_job(resolved: ResolvedConfig, mapper: Mapper = thread_map) -> Job:
+def plan_job(resolved: ResolvedConfig, mapper: Mapper | None = None) -> Job:
     """Everything else before the first image, on a config `preflight` checked: list the dataset
     once into a saved plan (or read the plan of the run being resumed, extended with what is new
     under --append), create the store, find the shards left to do. `mapper` runs the listing of
-    inputs (threads here; Ray tasks on a cluster). Raises StoreMismatchError or SourceError."""
+    inputs (Ray tasks on a cluster; by default this process's threads, `local_mapper`). Raises
+    StoreMismatchError or SourceError."""
     config = resolved.config
     options = config.storage_options
+    mapper = mapper or local_mapper(config.dataset, options)
     log.info("config %s", json.dumps(resolved.flags(), default=str))
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
@@ -333,8 +335,10 @@ def pca_sample(job: Job) -> list[int]:
     """--pca-dims: the pending shards to fit the PCA basis on first (`ShardWorker.fit_pca`), or none
     when the store holds every tap's basis already (a resumed run keeps the basis it started with)."""
     config = job.resolved.config
+    if not config.pca_dims:
+        return []
     fitted = open_group(config.out, "r", config.storage_options, use_consolidated=False).attrs.get("pca", {})
-    if not config.pca_dims or all(tap.name in fitted for tap in job.resolved.taps):
+    if all(tap.name in fitted for tap in job.resolved.taps):
         return []
     return [int(s) for s in job.pending[:PCA_SAMPLE_SHARDS]]
 
