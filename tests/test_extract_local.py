@@ -29,6 +29,7 @@ from pipeline.commands.extract import main as extract_main
 from pipeline.engine.reference import srt_naive
 from pipeline.engine.shifts import grid_shifts
 from pipeline.engine.srt import SRT
+from pipeline.extraction import runner
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.flags import ConfigError
 from pipeline.extraction.images import ImagePolicy, prepare
@@ -36,6 +37,7 @@ from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, preflight, run_local
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import ShardWorker
+from pipeline.store import manifest
 from pipeline.store.layout import StoreMismatchError
 from pipeline.store.manifest import uncommit
 from pipeline.store.reader import FeatureStore
@@ -229,6 +231,23 @@ def test_a_rerun_writes_a_missing_or_stale_summary_keeping_the_figures_it_knows(
     (out / "summary.json").write_text(json.dumps(stale))
     assert run_local(cfg).shards_done == 0
     assert json.loads((out / "summary.json").read_text()) == {**first, "store": first["store"]}  # counts mended, figures kept
+
+
+def test_whole_groups_of_shards_are_compacted_while_the_run_goes(tmp_path, sample_paths, monkeypatch):
+    monkeypatch.setattr(runner, "GROUP_SHARDS", 2)
+    monkeypatch.setattr(manifest, "GROUP_SHARDS", 2)
+    out = tmp_path / "out.zarr"
+    before_the_end: list[list[str]] = []
+    real_finish = runner.finish
+
+    def finish(job, summary):
+        before_the_end.append(sorted(p.name for p in (out / "manifest").iterdir()))
+        real_finish(job, summary)
+
+    monkeypatch.setattr(runner, "finish", finish)
+    run_local(config(str(sample_paths[0].parent), str(out), shard_size=1))
+    assert before_the_end == [["shards-000000-000001.parquet", "shards-000002-000003.parquet"]]
+    assert FeatureStore.open(str(out)).manifest.column("row").to_pylist() == [0, 1, 2, 3]
 
 
 def test_parts_left_by_a_killed_compaction_are_read_once_and_removed_by_the_next_run(tmp_path, sample_paths):
