@@ -6,6 +6,7 @@ r"""Extract SRT features of an image dataset into a Zarr store with a Parquet ma
     python jobs/extract.py ... --local                                           # no Ray at all
 
 A rerun against the same --out resumes: only shards without a manifest part are computed.
+A rerun with --append also lists --dataset again and extracts what was added to it since.
 """
 
 from __future__ import annotations
