@@ -34,7 +34,7 @@ class InstantActor:
 
 
 def job_of(shards: int) -> Job:
-    resolved = resolve(ExtractConfig(dataset="driver-bench", out="driver-bench", model="vit_tiny_patch16_224", shard_size=1, straggler_timeout=0))
+    resolved = resolve(ExtractConfig(dataset="driver-bench", out="driver-bench", model="vit_tiny_patch16_224", shard_size=1))
     index = PlanIndex.of([{"path": "bench/part-000000.parquet", "input": "driver-bench", "kind": "files", "first_row": 0, "count": shards, "errors": 0}], 1)
     return Job(resolved=resolved, index=index, pending=np.arange(shards), resumed=False)
 

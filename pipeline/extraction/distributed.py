@@ -55,6 +55,7 @@ BACKOFF_SECONDS = 0.5
 MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
 COUNTER_TIMEOUT_SECONDS = 10.0  # a counter that does not answer in this long is given up
+DURATION_WINDOW = 256  # the usual unit time (stragglers) is the median of this many latest units
 
 
 @dataclass
@@ -103,7 +104,8 @@ class ActorPoolScheduler:
         self.load = {name: 0 for name, _ in actors}
         self.done: set[tuple[int, Any]] = set()  # unit keys finished (first result wins)
         self.payloads: dict[int, dict[int, Any]] = collections.defaultdict(dict)  # shard -> batch -> ref
-        self.durations: list[float] = []
+        self.durations: collections.deque[float] = collections.deque(maxlen=DURATION_WINDOW)  # the latest units' times
+        self.straggler_limit: tuple[float, float] | None = None  # (seconds, when to compute it again)
         self.duplicated: set[tuple[int, Any]] = set()
         # Actors that died, and when to ask next whether Ray has restarted them: nothing is sent to
         # one until its ready() answers, since units sent meanwhile fail at once ("restarting").
@@ -306,13 +308,15 @@ class ActorPoolScheduler:
         """Start a second copy of a unit that has run far longer than usual, on the least-busy actor."""
         if self.straggler_timeout == 0 or len(self.actors) < 2:
             return
+        now = time.monotonic()
         if self.straggler_timeout is None:
             if len(self.durations) < 3:
                 return
-            limit = max(MIN_STRAGGLER_SECONDS, 4 * statistics.median(self.durations))
+            if self.straggler_limit is None or now >= self.straggler_limit[1]:  # once a second, not per event
+                self.straggler_limit = (max(MIN_STRAGGLER_SECONDS, 4 * statistics.median(self.durations)), now + 1.0)
+            limit = self.straggler_limit[0]
         else:
             limit = self.straggler_timeout
-        now = time.monotonic()
         for running in list(self.running.values()):
             unit = running.unit
             if unit.key in self.duplicated or now - running.started < limit or unit.batch == "commit":
