@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.errors import ContainsArrayError
+from zarr.errors import ContainsArrayError, ZarrUserWarning
 
 from pipeline.engine.models import Tap
 from pipeline.engine.pca import Basis
@@ -212,13 +213,13 @@ def create_store(spec: StoreSpec, plan_size: int) -> zarr.Group:
 def grow_store(group: zarr.Group, plan_size: int) -> None:
     """--append: every per-image array grows to the new plan size (its metadata only; chunks and
     shards of existing rows are not touched), then the group says so."""
-    for _, array in group.arrays():
-        if array.shape[0] < plan_size and not array.path.startswith("pca/"):
+    with warnings.catch_warnings():  # zarr notes the plan and manifest folders beside the arrays
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        arrays = [node for _, node in group.members(max_depth=None) if isinstance(node, zarr.Array) and not node.path.startswith("pca/")]
+    for array in arrays:
+        if array.shape[0] < plan_size:
             array.resize((plan_size, *array.shape[1:]))
-    for _, child in group.groups():
-        grow_store(child, plan_size)
-    if group.path == "":
-        group.attrs["plan_size"] = plan_size
+    group.attrs["plan_size"] = plan_size
 
 
 def axes(path: str, stride: int) -> tuple[tuple[str, ...], dict[str, Any]]:
