@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 import ray
 
-from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, run_ray
-from pipeline.extraction.runner import run_local
+from pipeline.extraction.config import resolve
+from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, ActorPoolScheduler, run_ray
+from pipeline.extraction.progress import JobProgress
+from pipeline.extraction.runner import Compactor, Job, RunSummary, run_local
+from pipeline.extraction.worker import ShardStats
+from pipeline.store.plan import PlanIndex
 from pipeline.store.reader import FeatureStore
 from tests.images_factory import encode, gradient, write_files
 from tests.test_append import committed_files
@@ -86,6 +90,35 @@ def test_split_shifts_equal_data_parallel_before_the_fp16_cast(tmp_path, photos)
     assert a.keys() == b.keys()
     for image_id in a:
         np.testing.assert_allclose(b[image_id], a[image_id], atol=1e-5, rtol=0)
+
+
+@ray.remote(num_cpus=0)
+class InstantSplitActor:
+    """Answers split units at once: a payload per shift batch, then a commit."""
+
+    def ready(self) -> bool:
+        return True
+
+    @ray.method(num_returns=2)
+    def compute(self, shard: int, shifts, counter):
+        return shard, np.zeros(100_000, np.float32)
+
+    def commit(self, shard: int, *payloads) -> ShardStats:
+        return ShardStats(shard=shard, ok=len(payloads))
+
+
+def test_split_payloads_are_let_go_once_their_commit_is_queued(tmp_path):
+    """The driver keeps no ref to a committed shard's partial sums: they would pin the object store."""
+    resolved = resolve(config(str(tmp_path), str(tmp_path / "out.zarr"), shard_size=1))
+    index = PlanIndex.of([{"path": "x/part-000000.parquet", "input": "x", "kind": "files", "first_row": 0, "count": 8, "errors": 0}], 1)
+    job = Job(resolved=resolved, index=index, pending=np.arange(8), resumed=False)
+    summary = RunSummary()
+    actors = [(f"split-{i}", InstantSplitActor.remote()) for i in range(2)]
+    scheduler = ActorPoolScheduler(job, actors, [(), ()], summary, None, Compactor(job))
+    with JobProgress(8) as bar:
+        scheduler.run(bar)
+    assert summary.shards_done == 8 and summary.ok == 16
+    assert not scheduler.payloads
 
 
 def test_auto_split_spreads_shifts_when_images_are_fewer_than_actors(tmp_path, photos):

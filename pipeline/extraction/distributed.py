@@ -262,7 +262,8 @@ class ActorPoolScheduler:
         self.durations.append(time.monotonic() - running.started)
         batches = self.payloads[unit.shard]
         batches[unit.batch] = running.payload
-        if len(batches) == len(self.batches):
+        if len(batches) == len(self.batches):  # the commit unit holds the refs now: none stays behind it
+            del self.payloads[unit.shard]
             payloads = [batches[b] for b in range(len(self.batches))]
             self.queue.appendleft(Unit(unit.shard, "commit", attempt=unit.attempt, payloads=payloads))
 
