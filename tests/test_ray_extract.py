@@ -14,9 +14,11 @@ import fsspec
 import numpy as np
 import pytest
 import ray
+from ray.exceptions import RayTaskError
 
 from pipeline.extraction.config import resolve
 from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, ActorPoolScheduler, run_ray
+from pipeline.extraction.listing import SourceError
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.runner import Compactor, Job, RunSummary, run_local
 from pipeline.extraction.worker import ShardStats
@@ -242,6 +244,13 @@ def test_empty_dataset_says_so_before_any_actor_starts(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="no images found"):
         run_ray(config(str(tmp_path / "empty"), str(tmp_path / "out.zarr")))
+
+
+def test_a_listing_error_in_a_ray_task_is_raised_as_itself_in_one_line(tmp_path):
+    (tmp_path / "bad.csv").write_text("name,size\na,1\n")
+    with pytest.raises(SourceError, match="no URI column") as raised:
+        run_ray(config(str(tmp_path / "bad.csv"), str(tmp_path / "out.zarr")))
+    assert "\n" not in str(raised.value) and not isinstance(raised.value, RayTaskError)
 
 
 @pytest.mark.timeout(180)  # a FIFO opened for reading would block an actor forever

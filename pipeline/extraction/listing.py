@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import logging
 import os
 import posixpath
 import stat
@@ -33,8 +32,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.store.schemas import PLAN_PART_SCHEMA
 from pipeline.store.uris import normalize_uri, one_line
-
-log = logging.getLogger("srt")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".csv")

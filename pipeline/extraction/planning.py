@@ -1,10 +1,10 @@
 """Plan a dataset into a store, input by input, and extend the plan with what is new (--append).
 
 Each input (a tar, a Parquet file, a range of a file list, a batch of image files) is listed by
-`list_part` into a plan part of its own, wherever the mapper runs it: threads in this process, or
-Ray tasks over a cluster (`pipeline.extraction.distributed.ray_map`). The driver only numbers the
-parts' rows as their counts come back (a row per input), so its memory and its work per item do
-not grow with the dataset.
+`list_part` into a plan part of its own, wherever the mapper runs it: threads in this process
+(`local_mapper`), or Ray tasks over a cluster (`ray_map`). The driver only numbers the parts' rows
+as their counts come back (a row per input), so its memory and its work per item do not grow
+with the dataset.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from fsspec.implementations.local import LocalFileSystem
+from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
 from pipeline.extraction.listing import (
@@ -40,8 +40,6 @@ from pipeline.extraction.listing import (
 )
 from pipeline.store.plan import PlanIndex, part_path, plan_dir, save_part
 from pipeline.store.uris import one_line
-
-log = logging.getLogger("srt")
 
 LISTING_THREADS = 8  # inputs of a remote dataset listed at once in this process (listing waits on storage)
 LISTING_TASKS_PER_CPU = 2  # Ray tasks listing at once per cluster CPU (they wait on storage too)
@@ -110,12 +108,23 @@ def ray_map(function: Callable[[Any], Any], arguments: Iterable[Any]) -> Iterato
         for argument in arguments:
             running.append(_call.remote(function, argument))
             if len(running) >= in_flight:
-                yield ray.get(running.popleft())
+                yield _result(running.popleft())
         while running:
-            yield ray.get(running.popleft())
+            yield _result(running.popleft())
     finally:  # a failure (or a consumer that stops) leaves no task writing behind it
         for ref in running:
             ray.cancel(ref)
+
+
+def _result(ref: Any) -> Any:
+    """A task's result, or the error it raised as itself (a SourceError names --dataset in one
+    line), not wrapped in Ray's remote traceback."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as error:
+        if isinstance(error.cause, Exception):
+            raise error.cause from None
+        raise
 
 
 @dataclass
