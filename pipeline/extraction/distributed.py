@@ -26,13 +26,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from pipeline.engine.shifts import Shift, split_shifts
+from pipeline.engine.shifts import Shift
 from pipeline.extraction.actor import UNITS_PER_ACTOR, ExtractActor
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, wait_until_started
+from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, shift_batches, wait_until_started
 from pipeline.extraction.planning import ray_map
 from pipeline.extraction.progress import JobProgress, progress_counter
 from pipeline.extraction.runner import (
@@ -73,6 +74,28 @@ class Unit:
         return (self.shard, self.batch)
 
 
+class UnitFlags:
+    """Which units are finished, as a byte per unit of the plan (shard x shift batch, and the split
+    commit), so the scheduler's state stays a few bytes per shard however many are done."""
+
+    def __init__(self, shards: int, batches: int) -> None:
+        self.columns = batches + 1 if batches > 1 else 1  # data parallel: one unit per shard
+        self.flags = np.zeros((shards, self.columns), bool)
+
+    def _at(self, key: tuple[int, int | str | None]) -> tuple[int, int]:
+        shard, batch = key
+        return shard, 0 if batch is None else self.columns - 1 if batch == "commit" else int(batch)
+
+    def __contains__(self, key: tuple[int, int | str | None]) -> bool:
+        return bool(self.flags[self._at(key)])
+
+    def add(self, key: tuple[int, int | str | None]) -> None:
+        self.flags[self._at(key)] = True
+
+    def discard(self, key: tuple[int, int | str | None]) -> None:
+        self.flags[self._at(key)] = False
+
+
 @dataclass
 class Running:
     unit: Unit
@@ -102,7 +125,7 @@ class ActorPoolScheduler:
         self.delayed: list[tuple[float, int, Unit]] = []  # (not_before, tiebreak, unit): a heap of backed-off retries
         self.running: dict[Any, Running] = {}
         self.load = {name: 0 for name, _ in actors}
-        self.done: set[tuple[int, Any]] = set()  # unit keys finished (first result wins)
+        self.done = UnitFlags(job.shards, len(batches))  # units finished (first result wins)
         self.payloads: dict[int, dict[int, Any]] = collections.defaultdict(dict)  # shard -> batch -> ref
         self.durations: collections.deque[float] = collections.deque(maxlen=DURATION_WINDOW)  # the latest units' times
         self.straggler_limit: tuple[float, float] | None = None  # (seconds, when to compute it again)
@@ -115,7 +138,7 @@ class ActorPoolScheduler:
         self.counter = counter  # a ProgressCounter the actors report image groups to; None once lost
         self.shown: collections.Counter[int] = collections.Counter()  # images of uncommitted shards already on the bar
         self.limits: dict[int, int] = {}  # images a counter key may show, where not its shard's (the PCA sample)
-        self.committed: set[int] = set()  # shards whose images are all on the bar: later reports are ignored
+        self.committed = np.zeros(job.shards, bool)  # shards whose images are all on the bar: later reports are ignored
         self.next_progress = 0.0
         self.compactor = compactor
         self.sample = pca_sample(job)
@@ -167,7 +190,7 @@ class ActorPoolScheduler:
             self.counter = None
             return
         for shard, (images, views) in counts.items():
-            if shard not in self.committed:
+            if not self.committed[shard]:
                 step = min(images, self.limits.get(shard, self.job.images_in([shard])) - self.shown[shard])
                 self.shown[shard] += step
                 bar.computed(step, int(views))
@@ -183,7 +206,7 @@ class ActorPoolScheduler:
             self.summary.add(stats, name)
             if stats.committed:
                 self.compactor.committed(stats.shard)
-        self.committed.update(self.sample)
+        self.committed[self.sample] = True
         bar.count_errors(sum(self.summary.errors.values()))
         bar.advance(self.job.images_in(self.sample) - self.shown.pop(self.sample[0], 0))
 
@@ -280,7 +303,7 @@ class ActorPoolScheduler:
         self.durations.append(time.monotonic() - started)
         self.summary.add(stats, worker=name)
         self.compactor.committed(unit.shard)
-        self.committed.add(unit.shard)
+        self.committed[unit.shard] = True
         bar.count_errors(sum(self.summary.errors.values()))
         bar.advance(self.job.images_in([unit.shard]) - self.shown.pop(unit.shard, 0))
 
@@ -329,18 +352,6 @@ class ActorPoolScheduler:
                 self.summary.duplicates += 1
                 name, actor = min(others, key=lambda a: self.load[a[0]])
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
-
-
-def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
-    shifts = job.resolved.shifts
-    setting = job.resolved.config.split_shifts
-    if job.resolved.config.adaptive_tol is not None:
-        parts = 1  # adaptive views need all of an image's views in one place
-    elif setting == "auto":
-        parts = min(actors, len(shifts)) if job.images_in(job.pending) < actors else 1
-    else:
-        parts = min(int(setting), len(shifts))
-    return split_shifts(shifts, parts)
 
 
 def run_ray(config: ExtractConfig) -> RunSummary:

@@ -1,6 +1,7 @@
 """Placing the extraction actors: how many, with what resources, fitted to the cluster; a request
 the cluster cannot place fails before any work, naming the flags, and an actor that waits to be
-placed (an autoscaling or busy cluster) never waits silently.
+placed (an autoscaling or busy cluster) never waits silently. And how a shard's shifts are spread
+over the actors placed (`shift_batches`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 
 import ray
 
+from pipeline.engine.shifts import Shift, split_shifts
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.flags import ConfigError
+from pipeline.extraction.runner import Job
 
 log = logging.getLogger("srt")
 
@@ -89,3 +92,17 @@ def wait_until_started(actors: list[tuple[str, Any]], each: dict[str, float]) ->
 
 def _cpus_gpus(resources: dict[str, float]) -> str:
     return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+
+
+def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
+    """How each shard's shifts are spread over the actors (--split-shifts): one batch (data
+    parallel), or G batches computed on different actors and added in one commit."""
+    shifts = job.resolved.shifts
+    setting = job.resolved.config.split_shifts
+    if job.resolved.config.adaptive_tol is not None:
+        parts = 1  # adaptive views need all of an image's views in one place
+    elif setting == "auto":
+        parts = min(actors, len(shifts)) if job.images_in(job.pending) < actors else 1
+    else:
+        parts = min(int(setting), len(shifts))
+    return split_shifts(shifts, parts)

@@ -3,7 +3,7 @@
 `preflight` checks what needs no cluster (flags, --dataset, --out, weights) in seconds; `plan_job`
 then does the rest before the first image: check an existing output, list the dataset once into
 a saved plan (or extend it, --append), create the store, find the shards left to do. The driver
-holds the plan's index (a row per input) and a little state per shard, never a row per image.
+holds the plan's index (a row per input) and a few bytes per shard, never a row per image.
 `run_local` then runs the shards in this process; the Ray runner distributes the same shards.
 """
 
