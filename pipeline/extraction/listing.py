@@ -145,7 +145,7 @@ def dataset_inputs(dataset: str, storage_options: dict[str, Any] | None = None) 
 def list_ranges(uri: str, size: int, start: int = 0) -> Iterator[Input]:
     """A text file list's bytes [start, size) as inputs of LIST_BYTES_PER_INPUT each."""
     for begin in range(start, size, LIST_BYTES_PER_INPUT):
-        yield Input("list", uri, start=begin, stop=min(size, begin + LIST_BYTES_PER_INPUT))
+        yield Input("list", uri, size=size, start=begin, stop=min(size, begin + LIST_BYTES_PER_INPUT))
 
 
 def list_input(unit: Input, storage_options: dict[str, Any] | None = None) -> pa.Table:
@@ -154,7 +154,7 @@ def list_input(unit: Input, storage_options: dict[str, Any] | None = None) -> pa
     cannot be read raises."""
     fs, path = fsspec.core.url_to_fs(unit.uri, **(storage_options or {}))
     if unit.kind == "list":
-        return _marked(_list_file_list(fs, path, unit.start or 0, unit.stop))
+        return _marked(_list_file_list(fs, path, unit.start or 0, unit.stop, unit.size))
     if unit.kind == "files":
         local = isinstance(fs, LocalFileSystem)
         return _marked(items_table(
@@ -224,11 +224,11 @@ def _expand(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> list[tupl
     return sorted((name, info.get("size")) for name, info in found.items() if info.get("type") != "directory")
 
 
-def _list_file_list(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int | None) -> pa.Table:
+def _list_file_list(fs: fsspec.AbstractFileSystem, path: str, start: int, stop: int | None, size: int | None) -> pa.Table:
     """The lines of a .txt (one URI a line) or .csv (a URI column, optional id column) that start
     in [start, stop) (the whole list when stop is None); relative URIs resolve against the list's
     own folder. A CSV's header is its first line, whichever range is listed."""
-    with fs.open(path, "rb", block_size=LIST_BYTES_PER_INPUT + (1 << 20)) as handle:
+    with fs.open(path, "rb", block_size=LIST_BYTES_PER_INPUT + (1 << 20), size=size) as handle:
         header = b""
         if path.lower().endswith(".csv") and start > 0:
             header = handle.readline()

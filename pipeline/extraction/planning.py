@@ -63,7 +63,8 @@ def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered:
     path = part_path(listing, number)
     save_part(out, path, items, storage_options)
     broken = items.filter(pc.is_valid(items.column("error_kind")))
-    tail = list_tail(unit.uri, unit.stop, storage_options) if unit.kind == "list" and unit.stop else None
+    last_range = unit.kind == "list" and unit.stop == unit.size  # --append checks only where a list ended
+    tail = list_tail(unit.uri, unit.stop, storage_options) if last_range else None
     row = {
         "path": path, "input": unit.uri, "kind": unit.kind, "first_row": 0, "count": items.num_rows, "errors": broken.num_rows,
         "start": unit.start, "stop": unit.stop, "tail": tail,

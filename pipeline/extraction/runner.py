@@ -161,7 +161,7 @@ def append_to_plan(config: ExtractConfig, index: PlanIndex, mapper: Mapper) -> t
 def retry_error_rows(out: str, kinds: tuple[str, ...], storage_options: dict[str, Any]) -> None:
     """--retry-errors: the committed shards holding error rows of `kinds` become pending again, so
     this run recomputes them whole and commits each once more (exactly once, as any shard)."""
-    shards, rows = shards_with_errors(out, kinds, storage_options)
+    shards, rows = shards_with_errors(manifest_files(out, storage_options), kinds)
     if shards:
         log.info("--retry-errors %s: recomputing %d shards holding %d such rows", ",".join(kinds), len(shards), rows)
         uncommit(out, shards, storage_options)
@@ -320,13 +320,14 @@ def finish(job: Job, summary: RunSummary) -> None:
 def store_counts(out: str, storage_options: dict[str, Any], shards: int) -> dict[str, Any]:
     """What a store holds, from its manifest read one file at a time: images, ok, errors by kind,
     shards committed of all."""
-    rows, kinds = error_counts(out, storage_options)
+    listed = manifest_files(out, storage_options)  # one listing for the rows and the shards
+    rows, kinds = error_counts(listed)
     return {
         "images": rows,
         "ok": rows - sum(kinds.values()),
         "errors": sum(kinds.values()),
         "error_kinds": dict(kinds.most_common()),
-        "shards_committed": manifest_files(out, storage_options).count(),
+        "shards_committed": listed.count(),
         "shards": shards,
     }
 

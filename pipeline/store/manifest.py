@@ -18,6 +18,7 @@ import bisect
 import re
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,14 +77,22 @@ class ManifestFiles:
     def count(self) -> int:
         return sum(last - first + 1 for first, last, _ in self.ranges) + len(self.parts)
 
+    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """These columns (default all) of the committed rows, a file at a time."""
+        for path in self.files():
+            yield _read(self.fs, path, columns)
+
+
+def _ranges(names: list[str]) -> list[tuple[int, int, str]]:
+    return sorted((int(m.group(1)), int(m.group(2)), p) for p in names if (m := RANGE_PATTERN.search(p)))
+
 
 def manifest_files(out: str, storage_options: dict[str, Any] | None = None) -> ManifestFiles:
     """A fresh listing of the manifest folder (object-store clients cache listings)."""
     fs, path = fsspec.core.url_to_fs(manifest_dir(out), **(storage_options or {}))
     fs.invalidate_cache(path)
     names = fs.ls(path, detail=False) if fs.exists(path) else []
-    ranges = sorted((int(m.group(1)), int(m.group(2)), p) for p in names if (m := RANGE_PATTERN.search(p)))
-    listed = ManifestFiles(fs, ranges, {})
+    listed = ManifestFiles(fs, _ranges(names), {})
     for p in names:
         if m := PART_PATTERN.search(p):
             if listed.covered(shard := int(m.group(1))):
@@ -94,9 +103,12 @@ def manifest_files(out: str, storage_options: dict[str, Any] | None = None) -> M
 
 
 def is_committed(out: str, shard: int, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the shard has its part, or a range file covers it. Only range files are listed
+    (an object store lists them by prefix), not the folder's loose parts: this runs at every commit."""
     fs, path = fsspec.core.url_to_fs(part_uri(out, shard), **(storage_options or {}))
-    fs.invalidate_cache(path.rsplit("/", 1)[0])
-    return fs.exists(path) or manifest_files(out, storage_options).covered(shard)
+    folder = path.rsplit("/", 1)[0]
+    fs.invalidate_cache(folder)
+    return fs.exists(path) or ManifestFiles(fs, _ranges(fs.glob(f"{folder}/shards-*.parquet")), {}).covered(shard)
 
 
 def put_atomically(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -165,7 +177,7 @@ def read_manifest(out: str, storage_options: dict[str, Any] | None = None, colum
     for attempt in range(LISTING_ATTEMPTS):
         listed = manifest_files(out, storage_options)
         try:
-            tables = [_read(listed.fs, path, columns) for path in listed.files()]
+            tables = list(listed.tables(columns))
             break
         except FileNotFoundError:  # a part compacted away since the listing
             if attempt == LISTING_ATTEMPTS - 1:
@@ -176,24 +188,20 @@ def read_manifest(out: str, storage_options: dict[str, Any] | None = None, colum
     return table.sort_by("row") if "row" in table.column_names else table
 
 
-def error_counts(out: str, storage_options: dict[str, Any] | None = None) -> tuple[int, Counter]:
+def error_counts(listed: ManifestFiles) -> tuple[int, Counter]:
     """(rows, error rows by kind) of every committed row, one file at a time: what a driver
     reports of a store whatever its size."""
-    listed = manifest_files(out, storage_options)
     rows, kinds = 0, Counter()
-    for path in listed.files():
-        column = _read(listed.fs, path, ["error_kind"]).column(0)
-        rows += len(column)
-        kinds.update({entry["values"]: entry["counts"] for entry in pc.value_counts(column.drop_null()).to_pylist()})
+    for table in listed.tables(["error_kind"]):
+        rows += table.num_rows
+        kinds.update({entry["values"]: entry["counts"] for entry in pc.value_counts(table.column(0).drop_null()).to_pylist()})
     return rows, kinds
 
 
-def shards_with_errors(out: str, kinds: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> tuple[set[int], int]:
+def shards_with_errors(listed: ManifestFiles, kinds: tuple[str, ...]) -> tuple[set[int], int]:
     """(shards, rows) of committed error rows of these kinds, one file at a time."""
-    listed = manifest_files(out, storage_options)
     shards, count = set(), 0
-    for path in listed.files():
-        table = _read(listed.fs, path, ["shard", "error_kind"])
+    for table in listed.tables(["shard", "error_kind"]):
         wanted = table.filter(pc.is_in(table.column("error_kind"), pa.array(kinds)))
         shards.update(wanted.column("shard").to_pylist())
         count += wanted.num_rows
