@@ -35,8 +35,19 @@ from pipeline.engine import pca
 from pipeline.engine.aggregation import PartialSum, SRTOutput
 from pipeline.engine.models import TokenMap, ViT
 from pipeline.engine.srt import SRT
+from pipeline.extraction import worker
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.extraction.device_decoding import decode_batches
+from pipeline.extraction.images import (
+    DECODERS,
+    Encoded,
+    ImagePolicy,
+    Prepared,
+    as_input,
+    encoded,
+    input_geometry,
+    prepare,
+)
 from pipeline.extraction.planning import plan_dataset, thread_map
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, preflight, run_local
@@ -96,9 +107,20 @@ def beside_a_gpu() -> Iterator[None]:
     """`engine_on_device`, and also what a GPU does after the sums precomputed: finalize, the PCA
     fit and projection (--pca-dims) and the cast to the stored fp16, so the host only copies the stored
     dtype into the shard's blocks (as from a GPU) and does the rest: read, decode, store writes,
-    manifest commits. Restored on exit."""
+    manifest commits. With `--decoder device` the batch decode and resize are the GPU's too: the
+    host reads and parses headers. Restored on exit."""
     finished: dict[tuple, SRTOutput] = {}
     projected: dict[tuple, torch.Tensor] = {}
+    pixels: dict[tuple, torch.Tensor] = {}
+
+    def decoded_on_gpu(items: list[Encoded], policy: ImagePolicy, device: torch.device) -> list[Prepared]:
+        inputs = []
+        for item in items:
+            size, region = input_geometry(item.height, item.width, policy)
+            if size not in pixels:
+                pixels[size] = torch.zeros((3, *size), dtype=torch.uint8)
+            inputs.append(as_input(pixels[size], policy, (item.height, item.width), region))
+        return inputs
 
     def finalize(self: SRT, partial: PartialSum) -> SRTOutput:
         tap = next(iter(partial.dense))
@@ -123,13 +145,13 @@ def beside_a_gpu() -> Iterator[None]:
         channels = maps[0].shape[1]
         return pca.Basis(mean=torch.zeros(channels), components=torch.eye(channels)[:dims], explained=1.0)
 
-    originals = SRT.finalize, ShardWorker._reduced, pca.fit
-    SRT.finalize, ShardWorker._reduced, pca.fit = finalize, reduced, fit
+    originals = SRT.finalize, ShardWorker._reduced, pca.fit, worker.decode_batches
+    SRT.finalize, ShardWorker._reduced, pca.fit, worker.decode_batches = finalize, reduced, fit, decoded_on_gpu
     try:
         with engine_on_device():
             yield
     finally:
-        SRT.finalize, ShardWorker._reduced, pca.fit = originals
+        SRT.finalize, ShardWorker._reduced, pca.fit, worker.decode_batches = originals
 
 
 THREAD_GROUPS = (("decode", "decode"), ("commit", "store writers"), ("zarr_io", "zarr event loop"), ("MainThread", "main"), ("produce", "prefetch (read)"))
@@ -268,6 +290,7 @@ def decode_in_job(dataset: str, out: str, shard_size: int, vit: ViT, threads: in
 PHOTO_SIZES = ((500, 375), (500, 333), (640, 480), (375, 500), (640, 427), (500, 334))
 OUTPUT_CHOICES = {"dense maps + vectors": {}, "--outputs cls,pooled": {"outputs": ("cls", "pooled")}, "--pca-dims 64": {"pca_dims": 64}}
 SINGLE_THREADS = ("zarr event loop", "main", "prefetch (read)")  # one thread each, however many cores
+COPY = "of main: copy into blocks (DMA beside a GPU)"
 
 
 def mixed_photos(count: int) -> list[bytes]:
@@ -280,25 +303,35 @@ def mixed_photos(count: int) -> list[bytes]:
 def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict) -> tuple[float, float, dict[str, float], float]:
     """The job beside a GPU (`beside_a_gpu`): (images/s, process CPU ms per image, CPU seconds by
     thread group, CPU seconds of the busiest thread more cores cannot share), counted from the
-    first shard's load (planning and start-up left out)."""
+    first shard's load (planning and start-up left out). The main thread's copies of the stored
+    values into the shard's blocks are counted apart ("copy into blocks"), and left out of the
+    busiest thread: beside a GPU they are the GPU's DMA into pinned buffers, here a CPU memcpy."""
     config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, decoder=decoder, **extra)
-    threads, marks = ThreadCPU(), []
-    original = ShardWorker.load
+    threads, marks, copying = ThreadCPU(), [], [0.0]
+    original_load, original_fill = ShardWorker.load, ShardWorker._fill
 
-    def load(self: ShardWorker, shard: int, rows: list) -> object:
+    def load(self: ShardWorker, shard: int) -> object:
         if not marks:
             marks.append(time.process_time())
             threads.mark()
-        return original(self, shard, rows)
+        return original_load(self, shard)
 
-    ShardWorker.load = load
+    def fill(self: ShardWorker, *args: object) -> list[str]:
+        started = time.thread_time()
+        paths = original_fill(self, *args)
+        copying[0] += time.thread_time() - started
+        return paths
+
+    ShardWorker.load, ShardWorker._fill = load, fill
     try:
         with beside_a_gpu(), threads:
             summary = run_local(config, vit=vit)
             cpu = time.process_time() - marks[0]
     finally:
-        ShardWorker.load = original
+        ShardWorker.load, ShardWorker._fill = original_load, original_fill
     groups, busiest, sampler = threads.by_group()
+    busiest["main"] = busiest.get("main", 0.0) - copying[0]
+    groups[COPY] = copying[0]
     single = max(busiest.get(group, 0.0) for group in SINGLE_THREADS)
     return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (cpu - sampler) / summary.images, groups, single
 
@@ -335,7 +368,7 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
     # not a CPU torch op whose OpenMP team spins after every copy (which would be counted here).
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     spawn = multiprocessing.get_context("spawn")
-    groups = [label for _, label in THREAD_GROUPS] + ["other (torch, blosc, Ray)"]
+    groups = [label for _, label in THREAD_GROUPS] + [COPY, "other (torch, blosc, Ray)"]
     rows, decoders, scaling = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -346,26 +379,32 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
                 (root / copy / f"{i:06d}.jpg").write_bytes(blob)
             datasets.append(str(root / copy))
         for size in (224, 448):
-            policies = {name: ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3, decoder=name) for name in ("pillow", "torchvision")}
-            inputs = {name: [prepare(blob, policy) for blob in blobs] for name, policy in policies.items()}
-            difference = np.mean([(a.pixels.int() - b.pixels.int()).abs().float().mean().item() for a, b in zip(*inputs.values())])
-            rates = {name: decode_rate(blobs, size, 1, name) for name in policies}
-            decoders.append([f"{size}²", f"{rates['pillow']:.0f}", f"{rates['torchvision']:.0f}", f"**{rates['torchvision'] / rates['pillow']:.2f}**", f"{difference:.4f}"])
-            for decoder in ("pillow", "torchvision"):
+            policies = {name: ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3, decoder=name) for name in DECODERS}
+            inputs = {name: [prepare(blob, policies[name]) for blob in blobs] for name in ("pillow", "torch")}
+            inputs["device"] = decode_batches([encoded(blob, policies["device"]) for blob in blobs], policies["device"], torch.device("cpu"))
+            difference = {name: np.mean([(a.pixels.int() - b.pixels.int()).abs().float().mean().item() for a, b in zip(inputs[name], inputs["pillow"])]) for name in ("torch", "device")}
+            rates = {name: decode_rate(blobs, size, 1, name) for name in ("pillow", "torch")}
+            started = time.process_time()
+            headers = [encoded(blob, policies["device"]) for blob in blobs]
+            header_ms = 1000 * (time.process_time() - started) / len(headers)
+            decoders.append([f"{size}²", f"{rates['pillow']:.0f}", f"{rates['torch']:.0f}", f"**{rates['torch'] / rates['pillow']:.2f}**", f"{difference['torch']:.4f}", f"{header_ms:.3f}", f"{difference['device']:.4f}"])
+            print(decoders[-1])
+            for decoder in DECODERS:
                 for label, extra in OUTPUT_CHOICES.items():
                     with spawn.Pool(1) as pool:
                         rate, cpu_ms, by_group, single = pool.apply(host_row, (datasets[0], str(root / f"{size}-{decoder}-{len(rows)}.zarr"), size, shard_size, decoder, extra))
                     rows.append([f"{size}²", decoder, label, f"{rate:.0f}", f"**{cpu_ms:.2f}**", *(f"{1000 * by_group.get(g, 0.0) / images:.2f}" for g in groups), f"**{1000 * single / images:.2f}**"])
                     print(rows[-1])
-            for decoder in ("pillow", "torchvision"):
+            for decoder in DECODERS:
                 one, two = process_scaling(datasets, root, size, shard_size, decoder)
                 scaling.append([f"{size}²", decoder, f"{one:.0f}", f"{two:.0f}", f"**{two / one:.2f}**"])
                 print(scaling[-1])
     body = f"""
 What a GPU actor's host does per image, measured on CPU exactly as it runs beside a GPU: the real
 job (`run_local`) with everything a GPU does precomputed (`beside_a_gpu`: the SRT sums, finalize,
-the PCA projection, the fp16 cast), so the host reads, decodes, copies the stored fp16 values into
-the shard's blocks, writes the store and commits manifests; each job in a process of its own
+the PCA projection, the fp16 cast, and with `--decoder device` the batch decode and resize), so
+the host reads, decodes (pillow, torch) or parses JPEG headers (device), copies the stored fp16
+values into the shard's blocks, writes the store and commits manifests; each job in a process of its own
 with OpenMP's idle workers sleeping (`OMP_WAIT_POLICY=PASSIVE`), as no CPU torch op runs there
 beside a GPU. {images} ImageNet-like JPEGs in the
 common photo sizes ({', '.join(f'{w}×{h}' for w, h in PHOTO_SIZES)}: half of them have an odd
@@ -373,16 +412,20 @@ margin around the square centre crop), ViT-S/16 shapes, stride 8, lz4, {shard_si
 shard. CPU is counted from the first shard's load (planning and start-up left out), per thread
 from /proc; "busiest single thread" is the busiest of the threads more cores cannot share (zarr's
 event loop, main, the reading prefetch thread), which caps one process's rate at 1000 / that many
-images/s.
+images/s. Main's copy of the stored values into the shard's blocks is shown apart and left out of
+that figure: beside a GPU it is the GPU's DMA into pinned, reused host buffers, here a CPU memcpy
+(part of it on torch's OpenMP threads, under "other").
 
 {table(["input", "decoder", "stored", "images/s", "process CPU ms per image", *(f"{g} ms" for g in groups), "busiest single thread ms"], rows)}
 
 The decoders side by side, one thread, the same photos to the square 224² or 448² input
-(decode, orient, resize, channels first); the inputs' mean absolute difference in levels of 255
-(torchvision decodes bit-identically to Pillow; torch's antialiased bicubic is Pillow's filter,
-and a crop box that starts between pixels is resized by Pillow on either path):
+(decode, orient, resize, channels first); the inputs' mean absolute difference from Pillow's in
+levels of 255 (TorchCodec decodes bit-identically to Pillow; torch's antialiased bicubic is
+Pillow's filter, and a crop box that starts between pixels is resized by Pillow on the torch path;
+the device decoder resizes with Pillow's integer arithmetic, here run on the CPU device). Beside a
+GPU the device decoder's host share is the header parse, CPU ms per image:
 
-{table(["input", "Pillow images/s", "torchvision images/s", "torchvision / Pillow", "mean |difference| of inputs (of 255)"], decoders)}
+{table(["input", "Pillow images/s", "torch images/s", "torch / Pillow", "torch: mean |difference| (of 255)", "device: host ms per image (header)", "device: mean |difference| (of 255)"], decoders)}
 
 One process on one core against two processes on two cores (each pinned, decode pool of one
 thread, dense maps + vectors), each with its own copy of the photos and its own store:

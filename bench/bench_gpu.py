@@ -6,7 +6,9 @@ For ViT-S/16 (random init: speed does not depend on weights), 16 random shifts, 
 the device defaults (`--precision auto`, `--batch-size 0`), on ImageNet-like JPEGs in a folder:
 - the model alone (SRT forward passes and aggregation on decoded inputs already on the GPU);
 - the whole job (`run_local`: read, decode, copy, SRT, fp16, Zarr writes, manifest commits) with
-  the real model, and the GPU's utilization meanwhile;
+  the real model, and the GPU's utilization meanwhile, decoding on the GPU (`--decoder device`)
+  and on the host's threads (`--decoder torch`);
+- `--decoder device` alone: images/s, and its inputs against Pillow's;
 - the whole job with a near-free stand-in model: the data plane's own ceiling on this machine,
   and the CPU it spends per image, hence the cores a GPU actor needs at 1,000 and 2,000 images/s;
 - features on the GPU against the CPU (fp32), and bf16 autocast against fp32; whole stores too.
@@ -15,6 +17,7 @@ the device defaults (`--precision auto`, `--batch-size 0`), on ImageNet-like JPE
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import multiprocessing as mp
 import tempfile
@@ -33,7 +36,8 @@ from pipeline.engine.accelerator import view_budget
 from pipeline.engine.shifts import random_shifts
 from pipeline.engine.srt import SRT
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.extraction.device_decoding import decode_batches
+from pipeline.extraction.images import ImagePolicy, encoded, prepare
 from pipeline.extraction.runner import run_local
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import images_per_call
@@ -79,9 +83,9 @@ def model_only_rate(vit, size: int, blobs: list[bytes]) -> tuple[float, int]:
     return len(images) / seconds, srt.batch_size
 
 
-def job(folder: Path, out: Path, size: int, vit) -> tuple[float, float, float]:
+def job(folder: Path, out: Path, size: int, vit, decoder: str) -> tuple[float, float, float]:
     """(images/s after start-up, mean GPU utilization %, CPU ms per image) of the whole job."""
-    config = ExtractConfig(dataset=str(folder), out=str(out), model=MODEL, image_size=size, stride=STRIDE)
+    config = ExtractConfig(dataset=str(folder), out=str(out), model=MODEL, image_size=size, stride=STRIDE, decoder=decoder)
     cpu = time.process_time()
     with Utilization() as gpu:
         summary = run_local(config, vit=vit)
@@ -128,6 +132,26 @@ def store_agreement(root: Path, blobs: list[bytes]) -> list[list[object]]:
     return rows
 
 
+def device_decoding(blobs: list[bytes], size: int, batch: int = 32) -> list[object]:
+    """`--decoder device` alone on the GPU, in a shard's batches: images/s (headers parsed on the
+    host included, as a worker does), and the inputs' mean and largest difference from Pillow's
+    (nvJPEG's decode against libjpeg-turbo's; the resize is Pillow's arithmetic either way)."""
+    policy = ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3, decoder="device")
+    cuda = torch.device("cuda")
+
+    def decode_all() -> list:
+        inputs = []
+        for start in range(0, len(blobs), batch):
+            inputs += decode_batches([encoded(blob, policy) for blob in blobs[start : start + batch]], policy, cuda)
+        torch.cuda.synchronize()
+        return inputs
+
+    rate = len(blobs) / median_seconds(decode_all)
+    pillow = [prepare(blob, dataclasses.replace(policy, decoder="pillow")).pixels for blob in blobs]
+    differences = [(item.pixels.cpu().int() - expected.int()).abs() for item, expected in zip(decode_all(), pillow)]
+    return [f"{size}²", f"{rate:.0f}", f"{np.mean([d.float().mean().item() for d in differences]):.4f}", max(int(d.max()) for d in differences)]
+
+
 def _one_thread() -> None:
     torch.set_num_threads(1)
 
@@ -169,7 +193,7 @@ def main() -> None:
         f"threads match or beat processes in {threads_win} of {len(scaling)} rows (Pillow releases the GIL while it "
         "decodes and resizes; a process pays a hop and pickling per image)"
     )
-    rows, needs = [], []
+    rows, needs, decoding = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         agreeing = store_agreement(Path(tmp), unique)
         folder = Path(tmp) / "images"
@@ -178,28 +202,37 @@ def main() -> None:
             (folder / f"{i:06d}.jpg").write_bytes(unique[i % len(unique)])
         for size in (224, 448):
             model_rate, views = model_only_rate(vit, size, unique)
-            real_rate, busy, real_cpu = job(folder, Path(tmp) / f"real-{size}.zarr", size, vit)
-            free_rate, _, free_cpu = job(folder, Path(tmp) / f"free-{size}.zarr", size, stand_in(load_vit(MODEL, device="cuda")))
-            one, many = decode_rate(unique, size, 1), decode_rate(unique, size, cores)
-            rows.append([f"{size}²", views, f"{model_rate:.0f}", f"{real_rate:.0f}", f"**{real_rate / model_rate:.2f}**", f"{busy:.0f}",
-                         f"{free_rate:.0f}", f"{free_cpu:.1f}", f"{one:.0f}", f"{many:.0f}"])  # fmt: skip
-            needs.append([f"{size}²", f"{free_cpu:.1f}", f"{free_cpu:.1f}", f"{2 * free_cpu:.1f}", f"{1000 / one:.1f}"])
-            print(rows[-1])
+            decoding.append(device_decoding(unique, size))
+            for decoder in ("device", "torch"):
+                real_rate, busy, real_cpu = job(folder, Path(tmp) / f"real-{size}-{decoder}.zarr", size, vit, decoder)
+                free_rate, _, free_cpu = job(folder, Path(tmp) / f"free-{size}-{decoder}.zarr", size, stand_in(load_vit(MODEL, device="cuda")), decoder)
+                one, many = decode_rate(unique, size, 1, "torch"), decode_rate(unique, size, cores, "torch")
+                rows.append([f"{size}²", decoder, views, f"{model_rate:.0f}", f"{real_rate:.0f}", f"**{real_rate / model_rate:.2f}**", f"{busy:.0f}",
+                             f"{free_rate:.0f}", f"{free_cpu:.1f}", f"{one:.0f}", f"{many:.0f}"])  # fmt: skip
+                needs.append([f"{size}²", decoder, f"{free_cpu:.1f}", f"{free_cpu:.1f}", f"{2 * free_cpu:.1f}"])
+                print(rows[-1])
     body = f"""
 ViT-S/16 (random init), {VIEWS} random shifts, stride {STRIDE}, dense maps + vectors stored (fp16,
 lz4), device defaults (bf16 autocast, views per pass fitted to free memory), {args.images} ImageNet-like
 JPEGs (500 × 375) in a local folder, `run_local` with {cores} decode threads, 32 images per shard.
 "model only": SRT calls on inputs already decoded and on the GPU. "job / model": the whole job's
-rate over that (1.00 = model-bound). "stand-in job": the same job with a near-free model (the
-data plane's own ceiling here); its CPU ms per image is process CPU time over images.
+rate over that (1.00 = model-bound), with each decoder: `device` (a shard's JPEGs decoded by
+nvJPEG and resized on the GPU; the default beside a GPU) and `torch` (TorchCodec and torch's
+resize on the host's decode threads). "stand-in job": the same job with a near-free model (the
+data plane's own ceiling here); its CPU ms per image is process CPU time over images. Decode
+images/s: the torch decoder on the host's threads, for scale.
 
-| input | views per pass | model only, images/s | whole job, images/s | job / model | GPU busy % | stand-in job, images/s | stand-in CPU ms per image | decode images/s, 1 thread | decode images/s, {cores} threads |
-|---|---|---|---|---|---|---|---|---|---|
-{chr(10).join("| " + " | ".join(map(str, r)) + " |" for r in rows)}
+{table(["input", "decoder", "views per pass", "model only, images/s", "whole job, images/s", "job / model", "GPU busy %", "stand-in job, images/s", "stand-in CPU ms per image", "host decode images/s, 1 thread", f"host decode images/s, {cores} threads"], rows)}
 
-Cores a GPU actor needs (CPU ms per image of the stand-in job × images/s; decode alone for scale):
+Cores a GPU actor needs (CPU ms per image of the stand-in job × images/s):
 
-{table(["input", "CPU ms per image", "cores at 1,000 images/s", "cores at 2,000 images/s", "of which decode (ms per image)"], needs)}
+{table(["input", "decoder", "CPU ms per image", "cores at 1,000 images/s", "cores at 2,000 images/s"], needs)}
+
+`--decoder device` alone on the GPU, in batches of 32 (the host's header parse included); the
+inputs' difference from Pillow's in levels of 255 (the resize is Pillow's arithmetic bit for bit,
+so what differs is nvJPEG's decode against libjpeg-turbo's):
+
+{table(["input", "images/s", "mean |difference|", "largest difference"], decoding)}
 
 Decoding (Pillow decode, EXIF, RGB, resize; 8-bit pixels out) on a pool of threads or of
 processes, images/s: {verdict}.

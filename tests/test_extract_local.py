@@ -32,7 +32,7 @@ from pipeline.engine.srt import SRT
 from pipeline.extraction import runner
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.flags import ConfigError
-from pipeline.extraction.images import ImagePolicy, prepare
+from pipeline.extraction.images import ImagePolicy, prepare, resolve_decoder
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.runner import plan_job, preflight, run_local
 from pipeline.extraction.weights import load_vit
@@ -58,7 +58,7 @@ def expected_features(data: bytes, cfg: ExtractConfig) -> dict[str, np.ndarray]:
     """What the engine gives for one image, computed directly, independently of the store."""
     resolved = resolve(cfg)
     vit = cached_vit(cfg.model)
-    prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels, reducing_gap=cfg.reducing_gap, decoder=resolved.decoder))
+    prepared = prepare(data, ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels, reducing_gap=cfg.reducing_gap, decoder=resolve_decoder(cfg.decoder, vit.device)))
     srt = SRT(vit, layers=resolved.layers, shifts=resolved.shifts, stride=resolved.stride, boundary=cfg.boundary, tolerance=cfg.adaptive_tol, min_views=cfg.min_views)
     out = srt.run(prepared.tensor[None])
     tap = srt.taps[0]
@@ -405,7 +405,7 @@ def test_attention_keys_are_stored_beside_the_block_outputs(tmp_path, sample_pat
     vit = cached_vit(MODEL)
     resolved = resolve(cfg)
     srt = SRT(vit, layers=[5], keys=[11], shifts=resolved.shifts, stride=resolved.stride)
-    policy = ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels, decoder=resolved.decoder)
+    policy = ImagePolicy(cfg.image_size, cfg.resize, vit.patch_size, vit.mean, vit.std, cfg.max_pixels, decoder=resolve_decoder(cfg.decoder, vit.device))
     for record in store.manifest.to_pylist():
         output = srt.run(prepare(open(record["uri"], "rb").read(), policy).tensor[None])
         block, keys = srt.taps

@@ -19,6 +19,7 @@ from pipeline.extraction.images import (
     decode,
     decode_scaled,
     decode_tensor,
+    encoded,
     from_original,
     input_geometry,
     prepare,
@@ -189,15 +190,16 @@ def test_reducing_gap_applies_only_where_pillow_resamples():
     assert ImagePolicy(224, "square", 16, MEAN, STD, reducing_gap=2.5).decoded_shorter_side == 560
 
 
-TORCHVISION_DECODES = {"good.jpg", "rotated.jpg"}  # the 8-bit RGB and greyscale JPEGs of bad_input_files
+TENSOR_DECODES = {"good.jpg", "rotated.jpg"}  # the 8-bit RGB and greyscale JPEGs of bad_input_files
 
 
 @pytest.mark.parametrize("name", sorted(bad_input_files()))
-def test_torchvision_decodes_plain_jpegs_and_leaves_the_rest_to_pillow(name):
+def test_torch_decodes_plain_jpegs_and_leaves_the_rest_to_pillow(name):
     data, kind, upright = bad_input_files()[name]
-    policy = ImagePolicy(32, "aspect", 16, MEAN, STD, max_pixels=BOMB_LIMIT, decoder="torchvision")
+    policy = ImagePolicy(32, "aspect", 16, MEAN, STD, max_pixels=BOMB_LIMIT, decoder="torch")
     pixels = decode_tensor(data, policy)
-    assert (pixels is not None) == (name in TORCHVISION_DECODES)
+    assert (pixels is not None) == (name in TENSOR_DECODES)
+    assert (encoded(data, policy) is not None) == (name in TENSOR_DECODES)
     if pixels is not None:  # bit-identical to Pillow's decode, upright
         assert torch.equal(pixels, torch.from_numpy(np.array(decode(data, BOMB_LIMIT))).permute(2, 0, 1))
     if kind is None:
@@ -227,7 +229,7 @@ def test_both_decoders_give_the_same_model_inputs(size, policy):
     last columns Pillow's filter also reads pixels past the crop, torch's does not)."""
     data = encode(gradient(*size, seed=3), "JPEG", quality=90)
     assert decode_tensor(data, policy) is not None
-    by_pillow, by_torch = prepare(data, policy), prepare(data, dataclasses.replace(policy, decoder="torchvision"))
+    by_pillow, by_torch = prepare(data, policy), prepare(data, dataclasses.replace(policy, decoder="torch"))
     facts = ("height", "width", "region", "bucket", "input_size")
     assert [getattr(by_torch, f) for f in facts] == [getattr(by_pillow, f) for f in facts]
     difference = (by_torch.pixels.int() - by_pillow.pixels.int()).abs()
@@ -237,7 +239,7 @@ def test_both_decoders_give_the_same_model_inputs(size, policy):
         assert torch.equal(by_torch.valid, by_pillow.valid)
 
 
-@pytest.mark.parametrize("decoder", ["pillow", "torchvision"])
+@pytest.mark.parametrize("decoder", ["pillow", "torch", "device"])
 def test_pixels_decoded_elsewhere_become_the_inputs_the_bytes_would(decoder):
     """Ray Data's `read_images` hands over decoded arrays: each decoder resizes them as it resizes its own."""
     data = encode(gradient(376, 500, seed=4), "JPEG", quality=90)

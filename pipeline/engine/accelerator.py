@@ -4,20 +4,25 @@ CPU keeps small, fixed defaults: 16 views per forward pass, fp32. On CUDA, `--pr
 runs the model under bf16 autocast (the engine aggregates in fp32 whatever the model's dtype),
 `--batch-size 0` fits the views per forward pass to the GPU's free memory by measuring what a
 view costs, and inputs travel through pinned memory on a side stream, so the next shard's copy
-overlaps the current shard's forward passes.
+overlaps the current shard's forward passes (and a shard's JPEGs decode there, `on_stream`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 
 log = logging.getLogger("srt")
+T = TypeVar("T")
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_VIEWS_PER_FORWARD = 512  # past a few hundred views a ViT's forward pass is no faster per view
@@ -96,3 +101,50 @@ def pinned_upload(tensors: list[torch.Tensor], device: torch.device, stream: tor
         done.record(stream)
     uploaded.record_stream(torch.cuda.default_stream(device))  # its memory stays reserved while the default stream uses it
     return uploaded, done
+
+
+class HostBuffers:
+    """Host memory for values copied back from `source`, reused from one shard to the next: pinned
+    beside a GPU, so the copy is the GPU's DMA rather than the host's memcpy through a staging
+    buffer, and reused anywhere, since fresh memory costs a page fault per 4 KiB at its first
+    touch (on the CPU, most of the thread's time copying maps into a shard's blocks)."""
+
+    KEEP = 4  # free buffers kept per shape and dtype: the shards in flight
+
+    def __init__(self, source: torch.device) -> None:
+        self.pinned = source.type == "cuda"
+        self.free: dict[tuple, list[np.ndarray]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialized buffer."""
+        with self.lock:
+            spare = self.free.get((shape, dtype))
+            if spare:
+                return spare.pop()
+        if not self.pinned:
+            return np.empty(shape, dtype)
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
+
+    def give(self, buffers: Iterable[np.ndarray]) -> None:
+        """Buffers no longer read by anyone, for later `take`s."""
+        with self.lock:
+            for buffer in buffers:
+                spare = self.free.setdefault((buffer.shape, buffer.dtype), [])
+                if len(spare) < self.KEEP:
+                    spare.append(buffer)
+
+
+def on_stream(stream: torch.cuda.Stream | None, work: Callable[[], T], tensors_of: Callable[[T], list[torch.Tensor]]) -> tuple[T, torch.cuda.Event | None]:
+    """Run `work` on `stream` (a GPU's side stream; None: the current stream, no event). Its
+    tensors (`tensors_of` its result) are kept reserved for the default stream, which must wait
+    for the returned event before using them."""
+    if stream is None:
+        return work(), None
+    with torch.cuda.stream(stream):
+        result = work()
+        done = torch.cuda.Event()
+        done.record(stream)
+    for tensor in tensors_of(result):
+        tensor.record_stream(torch.cuda.default_stream(stream.device))
+    return result, done

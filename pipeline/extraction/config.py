@@ -61,7 +61,7 @@ class ExtractConfig(Flags):
     resample: str = field(default="bicubic", metadata=option("resampling: Pillow's antialiased bicubic, or cv2-bilinear (cv2.resize's default, as DINO's evaluation reads frames; not with --resize square)", choices=RESAMPLERS))
     reducing_gap: float = field(default=0.0, metadata=option("G >= 1: decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where the shorter side stays at least G x --image-size, then resample as usual: about 2x the decode rate of 3-12 MP photos, pixels within 2 levels of a full decode (Pillow's reducing_gap; bench/RESULTS.md); 0: decode in full"))
     pos_embed_resize: str = field(default="auto", metadata=option("position embeddings of inputs other than the model's native size: reference (resized as the model family's own code resizes them: DINO and DINOv2 scale by (grid + 0.1) / side without antialiasing), timm (timm's antialiased resize to the grid); auto: reference for a new store, for a resumed store what it was made with. Families without code of their own (ViT, DeiT) and DINOv2 with registers resize as timm either way", choices=POS_EMBED_RESIZE_CHOICES))
-    decoder: str = field(default="auto", metadata=option("image decoder: torchvision (8-bit RGB and grey JPEGs; its ops release the interpreter lock) or pillow (every format); both give the same model inputs (within 0.1/255; bench/RESULTS.md), the other formats always go to Pillow; auto: torchvision", choices=DECODER_CHOICES))
+    decoder: str = field(default="auto", metadata=option("image decoder of 8-bit RGB and grey JPEGs: device (a shard's JPEGs decoded in batches on the model's device, nvJPEG on a GPU, and resized there exactly as Pillow resizes), torch (TorchCodec and torch's resize on the host's decode threads, ops that release the interpreter lock) or pillow; all give the same model inputs (device on a CPU bit for bit, on a GPU nvJPEG's decode against libjpeg-turbo's; torch within 0.1/255; bench/RESULTS.md), the other formats always go to Pillow; auto: device beside a GPU, torch elsewhere", choices=DECODER_CHOICES))
     mean: tuple[float, ...] | None = field(default=None, metadata=option("normalization mean, R,G,B (default: the model's)", parse="floats"))
     std: tuple[float, ...] | None = field(default=None, metadata=option("normalization std, R,G,B (default: the model's)", parse="floats"))
     preset: str | None = field(default=None, metadata=option(f"the paper's settings for a task, recorded in the store ({', '.join(PRESETS)}; README: Presets)", choices=tuple(PRESETS)))
@@ -113,14 +113,9 @@ class ResolvedConfig:
         return {**masked(self.config), **used, "mean": list(self.mean), "std": list(self.std)}
 
     def provenance(self) -> dict[str, Any]:
-        """What is stored in the group attributes: the fingerprint plus the package version."""
-        return {**self.fingerprint(), "package_version": __version__, "decoder": self.decoder}
-
-    @property
-    def decoder(self) -> str:
-        """The decoder of this run: `auto` is torchvision on every device, since it is never slower
-        than Pillow on CPU and gives the same inputs (bench/RESULTS.md: Decoders)."""
-        return "torchvision" if self.config.decoder == "auto" else self.config.decoder
+        """What is stored in the group attributes: the fingerprint, the package version and the
+        --decoder flag (`auto` is resolved by each worker for its device: images.resolve_decoder)."""
+        return {**self.fingerprint(), "package_version": __version__, "decoder": self.config.decoder}
 
     def store_spec(self) -> StoreSpec:
         """What the store needs of this run to lay out and write its arrays."""

@@ -1,11 +1,17 @@
 """Decode, orient, convert, resize and normalize images, recording where the model input came from.
 
-Two decoders give the same model inputs: Pillow (every format and mode), and torchvision for
-8-bit RGB and greyscale JPEGs, the bulk of datasets, whose ops release the interpreter lock:
-its decode is bit-identical to Pillow's and torch's antialiased bicubic resize is Pillow's
-filter (within 0.1/255 on average; bench/RESULTS.md), so a store's features do not depend on
-which decoded them. Everything else goes to Pillow, and so does a resize whose source box starts
-between pixels (torch's kernel cannot place it).
+Three decoders give the same model inputs:
+- pillow: every format and mode;
+- torch: 8-bit RGB and greyscale JPEGs, the bulk of datasets, decoded by TorchCodec (libjpeg-turbo,
+  bit-identical to Pillow's decode) and resized by torch's antialiased bicubic (Pillow's filter:
+  within 0.1/255 on average; bench/RESULTS.md), ops that release the interpreter lock;
+- device: the same JPEGs decoded in batches on the model's device (nvJPEG on a GPU) and resized
+  there with Pillow's own integer arithmetic (`resample`), so a GPU actor's host only reads bytes
+  and parses headers: on a CPU bit for bit Pillow's inputs, on a GPU up to nvJPEG's decode against
+  libjpeg-turbo's (bench_gpu measures it). A shard worker batches them (`encoded`,
+  `device_decoding`); one image alone goes through `torch`.
+Everything else goes to Pillow, and so does a torch resize whose box starts between pixels
+(torch's kernel cannot place it). `auto` is `device` beside a GPU, `torch` elsewhere.
 
 Decoding failures raise `ImageError` with a short `kind`, which becomes the manifest's
 `error_kind`; the pipeline turns them into error rows and goes on.
@@ -24,13 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 RESAMPLE = Image.Resampling.BICUBIC
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as browsers show them
-DECODERS = ("pillow", "torchvision")
-TORCHVISION_MODES = ("RGB", "L")  # JPEG modes torchvision decodes as Pillow does (not CMYK)
+DECODERS = ("pillow", "torch", "device")
+LEGACY_DECODERS = {"torchvision": "torch"}  # the name in stores written while torchvision.io decoded JPEGs
+TENSOR_MODES = ("RGB", "L")  # JPEG modes TorchCodec and nvJPEG decode as Pillow does (not CMYK)
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations whose upright image swaps the sides
 JPEG_END = b"\xff\xd9"
 
 
@@ -54,7 +62,7 @@ class ImagePolicy:
     max_pixels: int = 89_478_485
     resample: str = "bicubic"  # Pillow's antialiased bicubic, or "cv2-bilinear" (whole-image policies)
     reducing_gap: float = 0.0  # > 0: JPEGs decoded smaller while at least this many times the input size
-    decoder: str = "pillow"  # or "torchvision" (module docstring)
+    decoder: str = "pillow"  # "torch" or "device" (module docstring; `resolve_decoder` turns "auto" into one)
 
     @property
     def decoded_shorter_side(self) -> int:
@@ -132,7 +140,7 @@ def decode_scaled(data: bytes, max_pixels: int, shorter_side: int = 0) -> tuple[
         raise ImageError("decode", "not an image Pillow can read") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError("decode", f"corrupt image: {error}") from error
-    if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # a quarter turn: the sides swap
+    if image.getexif().get(ExifTags.Base.Orientation) in QUARTER_TURNS:
         width, height = height, width
     ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise a copy of every upright image
     return to_rgb(image), (height, width), scale
@@ -182,27 +190,69 @@ def input_geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[
 
 def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
     """Bytes -> normalized model input with its geometry, by the policy's decoder."""
-    if policy.decoder == "torchvision" and (pixels := decode_tensor(data, policy)) is not None:
+    if policy.decoder in ("torch", "device") and (pixels := decode_tensor(data, policy)) is not None:
         return prepare_tensor(pixels, policy)
     image, size, scale = decode_scaled(data, policy.max_pixels, policy.decoded_shorter_side)
     return prepare_image(image, policy, original=size, scale=scale)
 
 
-def decode_tensor(data: bytes, policy: ImagePolicy) -> torch.Tensor | None:
-    """An upright [3, H, W] uint8 tensor decoded by torchvision, or None where Pillow must decode:
-    not a whole 8-bit RGB or greyscale JPEG, or JPEGs decoded smaller (`--reducing-gap`). Pillow
-    reads the header (format, mode, size for the bomb limit); a file torchvision still cannot
-    decode goes to Pillow too, which names what is wrong with it."""
-    if policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):  # no end marker: truncated
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """The decoder a worker on `device` uses for the flag's value: `auto` is `device` beside a GPU
+    (the host only reads bytes) and `torch` elsewhere (never slower than Pillow; bench/RESULTS.md)."""
+    decoder = LEGACY_DECODERS.get(decoder, decoder)
+    if decoder == "auto":
+        return "device" if device.type == "cuda" else "torch"
+    return decoder
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A JPEG left for its shard's batch decode on the model's device, with its upright size."""
+
+    data: torch.Tensor  # the file's bytes, 1-D uint8 on the CPU
+    height: int  # after EXIF orientation, as Pillow reads the tag
+    width: int
+
+
+def jpeg_header(data: bytes, policy: ImagePolicy) -> tuple[int, int] | None:
+    """(upright height, width) of a whole 8-bit RGB or greyscale JPEG within the bomb limit, or None
+    where Pillow must decode: another format or mode, no end marker (truncated), too large (Pillow
+    names it), or a JPEG to decode smaller (`--reducing-gap`). Reads the header only."""
+    if policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):
         return None
     try:
         header = Image.open(io.BytesIO(data))
+        orientation = header.getexif().get(ExifTags.Base.Orientation)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    if header.format != "JPEG" or header.mode not in TORCHVISION_MODES or header.width * header.height > policy.max_pixels:
+    if header.format != "JPEG" or header.mode not in TENSOR_MODES or header.width * header.height > policy.max_pixels:
+        return None
+    width, height = header.size
+    return (width, height) if orientation in QUARTER_TURNS else (height, width)
+
+
+def encoded(data: bytes, policy: ImagePolicy) -> Encoded | None:
+    """The JPEG as an `Encoded` for the device decoder, or None where another decoder must decode it
+    (`jpeg_header`, or a resampling other than Pillow's bicubic)."""
+    header = jpeg_header(data, policy) if policy.resample == "bicubic" else None
+    return None if header is None else Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), *header)
+
+
+def upright(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
+    """TorchCodec's decode ([3, H, W], turned upright by its own reading of the EXIF tag), or None
+    where its size is not the upright size Pillow reads from the same header."""
+    return pixels if tuple(pixels.shape) == (3, height, width) else None
+
+
+def decode_tensor(data: bytes, policy: ImagePolicy) -> torch.Tensor | None:
+    """An upright [3, H, W] uint8 tensor decoded by TorchCodec, or None where Pillow must decode
+    (`jpeg_header`); a file TorchCodec still cannot decode goes to Pillow too, which names what
+    is wrong with it."""
+    header = jpeg_header(data, policy)
+    if header is None:
         return None
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return upright(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB"), *header)
     except RuntimeError:
         return None
 
@@ -210,7 +260,7 @@ def decode_tensor(data: bytes, policy: ImagePolicy) -> torch.Tensor | None:
 def prepare_array(pixels: np.ndarray, policy: ImagePolicy) -> Prepared:
     """Pixels decoded elsewhere ([H, W] or [H, W, C] arrays, as Ray Data's `read_images` gives them)
     -> model input, resized as the policy's decoder resizes: the inputs a store's images had."""
-    if policy.decoder == "torchvision" and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3:
+    if policy.decoder in ("torch", "device") and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3:
         return prepare_tensor(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1), policy)
     return prepare_image(to_rgb(Image.fromarray(pixels)), policy)
 
@@ -224,12 +274,12 @@ def prepare_tensor(pixels: torch.Tensor, policy: ImagePolicy) -> Prepared:
     height, width = pixels.shape[1:]
     (out_h, out_w), (y0, x0, y1, x1) = input_geometry(height, width, policy)
     if policy.resize == "pad":  # no resampling: the decoded pixels are the input
-        return _prepared(pixels.numpy(), policy, (height, width), (out_h, out_w), (y0, x0, y1, x1))
+        return as_input(pixels, policy, (height, width), (y0, x0, y1, x1))
     if policy.resample != "bicubic" or not all(float(v).is_integer() for v in (y0, x0, y1, x1)):
         return prepare_image(Image.fromarray(pixels.permute(1, 2, 0).numpy()), policy)
     crop = pixels[None, :, int(y0) : int(y1), int(x0) : int(x1)].contiguous(memory_format=torch.channels_last)
     resized = F.interpolate(crop, size=(out_h, out_w), mode="bicubic", antialias=True)[0].contiguous()
-    return _prepared(resized.numpy(), policy, (height, width), (out_h, out_w), (y0, x0, y1, x1))
+    return as_input(resized, policy, (height, width), (y0, x0, y1, x1))
 
 
 def prepare_image(image: Image.Image, policy: ImagePolicy, *, original: tuple[int, int] | None = None, scale: int = 1) -> Prepared:
@@ -247,25 +297,27 @@ def prepare_image(image: Image.Image, policy: ImagePolicy, *, original: tuple[in
     # numpy, not torch: this runs on every decode thread at once, and each torch op there would
     # start a team of torch's intra-op threads of its own (up to 1.4x the decode rate side by side).
     pixels = np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
-    return _prepared(pixels, policy, (height, width), (out_h, out_w), (y0, x0, y1, x1))
+    return as_input(torch.from_numpy(pixels), policy, (height, width), (y0, x0, y1, x1))
 
 
-def _prepared(pixels: np.ndarray, policy: ImagePolicy, original: tuple[int, int], size: tuple[int, int], region: tuple[float, float, float, float]) -> Prepared:
-    """Resized [3, h, w] uint8 pixels as the model input, padded where the policy pads."""
-    (height, width), (out_h, out_w), (y0, x0, y1, x1) = original, size, region
+def as_input(pixels: torch.Tensor, policy: ImagePolicy, original: tuple[int, int], region: tuple[float, float, float, float]) -> Prepared:
+    """Resized [3, h, w] uint8 pixels (on any device) as the model input, padded where the policy
+    pads; `original` is the upright (height, width) and `region` the part of it shown."""
+    (height, width), (y0, x0, _, _) = original, region
     valid = None
     if policy.resize == "pad":  # `normalize` zeroes what lies outside `valid`: the padding is the mean colour
+        (out_h, out_w), _ = input_geometry(height, width, policy)
         top, left = round(-y0), round(-x0)
-        margins = ((0, 0), (top, out_h - top - height), (left, out_w - left - width))
-        pixels = np.pad(pixels, margins)
-        valid = torch.from_numpy(np.pad(np.ones((1, height, width), dtype=np.float32), margins))
+        margins = (left, out_w - left - width, top, out_h - top - height)
+        pixels = F.pad(pixels, margins)
+        valid = F.pad(torch.ones((1, height, width), device=pixels.device), margins)
     return Prepared(
-        pixels=torch.from_numpy(pixels),
+        pixels=pixels,
         height=height,
         width=width,
-        region=(y0, x0, y1, x1),
-        bucket=None if policy.resize == "square" else f"{out_h}x{out_w}",
-        input_size=(out_h, out_w),
+        region=region,
+        bucket=None if policy.resize == "square" else f"{pixels.shape[1]}x{pixels.shape[2]}",
+        input_size=(pixels.shape[1], pixels.shape[2]),
         mean=policy.mean,
         std=policy.std,
         valid=valid,

@@ -11,6 +11,7 @@ with a shift subset) and committed once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -24,13 +25,23 @@ import numpy as np
 import torch
 
 from pipeline.engine import pca
-from pipeline.engine.accelerator import ViewBudget, autocast_dtype, pinned_upload, view_budget
+from pipeline.engine.accelerator import HostBuffers, ViewBudget, autocast_dtype, on_stream, pinned_upload, view_budget
 from pipeline.engine.aggregation import PartialSum
 from pipeline.engine.models import Tap, ViT
 from pipeline.engine.shifts import Shift
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 from pipeline.extraction.config import ResolvedConfig
-from pipeline.extraction.images import ImageError, ImagePolicy, Prepared, normalize, prepare
+from pipeline.extraction.device_decoding import decode_batches
+from pipeline.extraction.images import (
+    Encoded,
+    ImageError,
+    ImagePolicy,
+    Prepared,
+    encoded,
+    normalize,
+    prepare,
+    resolve_decoder,
+)
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
@@ -61,9 +72,12 @@ class LoadedShard:
         return LoadedShard(self.shard, self.rows, inputs)
 
     def upload(self, device: torch.device, stream: torch.cuda.Stream) -> None:
-        """Start copying the decoded inputs to `device` (pinned, non-blocking, on `stream`), one
-        copy per input size; `uploads` holds what the forward passes must wait for."""
-        for members in self.groups(len(self.inputs)):
+        """Start copying the inputs decoded on the host to `device` (pinned, non-blocking, on
+        `stream`), one copy per input size; `uploads` holds what the forward passes must wait for."""
+        for group in self.groups(len(self.inputs)):
+            members = [i for i in group if self.inputs[i].pixels.device != device]
+            if not members:
+                continue
             items = [self.inputs[i] for i in members]
             tensors, done = pinned_upload([item.pixels for item in items], device, stream)
             self.uploads.append(done)
@@ -106,8 +120,13 @@ class ShardArrays:
     """A computed shard on the host, in the stored dtype: what `ShardWorker.commit` writes."""
 
     blocks: dict[str, np.ndarray] = field(default_factory=dict)  # array path -> [rows in shard, ...]
-    filled: Counter[str] = field(default_factory=Counter)  # rows of each block that hold an image's values
+    filled: dict[str, list[int]] = field(default_factory=dict)  # rows of each block that hold an image's values; the rest are zeros
     views_of: dict[int, int] = field(default_factory=dict)  # row in shard -> views averaged
+
+
+def _tensors(inputs: list[Prepared | None]) -> list[torch.Tensor]:
+    """The tensors of model inputs: what a side stream hands over to the forward passes."""
+    return [t for item in inputs if item is not None for t in (item.pixels, item.valid) if t is not None]
 
 
 def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tuple[SRT, ImagePolicy]:
@@ -129,7 +148,8 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         tolerance=p["adaptive_tol"],
         min_views=p["min_views"] or 1,
     )
-    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0), p.get("decoder", "pillow"))
+    decoder = resolve_decoder(p.get("decoder", "pillow"), vit.device)
+    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0), decoder)
     return srt, policy
 
 
@@ -158,6 +178,7 @@ class ShardWorker:
         self.budget: ViewBudget = view_budget(self.srt, c.batch_size, (c.image_size, c.image_size))
         self.decoders = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode")
         self.copies = torch.cuda.Stream(self.vit.device) if self.vit.device.type == "cuda" else None
+        self.buffers = HostBuffers(self.vit.device)  # the shards' blocks, reused once committed
         log.info(
             "model on %s, %s, %s views per forward pass", self.vit.device, self.srt.autocast or "fp32",
             self.budget.fixed or f"up to {self.budget.views((c.image_size, c.image_size), self.vit.patch_size)}",
@@ -171,17 +192,36 @@ class ShardWorker:
         rows = self.plan.rows(shard)
         blobs = read_bytes(rows, config.storage_options, retries=config.read_retries)
         loaded = LoadedShard(shard, rows, list(self.decoders.map(self._input_of, rows, blobs)))
+        if any(isinstance(item, Encoded) for item in loaded.inputs):
+            self._decode_on_device(loaded, blobs)
         if self.copies is not None:
             loaded.upload(self.vit.device, self.copies)
         return loaded
 
-    def _input_of(self, row: dict[str, Any], blob: bytes | Exception) -> Prepared | ImageError:
+    def _decode_on_device(self, loaded: LoadedShard, blobs: list[bytes | Exception]) -> None:
+        """--decoder device: the shard's JPEGs decoded together on the model's device (on the copy
+        stream beside a GPU); one the device cannot decode goes to the host's decoders, which
+        name what is wrong with it."""
+        at = [i for i, item in enumerate(loaded.inputs) if isinstance(item, Encoded)]
+        decode = functools.partial(decode_batches, [loaded.inputs[i] for i in at], self.policy, self.vit.device)
+        decoded, done = on_stream(self.copies, decode, _tensors)
+        if done is not None:
+            loaded.uploads.append(done)
+        for i, item in zip(at, decoded):
+            loaded.inputs[i] = item if item is not None else self._prepared(blobs[i])
+
+    def _input_of(self, row: dict[str, Any], blob: bytes | Exception) -> Prepared | Encoded | ImageError:
         if row["error_kind"] is not None:
             return ImageError(row["error_kind"], row["error"])
         if row["duplicate_of"] is not None:
             return ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}")
         if isinstance(blob, Exception):
             return ImageError("read", f"{type(blob).__name__}: {blob}")
+        if self.policy.decoder == "device" and (jpeg := encoded(blob, self.policy)) is not None:
+            return jpeg
+        return self._prepared(blob)
+
+    def _prepared(self, blob: bytes) -> Prepared | ImageError:
         try:
             return prepare(blob, self.policy)
         except ImageError as error:
@@ -230,16 +270,25 @@ class ShardWorker:
             bucket = loaded.inputs[members[0]].bucket
             for tap in self.srt.taps:
                 for path in self._fill(arrays.blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap]):
-                    arrays.filled[path] += len(members)
+                    arrays.filled.setdefault(path, []).extend(members)
             arrays.views_of.update(zip(members, output.n_views.tolist()))
+        for path, block in arrays.blocks.items():  # blocks start uninitialized: zero the rows no image filled
+            block[np.setdiff1d(np.arange(count), arrays.filled[path])] = 0
         return arrays
 
     def commit(self, loaded: LoadedShard, arrays: ShardArrays, started: float | None = None) -> ShardStats:
         """Write the shard's arrays, then its manifest part (the commit point). Host work only, so
-        several shards can be written while the model computes the next.
+        several shards can be written while the model computes the next. The arrays' blocks go
+        back to the worker's buffers.
 
         A shard someone else already committed is left alone (first commit wins).
         """
+        try:
+            return self._commit(loaded, arrays, started)
+        finally:
+            self.buffers.give(arrays.blocks.values())
+
+    def _commit(self, loaded: LoadedShard, arrays: ShardArrays, started: float | None) -> ShardStats:
         started = time.perf_counter() if started is None else started
         config = self.resolved.config
         stats = ShardStats(shard=loaded.shard)
@@ -249,7 +298,7 @@ class ShardWorker:
         stats.views = sum(arrays.views_of.values())
         write_shard(self.group, self.store_spec, loaded.shard, arrays.blocks, self.arrays)
         itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the empty rows
-        stats.bytes_written = sum(rows * math.prod(arrays.blocks[path].shape[1:]) * itemsize for path, rows in arrays.filled.items())
+        stats.bytes_written = sum(len(rows) * math.prod(arrays.blocks[path].shape[1:]) * itemsize for path, rows in arrays.filled.items())
         rows = [self._manifest_row(row, item, arrays.views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
         if not write_part(config.out, loaded.shard, rows, config.storage_options):
             stats.committed = False
@@ -285,7 +334,9 @@ class ShardWorker:
         dtype = np.dtype(self.resolved.config.dtype)
         consecutive = members == list(range(members[0], members[0] + len(members)))
         for path, values in per_image.items():
-            block = torch.from_numpy(blocks.setdefault(path, np.zeros((count, *values.shape[1:]), dtype=dtype)))
+            if path not in blocks:
+                blocks[path] = self.buffers.take((count, *values.shape[1:]), dtype)
+            block = torch.from_numpy(blocks[path])
             if consecutive:  # one pass: cast (on the GPU, if there) and copy into the block
                 block[members[0] : members[0] + len(members)].copy_(values)
             else:
