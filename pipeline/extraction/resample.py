@@ -35,9 +35,9 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=256)
 def coefficients(in_size: int, start: float, stop: float, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first source index of each output pixel [out], how many it reads [out], fixed-point weights
-    [out, taps], zero past that count): Pillow's
-    precompute_coeffs and normalize_coeffs_8bpc. The box edges are single precision in Pillow's C,
-    and so is their difference."""
+    [out, taps], zero past that count): Pillow's precompute_coeffs and normalize_coeffs_8bpc. The
+    box edges are single precision in Pillow's C, and so is their difference; the weights are
+    summed in order, as its loop sums them."""
     start32, stop32 = np.float32(start), np.float32(stop)
     scale = float(np.float32(stop32 - start32)) / out_size
     filterscale = max(scale, 1.0)
@@ -49,7 +49,7 @@ def coefficients(in_size: int, start: float, stop: float, out_size: int) -> tupl
     offsets = np.arange(taps)
     inside = offsets[None, :] < count[:, None]
     weights = np.where(inside, _bicubic((offsets[None, :] + first[:, None] - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
-    total = weights.sum(axis=1, keepdims=True)
+    total = np.cumsum(weights, axis=1)[:, -1:]
     weights = np.divide(weights, total, out=weights, where=total != 0.0)
     fixed = np.trunc(weights * (1 << PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5)).astype(np.int32)
     return first, count, fixed

@@ -75,7 +75,7 @@ class LoadedShard:
         """Start copying the inputs decoded on the host to `device` (pinned, non-blocking, on
         `stream`), one copy per input size; `uploads` holds what the forward passes must wait for."""
         for group in self.groups(len(self.inputs)):
-            members = [i for i in group if self.inputs[i].pixels.device != device]
+            members = [i for i in group if self.inputs[i].pixels.device.type == "cpu"]  # not decoded on the device
             if not members:
                 continue
             items = [self.inputs[i] for i in members]
