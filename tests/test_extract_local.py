@@ -169,6 +169,22 @@ def test_every_bad_input_is_accounted_for_and_the_rest_completes(tmp_path):
     assert_store_matches_engine(store, {str(folder / n): d for n, (d, k, _) in files.items() if k is None}, cfg)
 
 
+def test_rows_without_an_image_hold_zeros_in_blocks_an_earlier_shard_used(tmp_path):
+    """A worker reuses the memory of committed shards' blocks: the rows of a later shard's error
+    rows (no image, nothing computed) must still be written as zeros, not as what was there."""
+    files = {f"{i}.jpg": encode(gradient(40, 40, seed=i), "JPEG") for i in range(5)}
+    files["5.jpg"] = b"not an image"
+    write_files(tmp_path / "images", files)
+    out = str(tmp_path / "out.zarr")
+    run_local(config(str(tmp_path / "images"), out, shard_size=2, dtype="float32"))  # the last shard: one image, one error
+    store = FeatureStore.open(out)
+    (error,) = [r for r in store.manifest.to_pylist() if r["status"] == "error"]
+    assert error["shard"] == 2
+    for kind in ("dense", "pooled", "cls"):
+        array = store.group[f"{kind}/L{store.layers[0]}"]
+        assert not np.any(array[error["row"]]) and np.any(array[error["row"] - 1]), kind  # its neighbour holds an image's values
+
+
 def test_rerun_recomputes_only_uncommitted_shards(tmp_path, sample_paths):
     out = tmp_path / "out.zarr"
     cfg = config(str(sample_paths[0].parent), str(out), shard_size=1)

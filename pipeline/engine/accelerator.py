@@ -135,6 +135,24 @@ class HostBuffers:
                     spare.append(buffer)
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory, started without waiting where `tensor` is on a GPU (pinned memory,
+    ready once `copies_done`'s event is); the tensor itself where it is on the CPU already."""
+    if tensor.device.type != "cuda":
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+
+
+def copies_done(device: torch.device) -> torch.cuda.Event | None:
+    """An event after the copies queued so far on `device`'s current stream (None off a GPU):
+    the host synchronizes on it before reading what they copy."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 def on_stream(stream: torch.cuda.Stream | None, work: Callable[[], T], tensors_of: Callable[[T], list[torch.Tensor]]) -> tuple[T, torch.cuda.Event | None]:
     """Run `work` on `stream` (a GPU's side stream; None: the current stream, no event). Its
     tensors (`tensors_of` its result) are kept reserved for the default stream, which must wait

@@ -25,7 +25,16 @@ import numpy as np
 import torch
 
 from pipeline.engine import pca
-from pipeline.engine.accelerator import HostBuffers, ViewBudget, autocast_dtype, on_stream, pinned_upload, view_budget
+from pipeline.engine.accelerator import (
+    HostBuffers,
+    ViewBudget,
+    autocast_dtype,
+    copies_done,
+    on_stream,
+    pinned_upload,
+    to_host,
+    view_budget,
+)
 from pipeline.engine.aggregation import PartialSum
 from pipeline.engine.models import Tap, ViT
 from pipeline.engine.shifts import Shift
@@ -121,7 +130,15 @@ class ShardArrays:
 
     blocks: dict[str, np.ndarray] = field(default_factory=dict)  # array path -> [rows in shard, ...]
     filled: dict[str, list[int]] = field(default_factory=dict)  # rows of each block that hold an image's values; the rest are zeros
-    views_of: dict[int, int] = field(default_factory=dict)  # row in shard -> views averaged
+    views: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # (rows, views averaged for each), in host memory
+    copied: torch.cuda.Event | None = None  # beside a GPU: its copies into `blocks` and `views`, still in flight
+
+    def views_of(self) -> dict[int, int]:
+        """Row in shard -> views averaged, once the copies from a GPU are done (the host waits
+        for them here, in the writer that needs them, not where the next shard is launched)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {row: int(count) for rows, counts in self.views for row, count in zip(rows, counts.tolist())}
 
 
 def _tensors(inputs: list[Prepared | None]) -> list[torch.Tensor]:
@@ -271,9 +288,10 @@ class ShardWorker:
             for tap in self.srt.taps:
                 for path in self._fill(arrays.blocks, tap, bucket, members, count, output.dense[tap], output.prefix[tap], output.pooled[tap]):
                     arrays.filled.setdefault(path, []).extend(members)
-            arrays.views_of.update(zip(members, output.n_views.tolist()))
+            arrays.views.append((members, to_host(output.n_views)))
         for path, block in arrays.blocks.items():  # blocks start uninitialized: zero the rows no image filled
             block[np.setdiff1d(np.arange(count), arrays.filled[path])] = 0
+        arrays.copied = copies_done(self.vit.device)
         return arrays
 
     def commit(self, loaded: LoadedShard, arrays: ShardArrays, started: float | None = None) -> ShardStats:
@@ -283,23 +301,24 @@ class ShardWorker:
 
         A shard someone else already committed is left alone (first commit wins).
         """
+        views_of = arrays.views_of()
         try:
-            return self._commit(loaded, arrays, started)
+            return self._commit(loaded, arrays, views_of, started)
         finally:
             self.buffers.give(arrays.blocks.values())
 
-    def _commit(self, loaded: LoadedShard, arrays: ShardArrays, started: float | None) -> ShardStats:
+    def _commit(self, loaded: LoadedShard, arrays: ShardArrays, views_of: dict[int, int], started: float | None) -> ShardStats:
         started = time.perf_counter() if started is None else started
         config = self.resolved.config
         stats = ShardStats(shard=loaded.shard)
         if is_committed(config.out, loaded.shard, config.storage_options):
             stats.committed = False
             return stats
-        stats.views = sum(arrays.views_of.values())
+        stats.views = sum(views_of.values())
         write_shard(self.group, self.store_spec, loaded.shard, arrays.blocks, self.arrays)
         itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the empty rows
         stats.bytes_written = sum(len(rows) * math.prod(arrays.blocks[path].shape[1:]) * itemsize for path, rows in arrays.filled.items())
-        rows = [self._manifest_row(row, item, arrays.views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
+        rows = [self._manifest_row(row, item, views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]
         if not write_part(config.out, loaded.shard, rows, config.storage_options):
             stats.committed = False
             return stats
@@ -337,8 +356,8 @@ class ShardWorker:
             if path not in blocks:
                 blocks[path] = self.buffers.take((count, *values.shape[1:]), dtype)
             block = torch.from_numpy(blocks[path])
-            if consecutive:  # one pass: cast (on the GPU, if there) and copy into the block
-                block[members[0] : members[0] + len(members)].copy_(values)
+            if consecutive:  # one pass: cast (on the GPU, if there) and copy into the block, without waiting for a GPU
+                block[members[0] : members[0] + len(members)].copy_(values, non_blocking=True)
             else:
                 block[members] = values.to(block.dtype).cpu()
         return list(per_image)
