@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.extraction import images
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.device_decoding import decode_batches
 from pipeline.extraction.images import ImageError, ImagePolicy, encoded, prepare, resolve_decoder
@@ -169,3 +170,16 @@ def test_a_job_decoding_on_the_device_stores_what_pillow_would(tmp_path):
         if by_device["status"] == "ok":
             assert np.array_equal(stores["device"].dense(by_device["image_id"]), stores["pillow"].dense(by_pillow["image_id"]))
     assert stores["device"].config["decoder"] == "device"
+
+
+def test_without_torchcodec_pillow_decodes_to_the_same_inputs(monkeypatch, caplog):
+    """TorchCodec's image library needs a CUDA build of torch: with another (a CPU-only wheel) it
+    does not load, and every decoder hands its JPEGs to Pillow, saying so once per worker."""
+    monkeypatch.setattr(images, "decode_jpeg", None)
+    monkeypatch.setattr(images, "TORCHCODEC_ERROR", "OSError: libtorch_cuda.so: cannot open shared object file", raising=False)
+    assert resolve_decoder("auto", torch.device("cuda", 0)) == "pillow"
+    assert "Pillow decodes every image" in caplog.text and "libtorch_cuda.so" in caplog.text
+    data = encode(gradient(75, 100, seed=1), "JPEG", quality=90)
+    policy = POLICIES[1]
+    assert encoded(data, policy) is None
+    assert torch.equal(prepare(data, dataclasses.replace(policy, decoder="torch")).pixels, prepare(data, dataclasses.replace(policy, decoder="pillow")).pixels)

@@ -11,9 +11,8 @@ image the device cannot decode comes back as None, for Pillow to decode or name 
 from __future__ import annotations
 
 import torch
-from torchcodec.decoders import decode_jpeg
 
-from pipeline.extraction.images import Encoded, ImagePolicy, Prepared, as_input, input_geometry, upright
+from pipeline.extraction.images import Encoded, ImagePolicy, Prepared, as_input, decode_jpeg, input_geometry, upright
 from pipeline.extraction.resample import resize
 
 BATCH_PIXELS = 1 << 28  # decoded pixels held on the device at once (768 MiB of RGB)

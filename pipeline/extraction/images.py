@@ -20,6 +20,7 @@ Decoding failures raise `ImageError` with a short `kind`, which becomes the mani
 from __future__ import annotations
 
 import io
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchcodec.decoders import decode_jpeg
+
+try:  # TorchCodec's image library links a CUDA build of torch (PyPI's); with another, Pillow decodes
+    from torchcodec.decoders import decode_jpeg
+except (ImportError, OSError, RuntimeError) as error:
+    decode_jpeg = None
+    TORCHCODEC_ERROR = f"{type(error).__name__}: {error}"
+
+log = logging.getLogger("srt")
 
 RESAMPLE = Image.Resampling.BICUBIC
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -201,7 +209,10 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
     (the host only reads bytes) and `torch` elsewhere (never slower than Pillow; bench/RESULTS.md)."""
     decoder = LEGACY_DECODERS.get(decoder, decoder)
     if decoder == "auto":
-        return "device" if device.type == "cuda" else "torch"
+        decoder = "device" if device.type == "cuda" else "torch"
+    if decoder != "pillow" and decode_jpeg is None:
+        log.warning("--decoder %s: TorchCodec does not load here (%s); Pillow decodes every image, to the same inputs", decoder, TORCHCODEC_ERROR)
+        return "pillow"
     return decoder
 
 
@@ -217,8 +228,8 @@ class Encoded:
 def jpeg_header(data: bytes, policy: ImagePolicy) -> tuple[int, int] | None:
     """(upright height, width) of a whole 8-bit RGB or greyscale JPEG within the bomb limit, or None
     where Pillow must decode: another format or mode, no end marker (truncated), too large (Pillow
-    names it), or a JPEG to decode smaller (`--reducing-gap`). Reads the header only."""
-    if policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):
+    names it), a JPEG to decode smaller (`--reducing-gap`), or no TorchCodec here. Reads the header only."""
+    if decode_jpeg is None or policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):
         return None
     try:
         header = Image.open(io.BytesIO(data))
