@@ -21,7 +21,7 @@ from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.distributed import ActorPoolScheduler
 from pipeline.extraction.progress import JobProgress, ProgressCounter
 from pipeline.extraction.runner import Compactor, Job, RunSummary
-from pipeline.extraction.worker import ShardStats
+from pipeline.extraction.shards import ShardStats
 from pipeline.store.plan import PlanIndex
 
 

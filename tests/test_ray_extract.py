@@ -21,7 +21,7 @@ from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, Actor
 from pipeline.extraction.listing import SourceError
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.runner import Compactor, Job, RunSummary, run_local
-from pipeline.extraction.worker import ShardStats
+from pipeline.extraction.shards import ShardStats
 from pipeline.store.plan import PlanIndex
 from pipeline.store.reader import FeatureStore
 from tests.images_factory import encode, gradient, write_files

@@ -10,6 +10,7 @@
     flags        config dataclasses as flags: parsers, config files, errors naming the flag
     presets      the paper's settings, one name per task
     config       the extraction job's typed config: validation, provenance, resume fingerprint
+    shards       a work shard between the worker's steps: loaded inputs, arrays on the host, commit stats
     worker       one shard through read -> decode -> SRT -> store -> manifest
     runner       driver steps (checks before any cluster, plan, resume, summary) and the in-process runner
     progress     the progress bar, and the Ray counter actors report image groups to

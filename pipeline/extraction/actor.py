@@ -19,7 +19,8 @@ from pipeline.engine.shifts import Shift
 from pipeline.extraction.config import ResolvedConfig
 from pipeline.extraction.progress import report_to
 from pipeline.extraction.runner import WRITERS
-from pipeline.extraction.worker import LoadedShard, ShardStats, ShardWorker
+from pipeline.extraction.shards import LoadedShard, ShardStats
+from pipeline.extraction.worker import ShardWorker
 from pipeline.store.plan import PlanIndex, PlanReader
 
 UNITS_PER_ACTOR = 2 + WRITERS  # one reading and decoding, one computing, the others writing

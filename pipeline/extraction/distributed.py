@@ -46,7 +46,7 @@ from pipeline.extraction.runner import (
     preflight,
     progress,
 )
-from pipeline.extraction.worker import ShardStats
+from pipeline.extraction.shards import ShardStats
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")

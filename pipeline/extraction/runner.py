@@ -30,8 +30,9 @@ from pipeline.extraction.listing import check_dataset
 from pipeline.extraction.planning import Appended, Mapper, list_inputs, local_mapper, new_inputs, plan_dataset
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.reading import prefetch
+from pipeline.extraction.shards import ShardStats
 from pipeline.extraction.weights import fetch_pretrained_weights
-from pipeline.extraction.worker import ShardStats, ShardWorker
+from pipeline.extraction.worker import ShardWorker
 from pipeline.store.layout import (
     NotWritableError,
     StoreMismatchError,

@@ -10,15 +10,12 @@ with a shift subset) and committed once.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,7 +28,6 @@ from pipeline.engine.accelerator import (
     autocast_dtype,
     copies_done,
     on_stream,
-    pinned_upload,
     to_host,
     view_budget,
 )
@@ -52,6 +48,7 @@ from pipeline.extraction.images import (
     resolve_decoder,
 )
 from pipeline.extraction.reading import read_bytes
+from pipeline.extraction.shards import LoadedShard, ShardArrays, ShardStats, input_tensors
 from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
 from pipeline.store.manifest import is_committed, write_part
@@ -64,86 +61,6 @@ MAX_IMAGES_PER_CALL = 8  # bounds the fp32 sums one SRT call holds, where views 
 AUTO_VIEWS_PER_CALL = 256  # --batch-size 0: enough views per SRT call to fill a GPU's forward pass
 
 Progress = Callable[[float, int], object]  # (images, views) computed since the last call
-
-
-@dataclass
-class LoadedShard:
-    """A shard's plan rows and, for each, a model input or the reason there is none."""
-
-    shard: int
-    rows: list[dict[str, Any]]
-    inputs: list[Prepared | ImageError]
-    uploads: list[torch.cuda.Event] = field(default_factory=list)  # copies to the GPU still in flight
-
-    def without_pixels(self) -> LoadedShard:
-        """The same shard minus its input tensors: what a commit needs, cheap to ship."""
-        inputs = [dataclasses.replace(i, pixels=torch.empty(0), valid=None) if isinstance(i, Prepared) else i for i in self.inputs]
-        return LoadedShard(self.shard, self.rows, inputs)
-
-    def upload(self, device: torch.device, stream: torch.cuda.Stream) -> None:
-        """Start copying the inputs decoded on the host to `device` (pinned, non-blocking, on
-        `stream`), one copy per input size; `uploads` holds what the forward passes must wait for."""
-        for group in self.groups(len(self.inputs)):
-            members = [i for i in group if self.inputs[i].pixels.device.type == "cpu"]  # not decoded on the device
-            if not members:
-                continue
-            items = [self.inputs[i] for i in members]
-            tensors, done = pinned_upload([item.pixels for item in items], device, stream)
-            self.uploads.append(done)
-            valid = [None] * len(items)
-            if items[0].valid is not None:
-                valid, done = pinned_upload([item.valid for item in items], device, stream)
-                self.uploads.append(done)
-            for i, item, tensor, mask in zip(members, items, tensors, valid):
-                self.inputs[i] = dataclasses.replace(item, pixels=tensor, valid=mask)
-
-    @property
-    def decoded(self) -> int:
-        """Inputs that became model inputs (the rest are error rows, done without the model)."""
-        return sum(isinstance(item, Prepared) for item in self.inputs)
-
-    def groups(self, images_per_call: int) -> list[list[int]]:
-        """Indices of decoded inputs, grouped by input size, at most `images_per_call` a group."""
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for index, item in enumerate(self.inputs):
-            if isinstance(item, Prepared):
-                by_size.setdefault(item.input_size, []).append(index)
-        return [members[i : i + images_per_call] for members in by_size.values() for i in range(0, len(members), images_per_call)]
-
-
-@dataclass
-class ShardStats:
-    """What a committed shard reports back: small enough to travel to a driver."""
-
-    shard: int
-    ok: int = 0
-    errors: Counter = field(default_factory=Counter)  # error_kind -> count
-    views: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    committed: bool = True  # False: another attempt committed this shard first; nothing was written
-
-
-@dataclass
-class ShardArrays:
-    """A computed shard on the host, in the stored dtype: what `ShardWorker.commit` writes."""
-
-    blocks: dict[str, np.ndarray] = field(default_factory=dict)  # array path -> [rows in shard, ...]
-    filled: dict[str, list[int]] = field(default_factory=dict)  # rows of each block that hold an image's values; the rest are zeros
-    views: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # (rows, views averaged for each), in host memory
-    copied: torch.cuda.Event | None = None  # beside a GPU: its copies into `blocks` and `views`, still in flight
-
-    def views_of(self) -> dict[int, int]:
-        """Row in shard -> views averaged, once the copies from a GPU are done (the host waits
-        for them here, in the writer that needs them, not where the next shard is launched)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return {row: int(count) for rows, counts in self.views for row, count in zip(rows, counts.tolist())}
-
-
-def _tensors(inputs: list[Prepared | None]) -> list[torch.Tensor]:
-    """The tensors of model inputs: what a side stream hands over to the forward passes."""
-    return [t for item in inputs if item is not None for t in (item.pixels, item.valid) if t is not None]
 
 
 def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tuple[SRT, ImagePolicy]:
@@ -221,7 +138,7 @@ class ShardWorker:
         name what is wrong with it."""
         at = [i for i, item in enumerate(loaded.inputs) if isinstance(item, Encoded)]
         decode = functools.partial(decode_batches, [loaded.inputs[i] for i in at], self.policy, self.vit.device)
-        decoded, done = on_stream(self.copies, decode, _tensors)
+        decoded, done = on_stream(self.copies, decode, input_tensors)
         if done is not None:
             loaded.uploads.append(done)
         for i, item in zip(at, decoded):
