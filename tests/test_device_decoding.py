@@ -17,6 +17,7 @@ from pipeline.extraction import images
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.device_decoding import decode_batches
 from pipeline.extraction.images import ImageError, ImagePolicy, encoded, prepare, resolve_decoder
+from pipeline.extraction.raydata import SRTPredictor
 from pipeline.extraction.resample import resize
 from pipeline.extraction.runner import run_local
 from pipeline.store.reader import FeatureStore
@@ -183,3 +184,15 @@ def test_without_torchcodec_pillow_decodes_to_the_same_inputs(monkeypatch, caplo
     policy = POLICIES[1]
     assert encoded(data, policy) is None
     assert torch.equal(prepare(data, dataclasses.replace(policy, decoder="torch")).pixels, prepare(data, dataclasses.replace(policy, decoder="pillow")).pixels)
+
+
+def test_ray_datas_predictor_decodes_a_batch_on_the_device_to_pillows_features():
+    """`SRTPredictor` with encoded bytes: the batch's JPEGs go to the device together, the PNG and
+    the broken file to the host; the same features and errors as Pillow gives."""
+    batch = {"bytes": [encode(gradient(75, 100, seed=1), "JPEG", quality=90), encode(gradient(50, 40, seed=2), "PNG"), b"not an image", encode(gradient(61, 90, seed=3), "JPEG")]}
+    flags = {"model": "vit_tiny_patch16_224", "image_size": 32, "radius": 1, "stride": 8, "column": "bytes", "outputs": ("pooled", "dense")}
+    by_device = SRTPredictor(decoder="device", **flags)(dict(batch))
+    by_pillow = SRTPredictor(decoder="pillow", **flags)(dict(batch))
+    assert list(by_device["error"]) == list(by_pillow["error"]) and by_device["error"][2].startswith("decode:")
+    for name in ("pooled", "dense"):
+        assert np.array_equal(by_device[name], by_pillow[name])

@@ -10,12 +10,37 @@ image the device cannot decode comes back as None, for Pillow to decode or name 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from pipeline.extraction.images import Encoded, ImagePolicy, Prepared, as_input, decode_jpeg, input_geometry, upright
+from pipeline.extraction.images import (
+    Encoded,
+    ImageError,
+    ImagePolicy,
+    Prepared,
+    as_input,
+    decode_jpeg,
+    input_geometry,
+    upright,
+)
 from pipeline.extraction.resample import resize
 
 BATCH_PIXELS = 1 << 28  # decoded pixels held on the device at once (768 MiB of RGB)
+
+
+def decode_encoded(
+    inputs: list[Prepared | Encoded | ImageError], policy: ImagePolicy, device: torch.device, on_host: Callable[[int], Prepared | ImageError]
+) -> list[Prepared | ImageError]:
+    """`inputs` with each `Encoded` replaced by its model input decoded on `device`, or where the
+    device could not decode it by `on_host(its index)`: the host's decoders, which name what is
+    wrong with it."""
+    at = [i for i, item in enumerate(inputs) if isinstance(item, Encoded)]
+    decoded = decode_batches([inputs[i] for i in at], policy, device) if at else []
+    inputs = list(inputs)
+    for i, item in zip(at, decoded):
+        inputs[i] = item if item is not None else on_host(i)
+    return inputs
 
 
 def decode_batches(items: list[Encoded], policy: ImagePolicy, device: torch.device) -> list[Prepared | None]:

@@ -18,7 +18,8 @@ import torch
 
 from pipeline.engine.accelerator import view_budget
 from pipeline.extraction.config import ExtractConfig, resolve
-from pipeline.extraction.images import ImageError, Prepared, prepare, prepare_array
+from pipeline.extraction.device_decoding import decode_encoded
+from pipeline.extraction.images import Encoded, ImageError, Prepared, encoded, prepare, prepare_array
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import build_engine
 from pipeline.store.reader import FeatureStore
@@ -51,19 +52,27 @@ class SRTPredictor:
         self.column, self.outputs, self.tap = column, outputs, self.srt.taps[0]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        inputs = [self._prepare(item) for item in batch[self.column]]
+        items = batch[self.column]
+        inputs = [self._input_of(item) for item in items]
+        if self.policy.decoder == "device":  # the batch's JPEGs decoded together on the model's device
+            inputs = decode_encoded(inputs, self.policy, self.vit.device, lambda i: self._prepare(items[i]))
         good = [i for i, item in enumerate(inputs) if isinstance(item, Prepared)]
         side = self.policy.size // self.srt.stride
         channels = self.vit.embed_dim
         shapes = {"pooled": (channels,), "cls": (channels,), "dense": (channels, side, side)}
         results = {name: np.zeros((len(inputs), *shapes[name]), np.float32) for name in self.outputs}
         if good:
-            output = self.srt.run(torch.stack([inputs[i].tensor for i in good]))
+            output = self.srt.run(torch.stack([inputs[i].tensor.to(self.vit.device) for i in good]))  # decoded on the host or the device
             values = {"pooled": output.pooled[self.tap], "cls": output.prefix[self.tap][:, 0], "dense": output.dense[self.tap]}
             for name in self.outputs:
                 results[name][good] = values[name].cpu().numpy()
         errors = [f"{item.kind}: {item}" if isinstance(item, ImageError) else "" for item in inputs]
         return {**{k: v for k, v in batch.items() if k != self.column}, **results, "error": np.array(errors, dtype=object)}
+
+    def _input_of(self, item: Any) -> Prepared | Encoded | ImageError:
+        if self.policy.decoder == "device" and isinstance(item, (bytes, bytearray)) and (jpeg := encoded(bytes(item), self.policy)) is not None:
+            return jpeg
+        return self._prepare(item)
 
     def _prepare(self, item: Any) -> Prepared | ImageError:
         try:

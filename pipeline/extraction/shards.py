@@ -90,6 +90,6 @@ class ShardArrays:
         return {row: int(count) for rows, counts in self.views for row, count in zip(rows, counts.tolist())}
 
 
-def input_tensors(inputs: list[Prepared | None]) -> list[torch.Tensor]:
-    """The tensors of model inputs: what a side stream hands over to the forward passes."""
-    return [t for item in inputs if item is not None for t in (item.pixels, item.valid) if t is not None]
+def input_tensors(inputs: list[Prepared | ImageError]) -> list[torch.Tensor]:
+    """The GPU tensors of model inputs: what a side stream hands over to the forward passes."""
+    return [t for item in inputs if isinstance(item, Prepared) for t in (item.pixels, item.valid) if t is not None and t.device.type == "cuda"]

@@ -36,7 +36,7 @@ from pipeline.engine.models import Tap, ViT
 from pipeline.engine.shifts import Shift
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 from pipeline.extraction.config import ResolvedConfig
-from pipeline.extraction.device_decoding import decode_batches
+from pipeline.extraction.device_decoding import decode_encoded
 from pipeline.extraction.images import (
     Encoded,
     ImageError,
@@ -126,7 +126,7 @@ class ShardWorker:
         rows = self.plan.rows(shard)
         blobs = read_bytes(rows, config.storage_options, retries=config.read_retries)
         loaded = LoadedShard(shard, rows, list(self.decoders.map(self._input_of, rows, blobs)))
-        if any(isinstance(item, Encoded) for item in loaded.inputs):
+        if self.policy.decoder == "device":
             self._decode_on_device(loaded, blobs)
         if self.copies is not None:
             loaded.upload(self.vit.device, self.copies)
@@ -134,15 +134,11 @@ class ShardWorker:
 
     def _decode_on_device(self, loaded: LoadedShard, blobs: list[bytes | Exception]) -> None:
         """--decoder device: the shard's JPEGs decoded together on the model's device (on the copy
-        stream beside a GPU); one the device cannot decode goes to the host's decoders, which
-        name what is wrong with it."""
-        at = [i for i, item in enumerate(loaded.inputs) if isinstance(item, Encoded)]
-        decode = functools.partial(decode_batches, [loaded.inputs[i] for i in at], self.policy, self.vit.device)
-        decoded, done = on_stream(self.copies, decode, input_tensors)
+        stream beside a GPU); one the device cannot decode goes to the host's decoders."""
+        decode = functools.partial(decode_encoded, loaded.inputs, self.policy, self.vit.device, lambda i: self._prepared(blobs[i]))
+        loaded.inputs, done = on_stream(self.copies, decode, input_tensors)
         if done is not None:
             loaded.uploads.append(done)
-        for i, item in zip(at, decoded):
-            loaded.inputs[i] = item if item is not None else self._prepared(blobs[i])
 
     def _input_of(self, row: dict[str, Any], blob: bytes | Exception) -> Prepared | Encoded | ImageError:
         if row["error_kind"] is not None:
