@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
-from pipeline.engine.accelerator import MAX_VIEWS_PER_FORWARD, ViewBudget, autocast_dtype, view_budget
+from pipeline.engine.accelerator import MAX_VIEWS_PER_FORWARD, HostBuffers, ViewBudget, autocast_dtype, view_budget
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import images_per_call
@@ -79,3 +81,14 @@ ray.shutdown()
         "(4, {'num_gpus': 0.5, 'num_cpus': 1}, 1)",
         "(2, {'num_gpus': 1.0, 'num_cpus': 1}, 1)",
     ]
+
+
+def test_host_buffers_are_reused_up_to_their_byte_budget(monkeypatch):
+    buffers = HostBuffers(torch.device("cpu"))
+    monkeypatch.setattr(HostBuffers, "KEPT_BYTES", 3 * 800)
+    first = [buffers.take((10, 20), np.dtype("float32")) for _ in range(4)]  # 800 bytes each
+    buffers.give(first)
+    assert buffers.kept == 3 * 800  # the fourth is let go
+    again = [buffers.take((10, 20), np.dtype("float32")) for _ in range(4)]
+    assert sum(any(a is b for b in first) for a in again) == 3 and buffers.kept == 0
+    assert buffers.take((10, 20), np.dtype("float16")).dtype == np.float16  # another dtype: a new buffer

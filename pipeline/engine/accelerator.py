@@ -109,11 +109,12 @@ class HostBuffers:
     buffer, and reused anywhere, since fresh memory costs a page fault per 4 KiB at its first
     touch (on the CPU, most of the thread's time copying maps into a shard's blocks)."""
 
-    KEEP = 4  # free buffers kept per shape and dtype: the shards in flight
+    KEPT_BYTES = 1 << 30  # free buffers kept, all shapes together (size buckets each have their own)
 
     def __init__(self, source: torch.device) -> None:
         self.pinned = source.type == "cuda"
         self.free: dict[tuple, list[np.ndarray]] = {}
+        self.kept = 0  # bytes of the free buffers
         self.lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -121,18 +122,19 @@ class HostBuffers:
         with self.lock:
             spare = self.free.get((shape, dtype))
             if spare:
+                self.kept -= spare[-1].nbytes
                 return spare.pop()
         if not self.pinned:
             return np.empty(shape, dtype)
         return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True).numpy()
 
     def give(self, buffers: Iterable[np.ndarray]) -> None:
-        """Buffers no longer read by anyone, for later `take`s."""
+        """Buffers no longer read by anyone, for later `take`s (those past KEPT_BYTES are let go)."""
         with self.lock:
             for buffer in buffers:
-                spare = self.free.setdefault((buffer.shape, buffer.dtype), [])
-                if len(spare) < self.KEEP:
-                    spare.append(buffer)
+                if self.kept + buffer.nbytes <= self.KEPT_BYTES:
+                    self.free.setdefault((buffer.shape, buffer.dtype), []).append(buffer)
+                    self.kept += buffer.nbytes
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
