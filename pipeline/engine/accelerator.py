@@ -95,12 +95,7 @@ def pinned_upload(tensors: list[torch.Tensor], device: torch.device, stream: tor
     """Stack same-shaped CPU tensors into pinned memory and copy them to `device` on `stream`
     (non-blocking). Work on the default stream must wait for the returned event before use."""
     pinned = torch.stack(tensors).pin_memory()
-    with torch.cuda.stream(stream):
-        uploaded = pinned.to(device, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    uploaded.record_stream(torch.cuda.default_stream(device))  # its memory stays reserved while the default stream uses it
-    return uploaded, done
+    return on_stream(stream, lambda: pinned.to(device, non_blocking=True), lambda uploaded: [uploaded])
 
 
 class HostBuffers:

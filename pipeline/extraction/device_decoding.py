@@ -36,9 +36,8 @@ def decode_encoded(
     device could not decode it by `on_host(its index)`: the host's decoders, which name what is
     wrong with it."""
     at = [i for i, item in enumerate(inputs) if isinstance(item, Encoded)]
-    decoded = decode_batches([inputs[i] for i in at], policy, device) if at else []
     inputs = list(inputs)
-    for i, item in zip(at, decoded):
+    for i, item in zip(at, decode_batches([inputs[i] for i in at], policy, device)):
         inputs[i] = item if item is not None else on_host(i)
     return inputs
 

@@ -204,6 +204,14 @@ def prepare(data: bytes, policy: ImagePolicy) -> Prepared:
     return prepare_image(image, policy, original=size, scale=scale)
 
 
+def prepare_or_defer(data: bytes, policy: ImagePolicy) -> Prepared | Encoded:
+    """`prepare`, except that a JPEG the device decoder takes is left `Encoded` for its batch
+    (`device_decoding`)."""
+    if policy.decoder == "device" and (jpeg := encoded(data, policy)) is not None:
+        return jpeg
+    return prepare(data, policy)
+
+
 def resolve_decoder(decoder: str, device: torch.device) -> str:
     """The decoder a worker on `device` uses for the flag's value: `auto` is `device` beside a GPU
     (the host only reads bytes) and `torch` elsewhere (never slower than Pillow; bench/RESULTS.md)."""

@@ -10,6 +10,7 @@ Ray Dataset for training downstream models on a cluster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,15 @@ import torch
 from pipeline.engine.accelerator import view_budget
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.device_decoding import decode_encoded
-from pipeline.extraction.images import Encoded, ImageError, Prepared, encoded, prepare, prepare_array
+from pipeline.extraction.images import (
+    Encoded,
+    ImageError,
+    ImagePolicy,
+    Prepared,
+    prepare,
+    prepare_array,
+    prepare_or_defer,
+)
 from pipeline.extraction.weights import load_vit
 from pipeline.extraction.worker import build_engine
 from pipeline.store.reader import FeatureStore
@@ -53,7 +62,7 @@ class SRTPredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         items = batch[self.column]
-        inputs = [self._input_of(item) for item in items]
+        inputs = [self._prepare(item, prepare_or_defer) for item in items]
         if self.policy.decoder == "device":  # the batch's JPEGs decoded together on the model's device
             inputs = decode_encoded(inputs, self.policy, self.vit.device, lambda i: self._prepare(items[i]))
         good = [i for i, item in enumerate(inputs) if isinstance(item, Prepared)]
@@ -69,15 +78,11 @@ class SRTPredictor:
         errors = [f"{item.kind}: {item}" if isinstance(item, ImageError) else "" for item in inputs]
         return {**{k: v for k, v in batch.items() if k != self.column}, **results, "error": np.array(errors, dtype=object)}
 
-    def _input_of(self, item: Any) -> Prepared | Encoded | ImageError:
-        if self.policy.decoder == "device" and isinstance(item, (bytes, bytearray)) and (jpeg := encoded(bytes(item), self.policy)) is not None:
-            return jpeg
-        return self._prepare(item)
-
-    def _prepare(self, item: Any) -> Prepared | ImageError:
+    def _prepare(self, item: Any, decode: Callable[[bytes, ImagePolicy], Prepared | Encoded] = prepare) -> Prepared | Encoded | ImageError:
+        """An item as a model input (`decode` takes encoded bytes), or the error that names why not."""
         try:
             if isinstance(item, (bytes, bytearray)):
-                return prepare(bytes(item), self.policy)
+                return decode(bytes(item), self.policy)
             return prepare_array(np.asarray(item), self.policy)
         except ImageError as error:
             return error

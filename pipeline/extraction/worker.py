@@ -42,9 +42,9 @@ from pipeline.extraction.images import (
     ImageError,
     ImagePolicy,
     Prepared,
-    encoded,
     normalize,
     prepare,
+    prepare_or_defer,
     resolve_decoder,
 )
 from pipeline.extraction.reading import read_bytes
@@ -147,13 +147,11 @@ class ShardWorker:
             return ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}")
         if isinstance(blob, Exception):
             return ImageError("read", f"{type(blob).__name__}: {blob}")
-        if self.policy.decoder == "device" and (jpeg := encoded(blob, self.policy)) is not None:
-            return jpeg
-        return self._prepared(blob)
+        return self._prepared(blob, prepare_or_defer)
 
-    def _prepared(self, blob: bytes) -> Prepared | ImageError:
+    def _prepared(self, blob: bytes, decode: Callable[[bytes, ImagePolicy], Prepared | Encoded] = prepare) -> Prepared | Encoded | ImageError:
         try:
-            return prepare(blob, self.policy)
+            return decode(blob, self.policy)
         except ImageError as error:
             return error
 
