@@ -16,6 +16,11 @@ import contextlib
 import io
 import multiprocessing
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -23,6 +28,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -35,9 +41,8 @@ from pipeline.engine import pca
 from pipeline.engine.aggregation import PartialSum, SRTOutput
 from pipeline.engine.models import TokenMap, ViT
 from pipeline.engine.srt import SRT
-from pipeline.extraction import worker
+from pipeline.extraction import device_decoding
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.device_decoding import decode_batches
 from pipeline.extraction.images import (
     DECODERS,
     Encoded,
@@ -145,13 +150,13 @@ def beside_a_gpu() -> Iterator[None]:
         channels = maps[0].shape[1]
         return pca.Basis(mean=torch.zeros(channels), components=torch.eye(channels)[:dims], explained=1.0)
 
-    originals = SRT.finalize, ShardWorker._reduced, pca.fit, worker.decode_batches
-    SRT.finalize, ShardWorker._reduced, pca.fit, worker.decode_batches = finalize, reduced, fit, decoded_on_gpu
+    originals = SRT.finalize, ShardWorker._reduced, pca.fit, device_decoding.decode_batches
+    SRT.finalize, ShardWorker._reduced, pca.fit, device_decoding.decode_batches = finalize, reduced, fit, decoded_on_gpu
     try:
         with engine_on_device():
             yield
     finally:
-        SRT.finalize, ShardWorker._reduced, pca.fit, worker.decode_batches = originals
+        SRT.finalize, ShardWorker._reduced, pca.fit, device_decoding.decode_batches = originals
 
 
 THREAD_GROUPS = (("decode", "decode"), ("commit", "store writers"), ("zarr_io", "zarr event loop"), ("MainThread", "main"), ("produce", "prefetch (read)"))
@@ -301,20 +306,67 @@ def mixed_photos(count: int) -> list[bytes]:
     return [batch[i] for i in range(per_size) for batch in batches][:count]
 
 
-def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict) -> tuple[float, float, dict[str, float], float]:
-    """The job beside a GPU (`beside_a_gpu`): (images/s, process CPU ms per image, CPU seconds by
-    thread group, CPU seconds of the busiest thread more cores cannot share), counted from the
-    first shard's load (planning and start-up left out). The main thread's copies of the stored
-    values into the shard's blocks are counted apart ("copy into blocks"), and left out of the
-    busiest thread: beside a GPU they are the GPU's DMA into pinned buffers, here a CPU memcpy."""
+LOCK_RATE = 500  # py-spy samples a second
+
+
+class LockSampler:
+    """The seconds some thread of this process holds the interpreter lock, sampled by py-spy
+    (`record --gil`, which records a sample only where a thread holds it; Ray's default extra
+    installs py-spy). One process runs no faster than 1 / (lock seconds per image), however many
+    cores it has. Sampling starts once py-spy says it does (about 80 ms after it starts)."""
+
+    def __enter__(self) -> LockSampler:
+        executable = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+        if executable is None:
+            raise RuntimeError("py-spy is not installed: pip install py-spy (Ray's default extra has it)")
+        self._samples = tempfile.NamedTemporaryFile(suffix=".txt")
+        command = [executable, "record", "--gil", "--nonblocking", "--rate", str(LOCK_RATE), "--format", "raw", "-o", self._samples.name, "--pid", str(os.getpid())]
+        self._spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        said = []
+        for line in self._spy.stdout:
+            said.append(line)
+            if "Sampling process" in line:
+                return self
+        raise RuntimeError(f"py-spy did not start sampling: {''.join(said)}")
+
+    def __exit__(self, *_: object) -> None:
+        self._spy.send_signal(signal.SIGINT)
+        said = self._spy.communicate()[0]
+        self._samples.close()
+        samples = re.search(r"Samples: (\d+)", said)
+        if samples is None:
+            raise RuntimeError(f"py-spy wrote no samples: {said}")
+        self.seconds = int(samples[1]) / LOCK_RATE
+
+
+class HostRun(NamedTuple):
+    """A job beside a GPU, counted from its first shard's load: images/s, process CPU ms per image,
+    CPU seconds by thread group, CPU seconds of the busiest thread more cores cannot share, and
+    (from a run of its own, `lock=True`) ms per image that a thread holds the interpreter lock."""
+
+    rate: float
+    cpu_ms: float
+    groups: dict[str, float]
+    single: float
+    lock_ms: float | None = None
+
+
+def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict, lock: bool = False) -> HostRun:
+    """The job beside a GPU (`beside_a_gpu`), counted from the first shard's load (planning and
+    start-up left out). The main thread's copies of the stored values into the shard's blocks are
+    counted apart ("copy into blocks"), and left out of the busiest thread: beside a GPU they are
+    the GPU's DMA into pinned buffers, here a CPU memcpy. With `lock`, py-spy samples the
+    interpreter lock from the first load on (its own CPU then counts too: use only `lock_ms`)."""
     config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, decoder=decoder, **extra)
-    threads, marks, copying = ThreadCPU(), [], [0.0]
+    threads, marks, copying, sampling, samplers = ThreadCPU(), [], [0.0], contextlib.ExitStack(), []
     original_load, original_fill = ShardWorker.load, ShardWorker._fill
 
     def load(self: ShardWorker, shard: int) -> object:
         if not marks:
             marks.append(time.process_time())
             threads.mark()
+            if lock:
+                samplers.append(sampling.enter_context(LockSampler()))
         return original_load(self, shard)
 
     def fill(self: ShardWorker, *args: object) -> list[str]:
@@ -325,33 +377,35 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
 
     ShardWorker.load, ShardWorker._fill = load, fill
     try:
-        with beside_a_gpu(), threads:
+        with beside_a_gpu(), threads, sampling:
             summary = run_local(config, vit=vit)
             cpu = time.process_time() - marks[0]
     finally:
         ShardWorker.load, ShardWorker._fill = original_load, original_fill
-    groups, busiest, sampler = threads.by_group()
+    groups, busiest, own = threads.by_group()
     busiest["main"] = busiest.get("main", 0.0) - copying[0]
     groups[COPY] = copying[0]
     single = max(busiest.get(group, 0.0) for group in SINGLE_THREADS)
-    return summary.images / (summary.seconds - summary.startup_seconds), 1000 * (cpu - sampler) / summary.images, groups, single
+    rate = summary.images / (summary.seconds - summary.startup_seconds)
+    lock_ms = 1000 * samplers[0].seconds / summary.images if samplers else None
+    return HostRun(rate, 1000 * (cpu - own) / summary.images, groups, single, lock_ms)
 
 
 MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") else None  # stores in memory: the host's work, not this VM's disk
 
 
-def host_row(dataset: str, size: int, shard_size: int, decoder: str, extra: dict) -> tuple[float, float, dict[str, float], float]:
+def host_row(dataset: str, size: int, shard_size: int, decoder: str, extra: dict, lock: bool = False) -> HostRun:
     """`host_job` in a process of its own, with its own stand-in model (what `spawn` can run),
     writing a store in memory that is removed afterwards."""
     with tempfile.TemporaryDirectory(dir=MEMORY) as tmp:
-        return host_job(dataset, f"{tmp}/out.zarr", size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, extra)
+        return host_job(dataset, f"{tmp}/out.zarr", size, shard_size, stand_in(load_vit(MODEL, device="cpu")), decoder, extra, lock)
 
 
 def pinned_rate(core: int, dataset: str, size: int, shard_size: int, decoder: str) -> float:
     """Images/s of one process on one core (decode pool of one thread), beside a GPU."""
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    return host_row(dataset, size, shard_size, decoder, {})[0]
+    return host_row(dataset, size, shard_size, decoder, {}).rate
 
 
 def process_scaling(datasets: list[str], size: int, shard_size: int, decoder: str) -> tuple[float, float]:
@@ -375,7 +429,7 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     spawn = multiprocessing.get_context("spawn")
     groups = [label for _, label in THREAD_GROUPS] + [COPY, "other (torch, blosc, Ray)"]
-    rows, decoders, scaling, dense_cpu = [], [], [], {}
+    rows, decoders, scaling, dense_cpu, dense_lock = [], [], [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         datasets = []
@@ -388,7 +442,7 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
             policies = {name: ImagePolicy(size, "square", 16, (0.5,) * 3, (0.5,) * 3, decoder=name) for name in DECODERS}
             compared = blobs[:COMPARED]
             inputs = {name: [prepare(blob, policies[name]) for blob in compared] for name in ("pillow", "torch")}
-            inputs["device"] = decode_batches([encoded(blob, policies["device"]) for blob in compared], policies["device"], torch.device("cpu"))
+            inputs["device"] = device_decoding.decode_batches([encoded(blob, policies["device"]) for blob in compared], policies["device"], torch.device("cpu"))
             difference = {name: np.mean([(a.pixels.int() - b.pixels.int()).abs().float().mean().item() for a, b in zip(inputs[name], inputs["pillow"])]) for name in ("torch", "device")}
             rates = {name: decode_rate(blobs, size, 1, name) for name in ("pillow", "torch")}
             started = time.process_time()
@@ -399,10 +453,15 @@ def beside_a_gpu_section(images: int, shard_size: int) -> None:
             for decoder in DECODERS:
                 for label, extra in OUTPUT_CHOICES.items():
                     with spawn.Pool(1) as pool:
-                        rate, cpu_ms, by_group, single = pool.apply(host_row, (datasets[0], size, shard_size, decoder, extra))
-                    rows.append([f"{size}²", decoder, label, f"{rate:.0f}", f"**{cpu_ms:.2f}**", *(f"{1000 * by_group.get(g, 0.0) / images:.2f}" for g in groups), f"**{1000 * single / images:.2f}**"])
+                        run = pool.apply(host_row, (datasets[0], size, shard_size, decoder, extra))
+                    with spawn.Pool(1) as pool:
+                        lock_ms = pool.apply(host_row, (datasets[0], size, shard_size, decoder, extra, True)).lock_ms
+                    rows.append([
+                        f"{size}²", decoder, label, f"{run.rate:.0f}", f"**{run.cpu_ms:.2f}**", *(f"{1000 * run.groups.get(g, 0.0) / images:.2f}" for g in groups),
+                        f"**{1000 * run.single / images:.2f}**", f"**{lock_ms:.2f}**", f"{1000 / lock_ms:.0f}",
+                    ])  # fmt: skip
                     if size == 224 and not extra:
-                        dense_cpu[decoder] = cpu_ms
+                        dense_cpu[decoder], dense_lock[decoder] = run.cpu_ms, lock_ms
                     print(rows[-1])
             for decoder in DECODERS:
                 one, two = process_scaling(datasets, size, shard_size, decoder)
@@ -422,17 +481,27 @@ shard, stores written to memory (`/dev/shm`: the host's work, not this VM's disk
 after its job). CPU is counted from the first shard's load (planning and start-up left out), per thread
 from /proc; "busiest single thread" is the busiest of the threads more cores cannot share (zarr's
 event loop, main, the reading prefetch thread), which caps one process's rate at 1000 / that many
-images/s. Main's copy of the stored values into the shard's blocks is shown apart and left out of
+images/s. "Interpreter lock" is the time per image that some thread of the job holds Python's
+interpreter lock, sampled by py-spy (`record --gil`, {LOCK_RATE} samples a second, in a second run
+of the same job): whatever the cores, one process runs no faster than 1000 / that many images/s
+("one process's ceiling"); on this 2-core machine a thread can lose its core while it holds the
+lock, so the figure errs high. Main's copy of the stored values into the shard's blocks is shown apart and left out of
 that figure: beside a GPU it is the GPU's DMA into pinned, reused host buffers, here a CPU memcpy
 (part of it on torch's OpenMP threads, under "other").
 
-{table(["input", "decoder", "stored", "images/s", "process CPU ms per image", *(f"{g} ms" for g in groups), "busiest single thread ms"], rows)}
+{table(["input", "decoder", "stored", "images/s", "process CPU ms per image", *(f"{g} ms" for g in groups), "busiest single thread ms", "interpreter lock ms", "one process's ceiling, images/s"], rows)}
 
 Why `--decoder auto` is `device` beside a GPU and `torch` elsewhere: beside a GPU the host spends
 {dense_cpu["device"]:.2f} CPU ms per image at 224² (dense maps + vectors) with the device decoder, against
 {dense_cpu["torch"]:.2f} with torch's and {dense_cpu["pillow"]:.2f} with Pillow's (the GPU's share of decoding is
 bench_gpu's to measure); on a CPU there is no device to hand decoding to, and torch's decoder is
 never slower than Pillow's (below).
+
+Why one actor per GPU: with the device decoder, one process holds the interpreter lock
+{dense_lock["device"]:.2f} ms per image at 224² with dense maps, a ceiling of {1000 / dense_lock["device"]:.0f} images/s however
+many cores it has ({1000 / dense_lock["torch"]:.0f} with torch's decoder, {1000 / dense_lock["pillow"]:.0f} with Pillow's), against the
+1,020 images/s that ViT-S/16 computes alone on an H100 at 224² with 16 views (the GPU section);
+and its threads spread over cores (one process against two, below).
 
 The decoders side by side, one thread, the same photos to the square 224² or 448² input
 (decode, orient, resize, channels first); the inputs' mean absolute difference from Pillow's (on
