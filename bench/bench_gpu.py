@@ -35,6 +35,7 @@ from bench.results import imagenet_like, median_seconds, table, write_section
 from pipeline.engine.accelerator import view_budget
 from pipeline.engine.shifts import random_shifts
 from pipeline.engine.srt import SRT
+from pipeline.extraction import jpeg_library
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.device_decoding import decode_batches
 from pipeline.extraction.images import ImagePolicy, encoded, prepare
@@ -183,6 +184,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs CUDA; bench_dataplane measures the CPU path")
+    if jpeg_library.LIBRARY is None:
+        raise SystemExit(f"no JPEG library loads here, so nothing decodes on the GPU: {jpeg_library.LIBRARY_ERROR}")
     cores = torch.get_num_threads()
     unique = imagenet_like(min(args.images, 400))
     vit = load_vit(MODEL, device="cuda")
@@ -217,8 +220,8 @@ lz4), device defaults (bf16 autocast, views per pass fitted to free memory), {ar
 JPEGs (500 × 375) in a local folder, `run_local` with {cores} decode threads, 32 images per shard.
 "model only": SRT calls on inputs already decoded and on the GPU. "job / model": the whole job's
 rate over that (1.00 = model-bound), with each decoder: `device` (a shard's JPEGs decoded by
-nvJPEG and resized on the GPU; the default beside a GPU) and `torch` (TorchCodec and torch's
-resize on the host's decode threads). "stand-in job": the same job with a near-free model (the
+nvJPEG and resized on the GPU; the default beside a GPU) and `torch` (libjpeg-turbo and torch's
+resize on the host's decode threads), both through {jpeg_library.LIBRARY.name}. "stand-in job": the same job with a near-free model (the
 data plane's own ceiling here); its CPU ms per image is process CPU time over images. Decode
 images/s: the torch decoder on the host's threads, for scale.
 

@@ -4,6 +4,7 @@
     planning     the plan made input by input (threads, or Ray tasks), extended by --append
     reading      read the planned bytes: merged byte ranges, retries with backoff, prefetch
     images       decode, orient, resize and normalize; the pixel <-> feature-cell transform
+    jpeg_library the library that decodes JPEGs into tensors: TorchCodec, else torchvision.io
     resample     Pillow's antialiased bicubic resize as torch ops, bit for bit, on any device
     device_decoding  a shard's JPEGs decoded in one batch on the model's device (--decoder device)
     weights      checkpoints named by URI, read into the engine's models; their provenance

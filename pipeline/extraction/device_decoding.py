@@ -1,8 +1,8 @@
 """A shard's JPEGs decoded together on the model's device (`--decoder device`).
 
 Beside a GPU the host's share of an image is then reading its bytes and parsing its header
-(`images.encoded`): TorchCodec decodes the batch with nvJPEG (on the current stream, and turns
-each upright by its EXIF tag), and the crop and resize run there too with Pillow's integer
+(`images.encoded`): the JPEG library (`jpeg_library`) decodes the batch with nvJPEG (on the
+current stream, each turned upright by its EXIF tag), and the crop and resize run there too with Pillow's integer
 arithmetic (`resample`), so the model sees the inputs Pillow would give it.
 Images of one size share one resize. A batch nvJPEG refuses is decoded image by image, and an
 image the device cannot decode comes back as None, for Pillow to decode or name what is wrong.
@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.extraction import jpeg_library
 from pipeline.extraction.images import (
     Encoded,
     ImageError,
     ImagePolicy,
     Prepared,
     as_input,
-    decode_jpeg,
     input_geometry,
     upright,
 )
@@ -77,7 +77,7 @@ def _batches(items: list[Encoded]) -> list[list[Encoded]]:
 def _decoded(batch: list[Encoded], device: torch.device) -> list[torch.Tensor | None]:
     """The batch decoded as stored ([3, H, W] uint8 on `device`); None where an image fails alone."""
     try:
-        return decode_jpeg([item.data for item in batch], mode="RGB", device=device)
+        return jpeg_library.LIBRARY.decode([item.data for item in batch], device)
     except RuntimeError:
         if len(batch) == 1:
             return [None]

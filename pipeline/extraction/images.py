@@ -2,9 +2,10 @@
 
 Three decoders give the same model inputs:
 - pillow: every format and mode;
-- torch: 8-bit RGB and greyscale JPEGs, the bulk of datasets, decoded by TorchCodec (libjpeg-turbo,
-  bit-identical to Pillow's decode) and resized by torch's antialiased bicubic (Pillow's filter:
-  within 0.1/255 on average; bench/RESULTS.md), ops that release the interpreter lock;
+- torch: 8-bit RGB and greyscale JPEGs, the bulk of datasets, decoded by TorchCodec (or
+  torchvision.io where it does not load: `jpeg_library`), libjpeg-turbo, bit-identical to Pillow's
+  decode, and resized by torch's antialiased bicubic (Pillow's filter: within 0.1/255 on average;
+  bench/RESULTS.md), ops that release the interpreter lock;
 - device: the same JPEGs decoded in batches on the model's device (nvJPEG on a GPU) and resized
   there with Pillow's own integer arithmetic (`resample`), so a GPU actor's host only reads bytes
   and parses headers: on a CPU bit for bit Pillow's inputs, on a GPU up to nvJPEG's decode against
@@ -32,11 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-try:  # TorchCodec's image library links a CUDA build of torch (PyPI's); with another, Pillow decodes
-    from torchcodec.decoders import decode_jpeg
-except (ImportError, OSError, RuntimeError) as error:
-    decode_jpeg = None
-    TORCHCODEC_ERROR = f"{type(error).__name__}: {error}"
+from pipeline.extraction import jpeg_library
 
 log = logging.getLogger("srt")
 
@@ -45,7 +42,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as browsers show them
 DECODERS = ("pillow", "torch", "device")
 LEGACY_DECODERS = {"torchvision": "torch"}  # the name in stores written while torchvision.io decoded JPEGs
-TENSOR_MODES = ("RGB", "L")  # JPEG modes TorchCodec and nvJPEG decode as Pillow does (not CMYK)
+TENSOR_MODES = ("RGB", "L")  # JPEG modes libjpeg-turbo and nvJPEG decode to RGB as Pillow does (not CMYK)
 QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations whose upright image swaps the sides
 JPEG_END = b"\xff\xd9"
 
@@ -218,8 +215,8 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
     decoder = LEGACY_DECODERS.get(decoder, decoder)
     if decoder == "auto":
         decoder = "device" if device.type == "cuda" else "torch"
-    if decoder != "pillow" and decode_jpeg is None:
-        log.warning("--decoder %s: TorchCodec does not load here (%s); Pillow decodes every image, to the same inputs", decoder, TORCHCODEC_ERROR)
+    if decoder != "pillow" and jpeg_library.LIBRARY is None:
+        log.warning("--decoder %s: no JPEG library loads here (%s); Pillow decodes every image, to the same inputs", decoder, jpeg_library.LIBRARY_ERROR)
         return "pillow"
     return decoder
 
@@ -236,8 +233,10 @@ class Encoded:
 def jpeg_header(data: bytes, policy: ImagePolicy) -> tuple[int, int] | None:
     """(upright height, width) of a whole 8-bit RGB or greyscale JPEG within the bomb limit, or None
     where Pillow must decode: another format or mode, no end marker (truncated), too large (Pillow
-    names it), a JPEG to decode smaller (`--reducing-gap`), or no TorchCodec here. Reads the header only."""
-    if decode_jpeg is None or policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):
+    names it), a JPEG to decode smaller (`--reducing-gap`), no JPEG library here, or one not stored
+    upright where the library does not turn it (`jpeg_library`). Reads the header only."""
+    library = jpeg_library.LIBRARY
+    if library is None or policy.decoded_shorter_side or not data.rstrip(b"\0").endswith(JPEG_END):
         return None
     try:
         header = Image.open(io.BytesIO(data))
@@ -245,6 +244,8 @@ def jpeg_header(data: bytes, policy: ImagePolicy) -> tuple[int, int] | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     if header.format != "JPEG" or header.mode not in TENSOR_MODES or header.width * header.height > policy.max_pixels:
+        return None
+    if orientation not in (None, 1) and not library.orients:
         return None
     width, height = header.size
     return (width, height) if orientation in QUARTER_TURNS else (height, width)
@@ -258,20 +259,20 @@ def encoded(data: bytes, policy: ImagePolicy) -> Encoded | None:
 
 
 def upright(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
-    """TorchCodec's decode ([3, H, W], turned upright by its own reading of the EXIF tag), or None
+    """The JPEG library's decode ([3, H, W], turned upright by its own reading of the EXIF tag), or None
     where its size is not the upright size Pillow reads from the same header."""
     return pixels if tuple(pixels.shape) == (3, height, width) else None
 
 
 def decode_tensor(data: bytes, policy: ImagePolicy) -> torch.Tensor | None:
-    """An upright [3, H, W] uint8 tensor decoded by TorchCodec, or None where Pillow must decode
-    (`jpeg_header`); a file TorchCodec still cannot decode goes to Pillow too, which names what
+    """An upright [3, H, W] uint8 tensor decoded by the JPEG library, or None where Pillow must decode
+    (`jpeg_header`); a file the library still cannot decode goes to Pillow too, which names what
     is wrong with it."""
     header = jpeg_header(data, policy)
     if header is None:
         return None
     try:
-        return upright(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB"), *header)
+        return upright(jpeg_library.LIBRARY.decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))[0], *header)
     except RuntimeError:
         return None
 
