@@ -1,8 +1,8 @@
 """A shard's JPEGs decoded together on the model's device (`--decoder device`).
 
 Beside a GPU the host's share of an image is then reading its bytes and parsing its header
-(`images.encoded`): the JPEG library (`jpeg_library`) decodes the batch with nvJPEG (on the
-current stream, each turned upright by its EXIF tag), and the crop and resize run there too with Pillow's integer
+(`images.encoded`): the JPEG library (`jpeg_library`) decodes the batch with nvJPEG, each image
+turned upright by its EXIF tag, and the crop and resize run there too with Pillow's integer
 arithmetic (`resample`), so the model sees the inputs Pillow would give it.
 Images of one size share one resize. A batch nvJPEG refuses is decoded image by image, and an
 image the device cannot decode comes back as None, for Pillow to decode or name what is wrong.
