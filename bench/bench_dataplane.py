@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -339,6 +339,17 @@ class LockSampler:
         self.seconds = int(samples[1]) / LOCK_RATE
 
 
+def lock_sampling_problem() -> str | None:
+    """Why py-spy cannot sample this process (not installed, or no permission to read its memory:
+    a container without CAP_SYS_PTRACE), or None where it can."""
+    try:
+        with LockSampler():
+            pass
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 class HostRun(NamedTuple):
     """A job beside a GPU, counted from its first shard's load: images/s, process CPU ms per image,
     CPU seconds by thread group, CPU seconds of the busiest thread more cores cannot share, and
@@ -351,6 +362,31 @@ class HostRun(NamedTuple):
     lock_ms: float | None = None
 
 
+@contextlib.contextmanager
+def on_first_load(start: Callable[[], object]) -> Iterator[None]:
+    """Calls `start` once, as the job's first shard load begins: planning and start-up are over."""
+    original, started = ShardWorker.load, []
+
+    def load(self: ShardWorker, shard: int) -> object:
+        if not started:
+            started.append(start())
+        return original(self, shard)
+
+    ShardWorker.load = load
+    try:
+        yield
+    finally:
+        ShardWorker.load = original
+
+
+@contextlib.contextmanager
+def lock_sampled(samplers: list[LockSampler]) -> Iterator[None]:
+    """py-spy samples the interpreter lock from the job's first shard load until the block ends
+    (`LockSampler`, appended to `samplers`)."""
+    with contextlib.ExitStack() as sampling, on_first_load(lambda: samplers.append(sampling.enter_context(LockSampler()))):
+        yield
+
+
 def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decoder: str, extra: dict, lock: bool = False) -> HostRun:
     """The job beside a GPU (`beside_a_gpu`), counted from the first shard's load (planning and
     start-up left out). The main thread's copies of the stored values into the shard's blocks are
@@ -358,16 +394,12 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
     the GPU's DMA into pinned buffers, here a CPU memcpy. With `lock`, py-spy samples the
     interpreter lock from the first load on (its own CPU then counts too: use only `lock_ms`)."""
     config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, decoder=decoder, **extra)
-    threads, marks, copying, sampling, samplers = ThreadCPU(), [], [0.0], contextlib.ExitStack(), []
-    original_load, original_fill = ShardWorker.load, ShardWorker._fill
+    threads, marks, copying, samplers = ThreadCPU(), [], [0.0], []
+    original_fill = ShardWorker._fill
 
-    def load(self: ShardWorker, shard: int) -> object:
-        if not marks:
-            marks.append(time.process_time())
-            threads.mark()
-            if lock:
-                samplers.append(sampling.enter_context(LockSampler()))
-        return original_load(self, shard)
+    def mark() -> None:
+        marks.append(time.process_time())
+        threads.mark()
 
     def fill(self: ShardWorker, *args: object) -> list[str]:
         started = time.thread_time()
@@ -375,13 +407,13 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
         copying[0] += time.thread_time() - started
         return paths
 
-    ShardWorker.load, ShardWorker._fill = load, fill
+    ShardWorker._fill = fill
     try:
-        with beside_a_gpu(), threads, sampling:
+        with beside_a_gpu(), threads, on_first_load(mark), lock_sampled(samplers) if lock else contextlib.nullcontext():
             summary = run_local(config, vit=vit)
             cpu = time.process_time() - marks[0]
     finally:
-        ShardWorker.load, ShardWorker._fill = original_load, original_fill
+        ShardWorker._fill = original_fill
     groups, busiest, own = threads.by_group()
     busiest["main"] = busiest.get("main", 0.0) - copying[0]
     groups[COPY] = copying[0]

@@ -10,13 +10,15 @@ the device defaults (`--precision auto`, `--batch-size 0`), on ImageNet-like JPE
   and on the host's threads (`--decoder torch`);
 - `--decoder device` alone: images/s, and its inputs against Pillow's;
 - the whole job with a near-free stand-in model: the data plane's own ceiling on this machine,
-  and the CPU it spends per image, hence the cores a GPU actor needs at 1,000 and 2,000 images/s;
+  and the CPU it spends per image, hence the cores a GPU actor needs at 1,000 and 2,000 images/s,
+  and the interpreter lock it holds per image, hence one process's ceiling (py-spy);
 - features on the GPU against the CPU (fp32), and bf16 autocast against fp32; whole stores too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import multiprocessing as mp
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.bench_dataplane import MODEL, decode_rate, stand_in
+from bench.bench_dataplane import MODEL, decode_rate, lock_sampled, lock_sampling_problem, stand_in
 from bench.results import imagenet_like, median_seconds, table, write_section
 from pipeline.engine.accelerator import view_budget
 from pipeline.engine.shifts import random_shifts
@@ -84,14 +86,16 @@ def model_only_rate(vit, size: int, blobs: list[bytes]) -> tuple[float, int]:
     return len(images) / seconds, srt.batch_size
 
 
-def job(folder: Path, out: Path, size: int, vit, decoder: str) -> tuple[float, float, float]:
-    """(images/s after start-up, mean GPU utilization %, CPU ms per image) of the whole job."""
+def job(folder: Path, out: Path, size: int, vit, decoder: str, lock: bool = False) -> tuple[float, float, float, float | None]:
+    """(images/s after start-up, mean GPU utilization %, CPU ms per image, and with `lock` ms per
+    image some thread held the interpreter lock from the first shard's load on) of the whole job."""
     config = ExtractConfig(dataset=str(folder), out=str(out), model=MODEL, image_size=size, stride=STRIDE, decoder=decoder)
-    cpu = time.process_time()
-    with Utilization() as gpu:
+    cpu, samplers = time.process_time(), []
+    with Utilization() as gpu, lock_sampled(samplers) if lock else contextlib.nullcontext():
         summary = run_local(config, vit=vit)
     cpu_ms = 1000 * (time.process_time() - cpu) / summary.images
-    return summary.images / (summary.seconds - summary.startup_seconds), gpu.mean, cpu_ms
+    lock_ms = 1000 * samplers[0].seconds / summary.images if samplers else None
+    return summary.images / (summary.seconds - summary.startup_seconds), gpu.mean, cpu_ms, lock_ms
 
 
 def agreement(vit_gpu, vit_cpu) -> tuple[float, float]:
@@ -186,6 +190,9 @@ def main() -> None:
         raise SystemExit("bench_gpu needs CUDA; bench_dataplane measures the CPU path")
     if jpeg_library.LIBRARY is None:
         raise SystemExit(f"no JPEG library loads here, so nothing decodes on the GPU: {jpeg_library.LIBRARY_ERROR}")
+    cannot_sample = lock_sampling_problem()
+    if cannot_sample:
+        print(f"no interpreter lock figures: {cannot_sample}")
     cores = torch.get_num_threads()
     unique = imagenet_like(min(args.images, 400))
     vit = load_vit(MODEL, device="cuda")
@@ -207,11 +214,13 @@ def main() -> None:
             model_rate, views = model_only_rate(vit, size, unique)
             decoding.append(device_decoding(unique, size))
             for decoder in ("device", "torch"):
-                real_rate, busy, real_cpu = job(folder, Path(tmp) / f"real-{size}-{decoder}.zarr", size, vit, decoder)
-                free_rate, _, free_cpu = job(folder, Path(tmp) / f"free-{size}-{decoder}.zarr", size, stand_in(load_vit(MODEL, device="cuda")), decoder)
+                real_rate, busy, real_cpu, _ = job(folder, Path(tmp) / f"real-{size}-{decoder}.zarr", size, vit, decoder)
+                free = stand_in(load_vit(MODEL, device="cuda"))
+                free_rate, _, free_cpu, _ = job(folder, Path(tmp) / f"free-{size}-{decoder}.zarr", size, free, decoder)
+                lock_ms = None if cannot_sample else job(folder, Path(tmp) / f"lock-{size}-{decoder}.zarr", size, free, decoder, lock=True)[-1]
                 one, many = decode_rate(unique, size, 1, "torch"), decode_rate(unique, size, cores, "torch")
                 rows.append([f"{size}²", decoder, views, f"{model_rate:.0f}", f"{real_rate:.0f}", f"**{real_rate / model_rate:.2f}**", f"{busy:.0f}",
-                             f"{free_rate:.0f}", f"{free_cpu:.1f}", f"{one:.0f}", f"{many:.0f}"])  # fmt: skip
+                             f"{free_rate:.0f}", f"{free_cpu:.1f}", f"**{lock_ms:.2f}**" if lock_ms else "—", f"{1000 / lock_ms:.0f}" if lock_ms else "—", f"{one:.0f}", f"{many:.0f}"])  # fmt: skip
                 needs.append([f"{size}²", decoder, f"{free_cpu:.1f}", f"{free_cpu:.1f}", f"{2 * free_cpu:.1f}"])
                 print(rows[-1])
     body = f"""
@@ -222,10 +231,12 @@ JPEGs (500 × 375) in a local folder, `run_local` with {cores} decode threads, 3
 rate over that (1.00 = model-bound), with each decoder: `device` (a shard's JPEGs decoded by
 nvJPEG and resized on the GPU; the default beside a GPU) and `torch` (libjpeg-turbo and torch's
 resize on the host's decode threads), both through {jpeg_library.LIBRARY.name}. "stand-in job": the same job with a near-free model (the
-data plane's own ceiling here); its CPU ms per image is process CPU time over images. Decode
-images/s: the torch decoder on the host's threads, for scale.
+data plane's own ceiling here); its CPU ms per image is process CPU time over images, and its
+interpreter lock the time per image some thread holds it, sampled by py-spy from the first shard's
+load on in a run of its own (kernel launches included): one process runs no faster than 1000 / that
+many images/s. Decode images/s: the torch decoder on the host's threads, for scale.
 
-{table(["input", "decoder", "views per pass", "model only, images/s", "whole job, images/s", "job / model", "GPU busy %", "stand-in job, images/s", "stand-in CPU ms per image", "host decode images/s, 1 thread", f"host decode images/s, {cores} threads"], rows)}
+{table(["input", "decoder", "views per pass", "model only, images/s", "whole job, images/s", "job / model", "GPU busy %", "stand-in job, images/s", "stand-in CPU ms per image", "stand-in: interpreter lock ms per image", "one process's ceiling, images/s", "host decode images/s, 1 thread", f"host decode images/s, {cores} threads"], rows)}
 
 Cores a GPU actor needs (CPU ms per image of the stand-in job × images/s):
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The packages bench_gpu needs on a lent GPU machine beyond what its image holds (Python 3.12 with
-# torch, timm, pyarrow, fsspec, tqdm, ...; /work/.library/device/KINDS.md), as wheels in .whl/
-# (git-ignored) for the device tool to carry: 64 MiB a call with the repository, so Ray's wheel goes
-# without its Java jar, its dashboard's web page and RLlib, compressed with LZMA.
+# torch, timm, pyarrow, fsspec, tqdm, ...; /work/.library/device/KINDS.md), py-spy included, as
+# wheels in .whl/ (git-ignored) for the device tool to carry: 64 MiB a call with the repository,
+# so Ray's wheel goes without its Java jar, its dashboard's web page and RLlib, compressed with LZMA.
 #
-#   bash bench/gpu_wheels.sh     # here, once: about 48 MiB
+#   bash bench/gpu_wheels.sh     # here, once: about 50 MiB
 #
 # then one device call, carry [".whl"], command:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-#   PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 -m bench.bench_gpu --images 1600 && cp bench/RESULTS.md $OUT/
+#   PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 -m bench.bench_gpu --images 1600;
+#   cp bench/RESULTS.md $OUT/
 #
 # No TorchCodec: each release links one torch release, and the one for the image's torch 2.11
 # (0.11) has no image decoders, so JPEGs are decoded by torchvision.io there (`jpeg_library`).
@@ -22,7 +23,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "$(constraint ray)" "$(constraint zarr)" "$(constraint numcodecs)" "$(constraint donfig)" "$(constraint google-crc32c)" \
     "$(constraint pillow)" "$(constraint jsonschema)" "$(constraint jsonschema-specifications)" "$(constraint referencing)" \
-    "$(constraint rpds-py)" "$(constraint typing_extensions)"
+    "$(constraint rpds-py)" "$(constraint typing_extensions)" "$(constraint py-spy)"
 ray=$(ls .whl/ray-*.whl)
 python3 - "$ray" <<'EOF'
 import sys, zipfile

@@ -37,16 +37,17 @@ def test_the_lock_sampler_counts_the_seconds_python_holds_the_lock():
     assert waiting.seconds <= 0.1
 
 
-@pytest.mark.parametrize("decoder", ["device", "pillow"])
-def test_beside_a_gpu_the_real_job_stores_every_image_and_is_put_back(tmp_path, decoder):
+@pytest.mark.parametrize(("decoder", "lock"), [("device", True), ("pillow", False)])
+def test_beside_a_gpu_the_real_job_stores_every_image_and_is_put_back(tmp_path, decoder, lock):
     originals = (SRT.finalize, ShardWorker._reduced, ShardWorker.compute, ShardWorker.load, ShardWorker._fill, device_decoding.decode_batches)
     files = {f"{i}.jpg": encode(gradient(60 + 7 * i, 80, seed=i), "JPEG", quality=90) for i in range(6)}
     write_files(tmp_path / "images", files)
-    run = host_job(str(tmp_path / "images"), str(tmp_path / "out.zarr"), 224, 4, stand_in(load_vit(bench_dataplane.MODEL, device="cpu")), decoder, {"pca_dims": 8})
+    run = host_job(str(tmp_path / "images"), str(tmp_path / "out.zarr"), 224, 4, stand_in(load_vit(bench_dataplane.MODEL, device="cpu")), decoder, {"pca_dims": 8}, lock)
     store = FeatureStore.open(str(tmp_path / "out.zarr"))
     assert store.manifest.column("status").to_pylist() == ["ok"] * len(files)
     assert store.dense(store.manifest.column("image_id")[0].as_py()).shape == (8, 28, 28)
-    assert run.cpu_ms > 0 and run.lock_ms is None
+    assert run.cpu_ms > 0
+    assert (run.lock_ms is not None and run.lock_ms > 0) if lock else run.lock_ms is None
     assert (SRT.finalize, ShardWorker._reduced, ShardWorker.compute, ShardWorker.load, ShardWorker._fill, device_decoding.decode_batches) == originals
     with beside_a_gpu():
         assert device_decoding.decode_batches is not originals[-1] and SRT.finalize is not originals[0]
