@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.bench_dataplane import MODEL, decode_rate, lock_sampled, lock_sampling_problem, stand_in
+from bench.bench_dataplane import MODEL, decode_rate, stand_in
+from bench.instruments import lock_sampled, lock_sampling_problem
 from bench.results import imagenet_like, median_seconds, table, write_section
 from pipeline.engine.accelerator import view_budget
 from pipeline.engine.shifts import random_shifts

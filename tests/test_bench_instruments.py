@@ -10,7 +10,8 @@ import time
 import pytest
 
 from bench import bench_dataplane
-from bench.bench_dataplane import LockSampler, beside_a_gpu, host_job, stand_in
+from bench.bench_dataplane import beside_a_gpu, host_job, stand_in
+from bench.instruments import LockSampler
 from pipeline.engine.srt import SRT
 from pipeline.extraction import device_decoding
 from pipeline.extraction.weights import load_vit
