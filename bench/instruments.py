@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def lock_sampling_problem() -> str | None:
     a container without CAP_SYS_PTRACE), or None where it can."""
     try:
         with LockSampler():
-            pass
+            time.sleep(0.2)  # py-spy takes Ctrl-C as "stop and report" only once it is sampling
     except RuntimeError as error:
         return str(error)
     return None

@@ -11,7 +11,7 @@ import pytest
 
 from bench import bench_dataplane
 from bench.bench_dataplane import beside_a_gpu, host_job, stand_in
-from bench.instruments import LockSampler
+from bench.instruments import LockSampler, lock_sampling_problem
 from pipeline.engine.srt import SRT
 from pipeline.extraction import device_decoding
 from pipeline.extraction.weights import load_vit
@@ -36,6 +36,7 @@ def test_the_lock_sampler_counts_the_seconds_python_holds_the_lock():
         sleeper.join()
     assert 0.3 <= holding.seconds <= 0.9
     assert waiting.seconds <= 0.1
+    assert lock_sampling_problem() is None
 
 
 @pytest.mark.parametrize(("decoder", "lock"), [("device", True), ("pillow", False)])
