@@ -33,7 +33,9 @@ class JobProgress:
         self.advance(images)
 
     def advance(self, images: float) -> None:
-        self.bar.update(images)
+        """`images` more done. Shares of an image (split shifts) add up to whole images only up to
+        float rounding: the bar stops at its total, not a hair past it (tqdm would warn)."""
+        self.bar.update(min(images, self.bar.total - self.bar.n))
         self._postfix()
 
     def count_errors(self, errors: int) -> None:
