@@ -256,7 +256,7 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
     the GPU's DMA into pinned buffers, here a CPU memcpy. With `lock`, py-spy samples the
     interpreter lock from the first load on (its own CPU then counts too: use only `lock_ms`)."""
     config = ExtractConfig(dataset=dataset, out=out, model=MODEL, image_size=size, stride=8, shard_size=shard_size, decoder=decoder, **extra)
-    threads, marks, copying, samplers = ThreadCPU(), [], [0.0], []
+    threads, marks, copying = ThreadCPU(), [], [0.0]
     original_fill = ShardWorker._fill
 
     def mark() -> None:
@@ -271,7 +271,7 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
 
     ShardWorker._fill = fill
     try:
-        with beside_a_gpu(), threads, on_first_load(mark), lock_sampled(samplers) if lock else contextlib.nullcontext():
+        with beside_a_gpu(), threads, on_first_load(mark), lock_sampled(lock) as held:
             summary = run_local(config, vit=vit)
             cpu = time.process_time() - marks[0]
     finally:
@@ -281,8 +281,7 @@ def host_job(dataset: str, out: str, size: int, shard_size: int, vit: ViT, decod
     groups[COPY] = copying[0]
     single = max(busiest.get(group, 0.0) for group in SINGLE_THREADS)
     rate = summary.images / (summary.seconds - summary.startup_seconds)
-    lock_ms = 1000 * samplers[0].seconds / summary.images if samplers else None
-    return HostRun(rate, 1000 * (cpu - own) / summary.images, groups, single, lock_ms)
+    return HostRun(rate, 1000 * (cpu - own) / summary.images, groups, single, held.ms_per(summary.images))
 
 
 MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") else None  # stores in memory: the host's work, not this VM's disk

@@ -18,7 +18,6 @@ the device defaults (`--precision auto`, `--batch-size 0`), on ImageNet-like JPE
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import io
 import multiprocessing as mp
@@ -91,12 +90,11 @@ def job(folder: Path, out: Path, size: int, vit, decoder: str, lock: bool = Fals
     """(images/s after start-up, mean GPU utilization %, CPU ms per image, and with `lock` ms per
     image some thread held the interpreter lock from the first shard's load on) of the whole job."""
     config = ExtractConfig(dataset=str(folder), out=str(out), model=MODEL, image_size=size, stride=STRIDE, decoder=decoder)
-    cpu, samplers = time.process_time(), []
-    with Utilization() as gpu, lock_sampled(samplers) if lock else contextlib.nullcontext():
+    cpu = time.process_time()
+    with Utilization() as gpu, lock_sampled(lock) as held:
         summary = run_local(config, vit=vit)
     cpu_ms = 1000 * (time.process_time() - cpu) / summary.images
-    lock_ms = 1000 * samplers[0].seconds / summary.images if samplers else None
-    return summary.images / (summary.seconds - summary.startup_seconds), gpu.mean, cpu_ms, lock_ms
+    return summary.images / (summary.seconds - summary.startup_seconds), gpu.mean, cpu_ms, held.ms_per(summary.images)
 
 
 def agreement(vit_gpu, vit_cpu) -> tuple[float, float]:

@@ -142,9 +142,24 @@ def on_first_load(start: Callable[[], object]) -> Iterator[None]:
         ShardWorker.load = original
 
 
+class LockReading:
+    """The seconds some thread held the interpreter lock during a job, once `lock_sampled` ends
+    (None where it did not sample)."""
+
+    seconds: float | None = None
+
+    def ms_per(self, images: int) -> float | None:
+        return None if self.seconds is None else 1000 * self.seconds / images
+
+
 @contextlib.contextmanager
-def lock_sampled(samplers: list[LockSampler]) -> Iterator[None]:
+def lock_sampled(enabled: bool = True) -> Iterator[LockReading]:
     """py-spy samples the interpreter lock from the job's first shard load until the block ends
-    (`LockSampler`, appended to `samplers`)."""
-    with contextlib.ExitStack() as sampling, on_first_load(lambda: samplers.append(sampling.enter_context(LockSampler()))):
-        yield
+    (`LockSampler`); nothing is sampled where not `enabled`."""
+    reading, samplers = LockReading(), []
+    with contextlib.ExitStack() as sampling:
+        if enabled:
+            sampling.enter_context(on_first_load(lambda: samplers.append(sampling.enter_context(LockSampler()))))
+        yield reading
+    if samplers:
+        reading.seconds = samplers[0].seconds
