@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -128,3 +129,45 @@ def damaged_dataset(special_files_in: Path | None = None) -> tuple[dict[str, byt
         (folder / "linked.jpg").symlink_to(folder / "a.jpg")  # a link to a regular file is an ordinary input
         expected |= {"pipe.jpg": "special_file", "dangling.jpg": "special_file", "loop.jpg": "special_file", "linked.jpg": None}
     return files, expected
+
+
+def img2dataset_output(folder: Path, output_format: str, shard: int, samples: int, *, failed: tuple[int, ...] = (), broken: tuple[int, ...] = ()) -> dict[str, bytes]:
+    """One shard of img2dataset's output as img2dataset 1.47's writers lay it out (`writer.py`):
+    keys '{shard:05d}{index:04d}'; webdataset: `NNNNN.tar` holding key.jpg, key.txt and key.json of
+    each downloaded sample, beside `NNNNN.parquet` (the metadata of every sample, failed downloads
+    included, no image bytes); files: the same members in a folder `NNNNN/`; parquet: `NNNNN.parquet` with the bytes in a `jpg` column, null for a
+    failed download; both with `NNNNN_stats.json`. `broken` samples hold bytes that are no image.
+    Returns key -> the image bytes the shard holds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{shard:05d}"
+    keys = [f"{name}{i:04d}" for i in range(samples)]
+    images = {key: b"<html>not found</html>" if i in broken else encode(gradient(36 + i, 44, seed=100 * shard + i), "JPEG") for i, key in enumerate(keys) if i not in failed}
+    meta = {
+        "key": keys,
+        "url": [f"http://images.example/{key}.jpg" for key in keys],
+        "caption": [f"caption of {key}" for key in keys],
+        "status": ["failed_to_download" if i in failed else "success" for i in range(samples)],
+        "error_message": ["Connection refused" if i in failed else None for i in range(samples)],
+        "width": [None if i in failed else 44 for i in range(samples)],
+        "height": [None if i in failed else 36 + i for i in range(samples)],
+        "sha256": [None if i in failed else f"{i:064x}" for i in range(samples)],
+    }
+    if output_format == "webdataset":
+        members = {}
+        for i, key in enumerate(keys):
+            if key in images:
+                members |= {f"{key}.jpg": images[key], f"{key}.txt": meta["caption"][i].encode(), f"{key}.json": json.dumps({k: v[i] for k, v in meta.items()}).encode()}
+        (folder / f"{name}.tar").write_bytes(tar_bytes(members))
+        pq.write_table(pa.table(meta), folder / f"{name}.parquet")
+    elif output_format == "files":
+        for i, key in enumerate(keys):
+            if key in images:
+                write_files(folder / name, {f"{key}.jpg": images[key], f"{key}.txt": meta["caption"][i].encode(), f"{key}.json": b"{}"})
+        pq.write_table(pa.table(meta), folder / f"{name}.parquet")
+    elif output_format == "parquet":
+        pq.write_table(pa.table({**meta, "jpg": pa.array([images.get(key) for key in keys], pa.binary())}), folder / f"{name}.parquet")
+    else:
+        raise ValueError(output_format)
+    stats = {"count": samples, "successes": samples - len(failed), "failed_to_download": len(failed), "status_dict": {"success": samples - len(failed)}}
+    (folder / f"{name}_stats.json").write_text(json.dumps(stats))
+    return images

@@ -66,12 +66,12 @@ def test_gpu_actors_get_their_gpus_share_of_the_node_cpus():
     script = """
 import ray
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.distributed import actor_plan
+from pipeline.extraction.placement import actor_plan, cluster_nodes
 ray.init(num_cpus=6, num_gpus=2, include_dashboard=False, log_to_driver=False)
 base = dict(dataset="d", out="o", model="vit_small_patch16_224")
-print(actor_plan(ExtractConfig(**base), fixed=True))
-print(actor_plan(ExtractConfig(**base, gpus_per_actor=0.5), fixed=True))
-print(actor_plan(ExtractConfig(**base, cpus_per_actor=1), fixed=True))
+print(actor_plan(ExtractConfig(**base), *cluster_nodes()))
+print(actor_plan(ExtractConfig(**base, gpus_per_actor=0.5), *cluster_nodes()))
+print(actor_plan(ExtractConfig(**base, cpus_per_actor=1), *cluster_nodes()))
 ray.shutdown()
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
@@ -92,3 +92,19 @@ def test_host_buffers_are_reused_up_to_their_byte_budget(monkeypatch):
     again = [buffers.take((10, 20), np.dtype("float32")) for _ in range(4)]
     assert sum(any(a is b for b in first) for a in again) == 3 and buffers.kept == 0
     assert buffers.take((10, 20), np.dtype("float16")).dtype == np.float16  # another dtype: a new buffer
+
+
+def test_a_request_only_a_grown_cluster_holds_waits_and_one_no_cluster_holds_fails_naming_the_flags(caplog):
+    from pipeline.extraction.flags import ConfigError
+    from pipeline.extraction.config import ExtractConfig
+    from pipeline.extraction.placement import actor_plan
+
+    base = dict(dataset="d", out="o", model="vit_small_patch16_224")
+    head = [{"CPU": 2.0}]
+    with pytest.raises(ConfigError, match=r"--num-actors, --cpus-per-actor: 3 actors of 1 CPUs each do not fit .* cannot grow"):
+        actor_plan(ExtractConfig(**base, num_actors=3, cpus_per_actor=1), head, None)
+    workers = [{"CPU": 8.0, "GPU": 1.0}] * 2  # what the autoscaler may add
+    assert actor_plan(ExtractConfig(**base, num_actors=2), [{"CPU": 0.0}], workers) == (2, {"num_gpus": 1.0, "num_cpus": 1}, 1)
+    assert "waiting for the autoscaler to add nodes (it may add 2)" in caplog.text
+    with pytest.raises(ConfigError, match=r"nor at the largest its autoscaler may make it \(2 more nodes\)"):
+        actor_plan(ExtractConfig(**base, num_actors=3), [{"CPU": 0.0}], workers)

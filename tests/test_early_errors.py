@@ -28,7 +28,7 @@ def no_cluster(monkeypatch):
         raise AssertionError("a Ray cluster was started or asked before the error")
 
     monkeypatch.setattr("pipeline.extraction.distributed.ray.init", started)
-    monkeypatch.setattr("pipeline.extraction.distributed.actor_plan", started)
+    monkeypatch.setattr("pipeline.extraction.distributed.cluster_nodes", started)
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -122,3 +122,33 @@ def test_relative_inputs_under_a_job_working_copy_are_refused(monkeypatch, tmp_p
     assert resolved.config.weights == str(tmp_path / "ckpt.pt")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert resolve(ExtractConfig(dataset="data/samples", out="o.zarr", model=MODEL)).config.dataset == str(tmp_path / "data" / "samples")
+
+
+@pytest.mark.parametrize("stage", ["parse_with_config_file", "from_args"])
+def test_ctrl_c_while_the_flags_are_read_is_a_clean_stop(tmp_path, sample_paths, capsys, monkeypatch, no_cluster, stage):
+    import os
+    import signal
+    import time
+
+    from pipeline.commands import extract
+
+    real = getattr(extract, stage)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to this (the main) thread
+        time.sleep(5)  # the interrupt lands here, while the flags are being read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, stage, interrupted)
+    assert extract_main(small_argv(str(sample_paths[0].parent), str(tmp_path / "out.zarr"))) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted: stopped while reading the flags; nothing was started", err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_actors_a_local_instance_could_never_place_are_refused_before_it_starts(tmp_path, sample_paths, capsys, no_cluster, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("pipeline.extraction.distributed.joins_a_cluster", lambda: False)  # as on a machine without `ray start`
+    message = one_line_error(capsys, small_argv(str(sample_paths[0].parent), str(tmp_path / "out.zarr")) + ["--cpus-per-actor", "1024"])
+    assert message.startswith("--num-actors, --cpus-per-actor: 1 actors of 1024 CPUs each do not fit the cluster's 1 node(s)")
+    assert message.endswith("and it cannot grow (no autoscaler); ask for less")

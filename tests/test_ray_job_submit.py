@@ -67,6 +67,12 @@ def test_job_submit_extracts_into_a_store(tmp_path, sample_paths, ray_head):
     done = subprocess.run(relative, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "error: --out: try/job.zarr is relative" in done.stdout + done.stderr
 
+    # `ray start` nodes have no autoscaler: actors they cannot place fail at once instead of waiting.
+    crowded = [*job[: job.index("--")], "--", *job[job.index("--") + 1 :], "--num-actors", "3", "--cpus-per-actor", "1"]
+    done = subprocess.run(crowded, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "3 actors of 1 CPUs each do not fit the cluster's 1 node(s) (2 CPUs): 2 fit, and it cannot grow" in done.stdout + done.stderr
+
     wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     refused = subprocess.run([RAY, "job", "list", "--address", address], env=wrong, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "Invalid authentication token" in refused.stdout + refused.stderr

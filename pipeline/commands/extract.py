@@ -34,17 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     log_to_stderr()
     parser = build_parser()
+    config: ExtractConfig | None = None  # until the flags are parsed, an interrupt has nothing to report on
     try:
         args = parse_with_config_file(parser, argv, ExtractConfig)
-    except ConfigError as error:
-        parser.error(str(error))
-    try:
         config = from_args(args, ExtractConfig)
         summary = run_local(config) if args.local else run_ray(config)
     except (ConfigError, SourceError, StoreMismatchError) as error:
         parser.error(str(error))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {interrupted_note(config)}", file=sys.stderr)
+        note = "stopped while reading the flags; nothing was started" if config is None else interrupted_note(config)
+        print(f"\ninterrupted: {note}", file=sys.stderr)
         return 130
     print(summary.render())
     print(f"features    {config.out}")

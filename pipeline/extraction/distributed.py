@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
-import os
 import statistics
 import time
 import uuid
@@ -33,7 +32,7 @@ from ray.exceptions import RayActorError, RayError
 from pipeline.engine.shifts import Shift
 from pipeline.extraction.actor import UNITS_PER_ACTOR, ExtractActor
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, shift_batches, wait_until_started
+from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, cluster_nodes, joins_a_cluster, local_nodes, shift_batches, wait_until_started
 from pipeline.extraction.planning import ray_map
 from pipeline.extraction.progress import JobProgress, progress_counter
 from pipeline.extraction.runner import (
@@ -359,11 +358,11 @@ def run_ray(config: ExtractConfig) -> RunSummary:
     started = time.perf_counter()
     resolved = preflight(config)  # bad flags fail before Ray starts
     config = resolved.config
-    # A local instance started here cannot grow: actors that do not fit fail before any work.
-    fixed = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if not joins_a_cluster():  # a local instance of this machine's shape: actors that cannot fit fail before it starts
+        actor_plan(config, local_nodes(), None)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    count, resources, threads = actor_plan(config, fixed=fixed)
+    count, resources, threads = actor_plan(config, *cluster_nodes())
     job = plan_job(resolved, mapper=ray_map)
     summary = RunSummary.of(job)
     if len(job.pending):

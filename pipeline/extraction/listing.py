@@ -2,6 +2,13 @@
 
 A dataset URI is a directory or glob (images, .tar shards and image-bytes .parquet files found
 under it), a single .tar or .parquet, or a file list (.txt, .csv, or a .parquet of URIs).
+
+Parquet files are read by where they are (img2dataset's layouts): one beside a tar or a folder of
+the same stem (`00000.tar` or `00000/` + `00000.parquet`) without image bytes is its metadata
+and lists no item; any other found in a folder or glob must hold image bytes (img2dataset's
+parquet output), and one that does not is refused naming it; a Parquet of URIs is a file list
+only when it is `--dataset` itself.
+
 `dataset_inputs` finds its inputs (names and sizes only): each tar, each Parquet file, each range
 of lines of a file list, each batch of image files. `list_input` lists one of them into its items
 (anywhere on a cluster), reading names and metadata only, never image bytes; the planning step
@@ -107,6 +114,7 @@ class Input:
     uri: str  # the container or file list (files: the dataset)
     files: tuple[str, ...] = ()  # files: the image files' URIs
     size: int | None = None  # the object's size, when the folder listing gave it (saves a request)
+    role: str = "images"  # parquet without image bytes: "images" refused, "list" a file list (--dataset itself), "sidecar" metadata
     start: int | None = None  # list: the byte range of lines it holds (lines starting in [start, stop))
     stop: int | None = None
 
@@ -124,7 +132,11 @@ def dataset_inputs(dataset: str, storage_options: dict[str, Any] | None = None) 
         yield from list_ranges(_full_uri(fs, path), fs.size(path))
         return
     batch: list[str] = []
-    for file, size in _expand(fs, path, dataset):
+    files = _expand(fs, path, dataset)
+    given_itself = len(files) == 1 and files[0][0] == path  # --dataset names one file, not a folder or glob
+    # img2dataset writes each tar's or folder's metadata beside it: 00000.tar or 00000/ with 00000.parquet
+    described = {file[: -len(".tar")] for file, _ in files if file.lower().endswith(".tar")} | {posixpath.dirname(file) for file, _ in files}
+    for file, size in files:
         lower = file.lower()
         uri = _full_uri(fs, file)
         kind = "tar" if lower.endswith(".tar") else "parquet" if lower.endswith(".parquet") else None
@@ -137,7 +149,8 @@ def dataset_inputs(dataset: str, storage_options: dict[str, Any] | None = None) 
             if batch:
                 yield Input("files", dataset, tuple(batch))
                 batch = []
-            yield Input(kind, uri, size=size)
+            role = "list" if given_itself else "sidecar" if kind == "parquet" and file[: -len(".parquet")] in described else "images"
+            yield Input(kind, uri, size=size, role=role)
     if batch:
         yield Input("files", dataset, tuple(batch))
 
@@ -163,7 +176,7 @@ def list_input(unit: Input, storage_options: dict[str, Any] | None = None) -> pa
     if isinstance(fs, LocalFileSystem) and (problem := not_regular(path)):
         return items_table([failed_item(unit.uri, "special_file", problem)])
     try:
-        return _marked(_list_tar(fs, path, unit.size) if unit.kind == "tar" else _list_parquet(fs, path, unit.size))
+        return _marked(_list_tar(fs, path, unit.size) if unit.kind == "tar" else _list_parquet(fs, path, unit.size, unit.role))
     except SourceError:
         raise
     except Exception as error:  # unreadable container: one error row, the dataset goes on
@@ -309,9 +322,10 @@ def _unlisted_rest(handle: IO[bytes], offset: int) -> str | None:
     return None if block.count(0) == len(block) else f"invalid header at byte {offset}"
 
 
-def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None) -> pa.Table:
+def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None, role: str) -> pa.Table:
     """Parquet of image bytes (a binary column, or a struct with a `bytes` field as Hugging Face
-    writes it), or of URIs. Only the schema and the id/URI column are read."""
+    writes it); without them, by its `role` (`Input.role`): a file list of URIs, a sidecar's
+    metadata (no items), or refused. Only the schema and the id/URI column are read."""
     container = _full_uri(fs, path)
     with fs.open(path, "rb", size=size) as handle:
         parquet = pq.ParquetFile(handle)
@@ -320,7 +334,14 @@ def _list_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None) ->
         image_column = next(
             (names[c] for c in BYTES_COLUMNS if c in names and _holds_bytes(schema.field(names[c]).type)), None
         )
+        if image_column is None and role == "sidecar":  # img2dataset's metadata of the tar or folder beside it
+            return PLAN_PART_SCHEMA.empty_table()
         if image_column is None:
+            if role != "list":
+                raise SourceError(
+                    f"{_full_uri(fs, path)} holds no image bytes (a binary column named one of {', '.join(BYTES_COLUMNS)}); "
+                    "a folder's Parquet files must be image-bytes tables, a Parquet of URIs is a file list only when given as --dataset itself"
+                )
             rows = parquet.read().to_pylist()
             return _items_from_rows(rows, base=_full_uri(fs, posixpath.dirname(path)), where=path)
         id_column = next((names[c] for c in ID_COLUMNS if c in names), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -23,15 +24,56 @@ log = logging.getLogger("srt")
 START_REPORT_SECONDS = 15.0
 
 
-def actor_plan(config: ExtractConfig, *, fixed: bool) -> tuple[int, dict[str, float], int]:
-    """(number of actors, resources of each, threads of each) from the flags and the cluster.
+Nodes = list[dict[str, float]]
+
+
+def local_nodes() -> Nodes:
+    """The one node of a local instance this job would start: this machine's CPUs (as Ray counts
+    them, cgroup limits included) and GPUs, known without starting it."""
+    import torch
+    from ray._private.utils import get_num_cpus
+
+    return [{"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}]
+
+
+def joins_a_cluster() -> bool:
+    """Whether ray.init() here would join a running cluster (RAY_ADDRESS, or the one `ray start`
+    recorded on this machine) rather than start a local instance of its own."""
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is not None
+    except Exception:  # noqa: BLE001 - a private helper: when it cannot tell, the check after ray.init decides
+        return True
+
+
+def cluster_nodes() -> tuple[Nodes, Nodes | None]:
+    """(the alive nodes' resources, the largest nodes its autoscaler may add, or None where the
+    cluster cannot grow: a local instance, `ray start` nodes without an autoscaler)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    try:
+        from ray._private.state import state
+
+        autoscaler = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it, take the cluster as it is
+        autoscaler = None
+    if autoscaler is None:
+        return nodes, None
+    return nodes, [dict(group.resources) for group in autoscaler.node_group_configs for _ in range(max(0, group.max_count))]
+
+
+def actor_plan(config: ExtractConfig, nodes: Nodes, growth: Nodes | None) -> tuple[int, dict[str, float], int]:
+    """(number of actors, resources of each, threads of each) from the flags and the cluster's
+    `nodes`; `growth`: the nodes an autoscaler may add (None: the cluster cannot grow).
 
     Threads not given by --cpus-per-actor are fitted to the cluster (its CPUs shared among the
-    actors, within one node). A request the cluster cannot place fails here, naming the flags,
-    when the cluster is `fixed` (a local instance this job started); one that may still autoscale
-    is waited for, saying so (`wait_until_started`).
+    actors, within one node). A request the cluster can never place fails here, naming the flags
+    and what the cluster has: at once where it cannot grow (a local instance, `ray start` nodes),
+    and on an autoscaling cluster when even its largest shape cannot hold it. One that only waits
+    for the autoscaler, or for busy nodes, is waited for out loud (`wait_until_started`).
     """
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     gpus, cpus = sum(n.get("GPU", 0.0) for n in nodes), int(sum(n.get("CPU", 0) for n in nodes))
     largest = int(max((n.get("CPU", 0) for n in nodes), default=0))
     # A cluster with GPUs, or a head with no CPUs that waits for GPU workers to autoscale.
@@ -50,9 +92,11 @@ def actor_plan(config: ExtractConfig, *, fixed: bool) -> tuple[int, dict[str, fl
     if count < 1:
         raise ConfigError("--num-actors", "the cluster shows no GPUs yet (autoscaling?); give the number of GPU actors to start")
     if problem := placement_problem(count, each, nodes):
-        if fixed:
-            raise ConfigError(flags, f"{problem}; ask for less")
-        log.warning("%s; waiting, since this cluster may autoscale (if it does not, ask for less with %s)", problem, flags)
+        if growth is None:
+            raise ConfigError(flags, f"{problem}, and it cannot grow (no autoscaler); ask for less")
+        if placement_problem(count, each, nodes + growth):
+            raise ConfigError(flags, f"{problem}, nor at the largest its autoscaler may make it ({len(growth)} more nodes); ask for less")
+        log.warning("%s; waiting for the autoscaler to add nodes (it may add %d)", problem, len(growth))
     return count, each, threads
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -38,8 +40,12 @@ from pipeline.extraction.listing import (
     list_ranges,
     list_tail,
 )
+from pipeline.extraction.repeated_keys import RepeatedKeys, key_hashes
+from pipeline.extraction.repeated_keys import describe as describe_repeated
 from pipeline.store.plan import PlanIndex, part_path, plan_dir, save_part
 from pipeline.store.uris import one_line
+
+log = logging.getLogger("srt")
 
 LISTING_THREADS = 8  # inputs of a remote dataset listed at once in this process (listing waits on storage)
 LISTING_TASKS_PER_CPU = 2  # Ray tasks listing at once per cluster CPU (they wait on storage too)
@@ -54,6 +60,7 @@ class PartFacts:
 
     row: dict[str, Any]  # PLAN_INDEX_SCHEMA, first_row left to the driver
     reasons: tuple[str, ...] = ()
+    key_hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # the part's keys, for RepeatedKeys
 
 
 def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered: tuple[int, Input]) -> PartFacts:
@@ -69,7 +76,7 @@ def list_part(out: str, listing: str, storage_options: dict[str, Any], numbered:
         "path": path, "input": unit.uri, "kind": unit.kind, "first_row": 0, "count": items.num_rows, "errors": broken.num_rows,
         "start": unit.start, "stop": unit.stop, "tail": tail,
     }  # fmt: skip
-    return PartFacts(row, tuple(f"{r['uri']}: {r['error']}" for r in broken.slice(0, REASONS_KEPT).to_pylist()))
+    return PartFacts(row, tuple(f"{r['uri']}: {r['error']}" for r in broken.slice(0, REASONS_KEPT).to_pylist()), key_hashes(items))
 
 
 def thread_map(threads: int) -> Mapper:
@@ -136,6 +143,7 @@ class Listed:
     items: int = 0
     errors: int = 0
     reasons: list[str] = field(default_factory=list)
+    repeated_keys: dict[str, Any] | None = None  # keys more than one input gives (repeated_keys.RepeatedKeys)
 
 
 def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, Listed]:
@@ -143,6 +151,7 @@ def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_option
     Returns the folder's name (under plan/) and the index rows. A failure removes the folder."""
     listing = uuid.uuid4().hex[:12]
     listed = Listed()
+    keys = RepeatedKeys()
     row = first_row
     try:
         with tqdm(desc="listing", unit="input", dynamic_ncols=True, mininterval=1.0) as bar:
@@ -152,8 +161,12 @@ def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_option
                 listed.items += facts.row["count"]
                 listed.errors += facts.row["errors"]
                 listed.reasons.extend(facts.reasons[: REASONS_KEPT - len(listed.reasons)])
+                keys.add(facts.key_hashes)
                 bar.update(1)
                 bar.set_postfix(items=listed.items, refresh=False)
+        listed.repeated_keys = keys.confirm(out, [r["path"] for r in listed.rows], storage_options, mapper)
+        if listed.repeated_keys:
+            log.warning("%s", describe_repeated(listed.repeated_keys))
     except BaseException:
         remove_listing(out, listing, storage_options)
         raise
@@ -189,7 +202,7 @@ def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[
     if problem:
         remove_listing(out, listing, storage_options)
         raise SourceError(problem)
-    return listing, PlanIndex.of(listed.rows, shard_size)
+    return listing, PlanIndex.of(listed.rows, shard_size, listed.repeated_keys)
 
 
 @dataclass

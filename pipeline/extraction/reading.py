@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import posixpath
 import queue
 import tarfile
 import threading
@@ -31,12 +32,17 @@ class TarMemberError(OSError):
     """A tar member's planned bytes are not there any more (truncated or rewritten container)."""
 
 
+class MissingCell(LookupError):
+    """A Parquet row whose image cell is empty (img2dataset keeps its failed downloads so): no
+    read will ever find bytes there, so it is its own error kind, `missing`, never retried."""
+
+
 RANGE_MERGE_GAP = 64 << 10  # ranges of one object closer than this are fetched together
 RANGE_MERGE_BLOCK = 256 << 20  # but no single request larger than this
 DEFAULT_READ_RETRIES = 5
 READ_BACKOFF_SECONDS = 0.5  # then 1, 2, 4, 8: about 15 s of outage ridden out by default
 READ_DEADLINE_SECONDS = 120.0  # per call (one shard): retries stop once they would pass it
-PERMANENT_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TarMemberError, SourceError)
+PERMANENT_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TarMemberError, MissingCell, SourceError)
 # Transient errors of the clients fsspec uses, by name, so none of them must be imported here.
 TRANSIENT_ERROR_NAMES = frozenset(
     {
@@ -188,11 +194,12 @@ def _read_parquet_rows(container: str, rows: list[dict[str, Any]], options: dict
         groups = sorted(set(group_of.values()))
         cells = parquet.read_row_groups(groups, columns=[rows[0]["column"]]).column(0)
     offset_in_read = dict(zip(groups, itertools.accumulate((sizes[g] for g in groups), initial=0)))
-    values = []
-    for row in wanted:
+    values: list[bytes | Exception] = []
+    for row, planned in zip(wanted, rows):
         group = group_of[row]
         cell = cells[offset_in_read[group] + row - starts[group]].as_py()
-        values.append(cell["bytes"] if isinstance(cell, dict) else cell)
+        data = cell["bytes"] if isinstance(cell, dict) else cell
+        values.append(MissingCell(f"row {row} of {posixpath.basename(container)} has an empty {planned['column']!r} cell") if data is None else data)
     return values
 
 

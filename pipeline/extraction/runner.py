@@ -152,7 +152,7 @@ def append_to_plan(config: ExtractConfig, index: PlanIndex, mapper: Mapper) -> t
     if units:
         _, listed = list_inputs(config.out, units, appended.first_row, options, mapper)
         appended.items, appended.inputs = listed.items, len(listed.rows)
-        index = index.extended(listed.rows)
+        index = index.extended(listed.rows, listed.repeated_keys)
         grow_store(open_group(config.out, "r+", options, use_consolidated=False), index.size)
         write_index(config.out, index, options)
     log.info("%s", appended.describe())
@@ -223,11 +223,13 @@ class RunSummary:
     failed_shards: list[int] = field(default_factory=list)  # gave up after --max-retries; a rerun resumes them
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
     appended: dict[str, Any] | None = None  # --append: what was added, what is gone (planning.Appended)
+    repeated_keys: dict[str, Any] | None = None  # image_ids more than one input gives (repeated_keys)
 
     @classmethod
     def of(cls, job: Job) -> RunSummary:
-        """A run's summary before any work: what earlier runs did, what --append found."""
-        return cls(shards_skipped=job.shards - len(job.pending), appended=job.appended.as_dict() if job.appended else None)
+        """A run's summary before any work: what earlier runs did, what --append found, keys repeated across inputs."""
+        appended = job.appended.as_dict() if job.appended else None
+        return cls(shards_skipped=job.shards - len(job.pending), appended=appended, repeated_keys=job.index.repeated_keys)
 
     def add(self, stats: ShardStats, worker: str = "local") -> None:
         if not stats.committed:
@@ -280,6 +282,9 @@ class RunSummary:
         if self.appended:
             a = self.appended
             lines.append(f"appended    {a['items']} items in {a['inputs']} inputs from row {a['first_row']}" + (f"; {a['removed']} inputs gone since (kept)" if a["removed"] else ""))
+        if self.repeated_keys:
+            r = self.repeated_keys
+            lines.append(f"repeated    {r['keys']} image_ids given by more than one input (e.g. {r['examples'][0]['image_id']}); see summary.json 'plan'")
         if self.failed_shards:
             lines.append(f"FAILED      shards {self.failed_shards} after retries; rerun the same command to resume them")
         for name, v in d["per_worker"].items():
@@ -314,7 +319,8 @@ def finish(job: Job, summary: RunSummary) -> None:
         if previous.get("store") == stored:
             return
         run = previous.get("run")  # None: the run that did the work was killed before writing it
-    document = {"config": job.resolved.provenance(), "flags": job.resolved.flags(), "store": stored, "run": run}
+    plan = {"items": job.index.items, "inputs": len(job.index.table), "repeated_keys": job.index.repeated_keys}
+    document = {"config": job.resolved.provenance(), "flags": job.resolved.flags(), "store": stored, "plan": plan, "run": run}
     put_atomically(uri, json.dumps(document, indent=2, default=str).encode(), options)
 
 

@@ -47,7 +47,7 @@ from pipeline.extraction.images import (
     prepare_or_defer,
     resolve_decoder,
 )
-from pipeline.extraction.reading import read_bytes
+from pipeline.extraction.reading import MissingCell, read_bytes
 from pipeline.extraction.shards import LoadedShard, ShardArrays, ShardStats, input_tensors
 from pipeline.extraction.weights import load_vit
 from pipeline.store.layout import dense_path, open_group, read_basis, write_basis, write_shard
@@ -145,6 +145,8 @@ class ShardWorker:
             return ImageError(row["error_kind"], row["error"])
         if row["duplicate_of"] is not None:
             return ImageError("duplicate", f"same URI or key as image_id {row['duplicate_of']}")
+        if isinstance(blob, MissingCell):
+            return ImageError("missing", str(blob))
         if isinstance(blob, Exception):
             return ImageError("read", f"{type(blob).__name__}: {blob}")
         return self._prepared(blob, prepare_or_defer)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import json
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,6 +32,7 @@ from pipeline.store.schemas import PLAN_INDEX_SCHEMA, PLAN_PART_SCHEMA, PLAN_SCH
 
 PART_ROW_GROUP = 8192  # rows per Parquet row group of a part: what a shard's read fetches at least
 OPEN_PARTS = 4  # parts a reader keeps open (a shard spans at most two; readers go forward)
+REPEATED_KEYS = "repeated_keys"  # the index's Parquet metadata: keys more than one input gives (JSON)
 
 
 def plan_dir(out: str) -> str:
@@ -64,6 +66,7 @@ class PlanIndex:
 
     table: pa.Table  # PLAN_INDEX_SCHEMA, ordered by first_row
     shard_size: int
+    repeated_keys: dict[str, Any] | None = None  # image_ids more than one input gives (extraction.repeated_keys)
 
     @cached_property
     def first_rows(self) -> np.ndarray:
@@ -120,16 +123,29 @@ class PlanIndex:
             i += 1
         return spans
 
-    def extended(self, rows: list[dict[str, Any]]) -> PlanIndex:
-        return PlanIndex(pa.concat_tables([self.table, pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA)]), self.shard_size)
+    def extended(self, rows: list[dict[str, Any]], repeated_keys: dict[str, Any] | None = None) -> PlanIndex:
+        """The plan with more parts after its rows (--append), and what their listing reported."""
+        table = pa.concat_tables([self.table, pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA)])
+        return PlanIndex(table, self.shard_size, _merged(self.repeated_keys, repeated_keys))
 
     @classmethod
-    def of(cls, rows: list[dict[str, Any]], shard_size: int) -> PlanIndex:
-        return cls(pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA), shard_size)
+    def of(cls, rows: list[dict[str, Any]], shard_size: int, repeated_keys: dict[str, Any] | None = None) -> PlanIndex:
+        return cls(pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA), shard_size, repeated_keys)
+
+
+def _merged(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two listings' reports of repeated keys as one (counts added, the first examples kept)."""
+    if old is None or new is None:
+        return old or new
+    return {"keys": old["keys"] + new["keys"], "rows": old["rows"] + new["rows"], "lower_bound": old["lower_bound"] or new["lower_bound"],
+            "examples": (old["examples"] + new["examples"])[: len(old["examples"]) or len(new["examples"])]}  # fmt: skip
 
 
 def write_index(out: str, index: PlanIndex, storage_options: dict[str, Any] | None = None) -> None:
-    put_atomically(index_uri(out), parquet_bytes(index.table), storage_options)
+    table = index.table
+    if index.repeated_keys is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), REPEATED_KEYS: json.dumps(index.repeated_keys)})
+    put_atomically(index_uri(out), parquet_bytes(table), storage_options)
 
 
 def read_index(out: str, shard_size: int, storage_options: dict[str, Any] | None = None) -> PlanIndex | None:
@@ -140,7 +156,8 @@ def read_index(out: str, shard_size: int, storage_options: dict[str, Any] | None
     except FileNotFoundError:
         return None
     _check_version(table.schema, index_uri(out))
-    return PlanIndex(table.cast(PLAN_INDEX_SCHEMA), shard_size)
+    repeated = (table.schema.metadata or {}).get(REPEATED_KEYS.encode())
+    return PlanIndex(table.cast(PLAN_INDEX_SCHEMA), shard_size, json.loads(repeated) if repeated else None)
 
 
 def _check_version(schema: pa.Schema, where: str) -> None:
