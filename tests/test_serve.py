@@ -163,12 +163,139 @@ def test_thumbnails_only_of_images_in_the_manifest(client, name, status):
         (("get", "/api/summary", {"params": {"index": "../x"}}), 404, "no index"),
     ],
 )
-def test_malformed_requests_get_a_4xx_and_a_one_line_reason(client, request_args, status, says):
+def test_malformed_requests_get_a_4xx_and_a_one_line_reason(client, served, request_args, status, says):
     method, path, kwargs = request_args
     answer = getattr(client, method)(path, **kwargs)
     assert answer.status_code == status, answer.text
     detail = answer.json()["detail"]
     assert isinstance(detail, str) and says in detail and "\n" not in detail and "Traceback" not in detail
+    assert str(served["folder"]) not in detail  # never the server's paths
+
+
+def test_answers_quote_names_cut_short_and_show_no_server_path(client, served):
+    long_name = "x" * 12_000
+    detail = client.get("/api/search", params={"image": long_name}).json()["detail"]
+    assert len(detail) < 400 and "(12000 characters)" in detail and str(served["folder"]) not in detail
+    hint = detail.split("(e.g. ")[1].rstrip(")")
+    assert client.get("/api/search", params={"image": hint}).status_code == 200  # the hint names an image with features
+    listed = client.get("/api/indexes").json()
+    summary = client.get("/api/summary").json()
+    assert str(served["folder"]) not in str(listed) + str(summary["store"]) + str(summary["config"])
+
+
+def test_a_full_uri_must_be_a_stored_uri_however_spelled(client, served):
+    stored = str(served["folder"] / "images" / "coffee_flip.jpg")
+    assert client.get("/api/search", params={"image": stored}).status_code == 200
+    assert client.get("/api/search", params={"image": "file://" + stored}).status_code == 200
+    for elsewhere in ("file:///elsewhere/coffee_flip.jpg", "/elsewhere/coffee_flip.jpg", "s3://other-bucket/coffee_flip.jpg"):
+        answer = client.get("/api/search", params={"image": elsewhere})
+        assert answer.status_code == 404 and "no image" in answer.json()["detail"], (elsewhere, answer.text)
+
+
+@pytest.mark.parametrize(("page", "needed"), [("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})])
+def test_docs_are_served_without_a_cdn(client, page, needed):
+    html = client.get(page)
+    assert html.status_code == 200 and "cdn" not in html.text.lower() and "https://" not in html.text
+    assets = [part.split('"')[0] for part in html.text.split('"/docs-assets/')[1:]]
+    assert needed <= set(assets)
+    for asset in assets:
+        served_asset = client.get(f"/docs-assets/{asset}")
+        assert served_asset.status_code == 200 and len(served_asset.content) > 500, asset
+
+
+@pytest.fixture(scope="module")
+def small_stores(tmp_path_factory) -> dict:
+    """Three photos extracted twice: vectors only (--outputs cls,pooled), and whole (--resize aspect),
+    each with its index; the second's images are changed by the tests after extraction."""
+    folder = tmp_path_factory.mktemp("small")
+    write_retrieval_set(folder / "images")
+    names = sorted(p.name for p in (folder / "images").iterdir())[:3]
+    for extra in sorted((folder / "images").iterdir())[3:]:
+        extra.unlink()
+    indexes = {}
+    for name, flags in (("vectors", {"outputs": ("cls", "pooled")}), ("aspect", {"resize": "aspect"})):
+        store = str(folder / f"{name}.zarr")
+        run_local(ExtractConfig(dataset=str(folder / "images"), out=store, model="vit_tiny_patch16_224", image_size=64, radius=1, stride=8, **flags))
+        indexes[name] = str(folder / f"{name}.index")
+        save_index(build_index(FeatureStore.open(store), DescriptorSpec("pooled")), indexes[name])
+    return {"folder": folder, "names": names, **indexes}
+
+
+def test_pictures_of_a_store_without_dense_maps_or_of_a_changed_source_are_4xx(small_stores):
+    folder, names = small_stores["folder"], small_stores["names"]
+    with TestClient(create_app(Catalog([small_stores["vectors"], small_stores["aspect"]])), raise_server_exceptions=False) as client:
+        assert [(i["name"], i["pictures"]) for i in client.get("/api/indexes").json()] == [("vectors.index", False), ("aspect.index", True)]
+        answer = client.get("/api/pictures", params={"image": names[0], "index": "vectors.index"})
+        assert answer.status_code == 422 and "has no dense maps (extracted with --outputs cls,pooled)" in answer.json()["detail"]
+        assert client.get("/api/pictures", params={"image": names[0], "index": "aspect.index"}).status_code == 200
+        (folder / "images" / names[1]).write_bytes(b"replaced by a text file")
+        (folder / "images" / names[2]).unlink()
+        for route in ("/api/pictures", "/api/thumbnail"):
+            replaced = client.get(route, params={"image": names[1], "index": "aspect.index"})
+            deleted = client.get(route, params={"image": names[2], "index": "aspect.index"})
+            assert (replaced.status_code, deleted.status_code) == (422, 404), (route, replaced.text, deleted.text)
+            assert "cannot be shown: decode" in replaced.json()["detail"] and "cannot be shown: read" in deleted.json()["detail"]
+            assert str(folder) not in replaced.json()["detail"] + deleted.json()["detail"]
+
+
+def test_an_upload_whose_model_input_would_be_too_large_is_413_under_every_policy(small_stores):
+    """A 1 x 2,000 PNG is 2,000 pixels, far under --max-pixels, but --resize aspect makes it a
+    64 x 128,000 input: over --max-tokens."""
+    with TestClient(create_app(Catalog([small_stores["aspect"]])), raise_server_exceptions=False) as client:
+        sliver = encode(Image.new("RGB", (2000, 1), (90, 120, 30)), "PNG")
+        answer = client.post("/api/search", files={"image": ("sliver.png", sliver, "image/png")})
+        assert answer.status_code == 413 and "over --max-tokens 16384" in answer.json()["detail"], answer.text
+
+
+def test_pictures_are_bounded_and_kept(served, monkeypatch):
+    from pipeline.commands.service import catalog as catalog_module
+
+    drawn, computing, release = [], threading.Event(), threading.Event()
+    real_render = catalog_module.render
+
+    def held(*args, **kwargs):
+        drawn.append(args[1])
+        computing.set()
+        release.wait(60)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(catalog_module, "render", held)
+    app = create_app(Catalog([served["index"]]), max_concurrent=1)
+    answers: list = []
+    with TestClient(app, raise_server_exceptions=False) as client:
+        first = threading.Thread(target=lambda: answers.append(client.get("/api/pictures", params={"image": "coffee_flip"})))
+        first.start()
+        assert computing.wait(120)
+        refused = client.get("/api/pictures", params={"image": "coffee_flip"})
+        release.set()
+        first.join(60)
+        again = client.get("/api/pictures", params={"image": "coffee_flip"})
+    assert refused.status_code == 503 and "--max-concurrent" in refused.json()["detail"]
+    assert answers[0].status_code == 200 and again.status_code == 200 and again.content == answers[0].content
+    assert len(drawn) == 1  # the second request of the same image was answered from the kept pictures
+
+
+def test_the_api_fuzzed_from_its_own_schema_never_answers_5xx(served):
+    """schemathesis draws requests from /openapi.json (bounded in examples and time); no route may
+    answer a server error, whatever the parameters."""
+    import hypothesis
+    import schemathesis
+
+    app = create_app(Catalog([served["index"]]), max_upload_bytes=200_000, max_concurrent=2)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+    for operation in schema.get_all_operations():
+        strategy = operation.ok().as_strategy()
+
+        @hypothesis.settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck), phases=[hypothesis.Phase.generate])
+        @hypothesis.given(case=strategy)
+        def fuzz(case) -> None:
+            response = case.call()
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, case.query, response.status_code, response.text[:200]))
+
+        fuzz()
+    assert not failures, failures
 
 
 def test_uploads_beyond_the_bound_are_answered_503(served):
@@ -268,10 +395,31 @@ def test_the_page_in_a_real_browser(server, served, tmp_path):
         wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img) for img in b.find_elements(By.CSS_SELECTOR, "figure.neighbour img")))
         first = browser.find_elements(By.CSS_SELECTOR, "figure.neighbour")[0]
         assert first.get_attribute("data-image-id") == FeatureStore.open(served["store"]).find("coffee_flip")
+        shown = browser.find_element(By.ID, "query-shown")  # the uploaded query above its neighbours
+        assert shown.is_displayed() and browser.find_element(By.ID, "query-name").text == "query.jpg (uploaded)"
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", browser.find_element(By.ID, "query-image"))
         first.click()
         pictures = wait.until(seen.visibility_of_element_located((By.ID, "pictures")))
         wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", pictures) == 3 * 256)
         browser.save_screenshot(str(tmp_path / "page.png"))
+
+        name = browser.find_element(By.ID, "name")  # a search by name says the name typed, and shows that image
+        name.send_keys("coffee_flip")
+        name.submit()
+        status = browser.find_element(By.ID, "status")
+        wait.until(lambda b: status.text == f"{K} neighbours of coffee_flip")
+        wait.until(lambda b: b.find_element(By.ID, "query-name").text == "coffee_flip")
+        browser.find_element(By.ID, "file").send_keys(str(upload))  # an upload clears the name typed before
+        wait.until(lambda b: b.find_element(By.ID, "query-name").text == "query.jpg (uploaded)")
+        assert name.get_attribute("value") == ""
+
+        browser.execute_script("document.getElementById('name').value = 'x'.repeat(100000)")  # past the box's limit
+        name.submit()
+        wait.until(lambda b: "error" in status.get_attribute("class"))
+        assert status.text.startswith("400 Bad Request") and len(status.text) < 300, status.text
+
+        browser.get(server + "/docs")  # Swagger UI from the package's own files: no network needed
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock")) >= 5)
     finally:
         browser.quit()
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -18,7 +18,7 @@ from pipeline.engine.positions import RESIZES, reference_rule
 from pipeline.engine.shifts import DEFAULT_RANDOM_SHIFTS, Shift, grid_shifts, random_shifts, validate_shifts
 from pipeline.engine.srt import DEFAULT_BATCH_SIZE
 from pipeline.extraction.flags import ConfigError, Flags, masked, option, show_value, with_absolute_uris
-from pipeline.extraction.images import DECODERS
+from pipeline.extraction.images import DECODERS, DEFAULT_MAX_TOKENS
 from pipeline.extraction.presets import PRESETS, apply_preset
 from pipeline.extraction.reading import DEFAULT_READ_RETRIES, READ_DEADLINE_SECONDS
 from pipeline.extraction.weights import weights_id
@@ -73,6 +73,7 @@ class ExtractConfig(Flags):
     batch_size: int = field(default=0, metadata=option(f"views per forward pass; 0: {DEFAULT_BATCH_SIZE} on CPU, on CUDA as many as half the free GPU memory holds (measured at start)"))
     shard_size: int = field(default=32, metadata=option("images per work shard = per Zarr shard = per manifest part"))
     max_pixels: int = field(default=89_478_485, metadata=option("decompression-bomb limit: images with more pixels become error rows"))
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata=option("largest model input in patches, under every --resize policy: images that would make more become too_large error rows"))
     num_actors: int = field(default=0, metadata=option("extraction actors; 0: one per GPU, or CPU cores / --cpus-per-actor without GPUs"))
     gpus_per_actor: float = field(default=1.0, metadata=option("GPUs each actor holds (GPU clusters)"))
     cpus_per_actor: int = field(default=0, metadata=option("CPU threads each actor uses (decode, writes); 0: with GPUs each GPU's share of its node's CPUs, else min(4, cores)"))
@@ -177,6 +178,7 @@ class ResolvedConfig:
             **({"pos_embed_resize": "reference"} if self.pos_embed_resize == "reference" and reference_rule(c.model) else {}),
             "shard_size": c.shard_size,
             "max_pixels": c.max_pixels,
+            **({"max_tokens": c.max_tokens} if c.max_tokens != DEFAULT_MAX_TOKENS else {}),  # absent at the default: earlier stores still match
             "dataset": normalize_uri(c.dataset),
             "patch_size": self.facts.patch_size,
             "embed_dim": self.facts.embed_dim,
@@ -209,7 +211,7 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
     config = apply_preset(config, facts)
     if config.pretrained and config.weights:
         raise ConfigError(f["weights"], "give either --pretrained or --weights, not both")
-    for name in ("shard_size", "image_size", "max_pixels"):
+    for name in ("shard_size", "image_size", "max_pixels", "max_tokens"):
         if getattr(config, name) < 1:
             raise ConfigError(f[name], f"must be a positive integer, got {getattr(config, name)}")
     if config.append and config.overwrite:
@@ -256,6 +258,8 @@ def resolve(config: ExtractConfig, facts: ModelFacts | None = None) -> ResolvedC
         raise ConfigError(f["resize"], f"aspect-floor64 floors to multiples of 64, which patch size {patch} of {config.model} does not divide")
     if config.image_size % patch:
         raise ConfigError(f["image_size"], f"{config.image_size} is not a multiple of the patch size {patch} of {config.model}")
+    if config.resize != "pad" and (config.image_size // patch) ** 2 > config.max_tokens:
+        raise ConfigError(f["max_tokens"], f"{config.max_tokens} is below the {(config.image_size // patch) ** 2} patches of the smallest --image-size {config.image_size} input: every image would be refused")
     layers, keys = _resolve_blocks(config, facts, "layers"), _resolve_blocks(config, facts, "keys")
     if not layers:
         raise ConfigError(f["layers"], "give at least one block index")

@@ -45,6 +45,7 @@ LEGACY_DECODERS = {"torchvision": "torch"}  # the name in stores written while t
 TENSOR_MODES = ("RGB", "L")  # JPEG modes libjpeg-turbo and nvJPEG decode to RGB as Pillow does (not CMYK)
 QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations whose upright image swaps the sides
 JPEG_END = b"\xff\xd9"
+DEFAULT_MAX_TOKENS = 16_384  # patches per model input: 2048 x 2048 pixels at patch 16 (a 224-pixel square has 196)
 
 
 class ImageError(Exception):
@@ -68,6 +69,7 @@ class ImagePolicy:
     resample: str = "bicubic"  # Pillow's antialiased bicubic, or "cv2-bilinear" (whole-image policies)
     reducing_gap: float = 0.0  # > 0: JPEGs decoded smaller while at least this many times the input size
     decoder: str = "pillow"  # "torch" or "device" (module docstring; `resolve_decoder` turns "auto" into one)
+    max_tokens: int = DEFAULT_MAX_TOKENS  # model inputs with more patches are refused (`input_geometry`)
 
     @property
     def decoded_shorter_side(self) -> int:
@@ -174,7 +176,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def input_geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
-    """Model input size and the original region (y0, x0, y1, x1) it is resampled from."""
+    """Model input size and the original region (y0, x0, y1, x1) it is resampled from. Raises
+    ImageError (too_large) when the input would hold more than the policy's `max_tokens` patches:
+    a pixel bound alone does not bound it (`--resize aspect` makes a 1 x 60,000 image 224 x 13.4M)."""
+    (out_h, out_w), region = _geometry(height, width, policy)
+    tokens = -(-out_h // policy.patch) * -(-out_w // policy.patch)
+    if tokens > policy.max_tokens:
+        raise ImageError(
+            "too_large",
+            f"{width}x{height} would be a {out_w}x{out_h} model input of {tokens} patches (--resize {policy.resize}), over --max-tokens {policy.max_tokens}",
+        )
+    return (out_h, out_w), region
+
+
+def _geometry(height: int, width: int, policy: ImagePolicy) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
     size, patch = policy.size, policy.patch
     if policy.resize == "pad":  # DINOv2's CenterPadding: the extra row or column goes bottom / right
         out_h, out_w = -(-height // patch) * patch, -(-width // patch) * patch
@@ -248,7 +263,9 @@ def jpeg_header(data: bytes, policy: ImagePolicy) -> tuple[int, int] | None:
     if orientation not in (None, 1) and not library.orients:
         return None
     width, height = header.size
-    return (width, height) if orientation in QUARTER_TURNS else (height, width)
+    upright_size = (width, height) if orientation in QUARTER_TURNS else (height, width)
+    input_geometry(*upright_size, policy)  # an input over --max-tokens is refused before any decode
+    return upright_size
 
 
 def encoded(data: bytes, policy: ImagePolicy) -> Encoded | None:

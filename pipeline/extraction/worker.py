@@ -38,6 +38,7 @@ from pipeline.engine.srt import DEFAULT_BATCH_SIZE, SRT
 from pipeline.extraction.config import ResolvedConfig
 from pipeline.extraction.device_decoding import decode_encoded
 from pipeline.extraction.images import (
+    DEFAULT_MAX_TOKENS,
     Encoded,
     ImageError,
     ImagePolicy,
@@ -83,7 +84,7 @@ def build_engine(vit: ViT, provenance: dict[str, Any], *, batch_size: int) -> tu
         min_views=p["min_views"] or 1,
     )
     decoder = resolve_decoder(p.get("decoder", "pillow"), vit.device)
-    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0), decoder)
+    policy = ImagePolicy(p["image_size"], p["resize"], vit.patch_size, tuple(p["mean"]), tuple(p["std"]), p["max_pixels"], p.get("resample", "bicubic"), p.get("reducing_gap", 0.0), decoder, p.get("max_tokens", DEFAULT_MAX_TOKENS))
     return srt, policy
 
 

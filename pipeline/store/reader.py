@@ -91,19 +91,25 @@ class FeatureStore:
 
     def find(self, name: str) -> str:
         """The image_id that `name` names: an image_id, the image's URI (any spelling of it), its file
-        name, or its file name without extension, as long as exactly one image of the manifest matches."""
+        name, or its file name without extension, as long as exactly one image of the manifest matches.
+        A name with a '/' is a URI: it must be a stored URI, however spelled (a file elsewhere that
+        has a stored image's file name names nothing); bare file names are the convenience."""
         if name in self._rows:
             return name
         names = self._names()
-        candidates = names.get(("uri", normalize_uri(name)), set()) if "/" in name else set()
-        found = sorted(candidates | names.get(("file", PurePosixPath(name).name), set()), key=self._rows.__getitem__)
+        key = ("uri", normalize_uri(name)) if "/" in name else ("file", name)
+        found = sorted(names.get(key, set()), key=self._rows.__getitem__)
         if len(found) == 1:
             return found[0]
         if found:
             raise KeyError(f"{name!r} names {len(found)} images of {self.uri} ({', '.join(found[:5])}); give its image_id or its full URI")
-        ids, uris = self.manifest.column("image_id").to_pylist(), self.manifest.column("uri").to_pylist()
-        example = f" (e.g. {ids[0]} or {PurePosixPath(uris[0].split('#')[-1]).name})" if ids else ""
-        raise KeyError(f"no image {name!r} in {self.uri}: give an image_id, a URI or a file name from its manifest{example}")
+        example = self.example_name()
+        raise KeyError(f"no image {name!r} in {self.uri}: give an image_id, a URI or a file name from its manifest" + (f" (e.g. {example})" if example else ""))
+
+    def example_name(self) -> str | None:
+        """The file name of the first image with features, to suggest to whoever names one that is not there."""
+        ok = pc.index(self.manifest.column("status"), "ok").as_py()
+        return None if ok < 0 else PurePosixPath(self.manifest.column("uri")[ok].as_py().split("#")[-1]).name
 
     def _names(self) -> dict[tuple[str, str], set[str]]:
         """Every other name of each image (its normalized URI, its file name, that name's stem),

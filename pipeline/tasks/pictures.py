@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.engine.models import ViT
 from pipeline.engine.srt import SRT
-from pipeline.extraction.images import prepare
+from pipeline.extraction.images import ImageError, prepare
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.weights import load_store_model
 from pipeline.extraction.worker import build_engine
@@ -57,10 +57,13 @@ def grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
     return canvas
 
 
-def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weights=None, layer=None, storage_options=None, vit: ViT | None = None) -> Image.Image:
+def render(
+    store: FeatureStore, image_ids: list[str], *, pretrained=False, weights=None, layer=None, storage_options=None, vit: ViT | None = None, blobs: list[bytes] | None = None
+) -> Image.Image:
     """Original | plain ViT features | SRT features of stored images (a PIL image, one row per
     image): the SRT maps read from the store, the plain maps computed by the store's own model
-    (`vit` when already loaded) on the same model input, both projected by one PCA."""
+    (`vit` when already loaded) on the same model input, both projected by one PCA. `blobs`: the
+    images' bytes when already read. An image that cannot be read or decoded raises ImageError."""
     options = storage_options or {}
     config = store.config
     image_ids = [store.find(name) for name in image_ids]
@@ -70,11 +73,13 @@ def render(store: FeatureStore, image_ids: list[str], *, pretrained=False, weigh
     vit = vit or load_store_model(config["model"], config["weights"], pretrained=pretrained, weights=weights, storage_options=options)
     _, policy = build_engine(vit, config, batch_size=1)
     plain_engine = SRT(vit, layers=(layer,), shifts=[(0, 0)], stride=vit.patch_size, norm=config["norm"])
-    plan = store.plan()
+    if blobs is None:
+        plan = store.plan()
+        blobs = read_bytes([plan[i] for i in image_ids], options)
     originals, maps = [], []
-    for image_id, blob in zip(image_ids, read_bytes([plan[i] for i in image_ids], options)):
+    for image_id, blob in zip(image_ids, blobs):
         if isinstance(blob, Exception):
-            raise ValueError(f"cannot read {image_id}: {blob}")
+            raise ImageError("read", f"cannot read {image_id}: {blob}")
         prepared = prepare(blob, policy)
         shown = prepared.tensor * torch.tensor(policy.std).view(3, 1, 1) + torch.tensor(policy.mean).view(3, 1, 1)
         originals.append(shown.clamp(0, 1).permute(1, 2, 0).numpy())
