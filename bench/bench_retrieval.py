@@ -30,7 +30,7 @@ def synthetic_store(out: str, vectors: np.ndarray) -> FeatureStore:
     group = create_store(resolved.store_spec(), len(vectors))
     for shard, start in enumerate(range(0, len(vectors), SHARD)):
         block = vectors[start : start + SHARD]
-        write_shard(group, resolved.store_spec(), shard, {f"pooled/L{resolved.layers[0]}": block})
+        write_shard(group, resolved.store_spec(), shard, {f"pooled/L{resolved.layers[0]}": block}, len(vectors))
         rows = [{"image_id": f"img{start + i:07d}", "uri": f"synthetic://{start + i}", "shard": shard, "row": start + i, "status": "ok"} for i in range(len(block))]
         write_part(out, shard, rows)
     return FeatureStore.open(out)

@@ -335,3 +335,19 @@ def test_pca_basis_is_fitted_by_one_actor_and_used_by_all(tmp_path, photos):
     for image_id in in_process.manifest.column("image_id").to_pylist():
         assert on_ray.dense(image_id).shape[0] == 4
         np.testing.assert_allclose(on_ray.dense(image_id, full=True), in_process.dense(image_id, full=True), atol=1e-2)
+
+
+def test_actors_compute_the_first_shards_while_later_inputs_are_listed(tmp_path):
+    """Streaming on Ray: the scheduler hands out what the listing planned so far, and takes in the
+    rest as it comes; actors read the index again for rows planned after they started."""
+    from tests.test_streaming_plan import TARS, Gate, committed, rows_of, write_tars
+
+    write_tars(tmp_path / "tars")
+    out = tmp_path / "ray.zarr"
+    gate = Gate(2, lambda: committed(out))
+    summary = run_ray(config(str(tmp_path / "tars"), str(out), shard_size=2, num_actors=2, cpus_per_actor=1, split_shifts="auto"), mapper=gate)
+    assert gate.held_until is True and summary.ok == 3 * TARS and summary.shift_batches == 1
+    assert_exactly_once(str(out), 3 * TARS)
+    whole = tmp_path / "local.zarr"
+    run_local(config(str(tmp_path / "tars"), str(whole), shard_size=2))
+    assert rows_of(out) == rows_of(whole)

@@ -39,7 +39,7 @@ RETRYABLE_ERROR_KINDS = ("read", "empty", "decode")  # decided by the bytes fetc
 
 @dataclass
 class ExtractConfig(Flags):
-    dataset: str = field(default="", metadata=option("dataset URI: directory, glob, file list (.txt/.csv/.parquet), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://)", required=True, uri="input"))
+    dataset: str = field(default="", metadata=option("dataset URI: directory, glob, file list (.txt/.csv, or a .parquet of URIs given as --dataset itself), .tar shards or Parquet of image bytes (local, s3://, gs://, http(s)://, memory://); README: Datasets made by img2dataset", required=True, uri="input"))
     out: str = field(default="", metadata=option("output Zarr store URI (resumed if it exists)", required=True, uri="output"))
     model: str = field(default="vit_small_patch16_224.dino", metadata=option("timm ViT name"))
     pretrained: bool = field(default=False, metadata=option("load timm's pretrained weights (needs the model hub)"))

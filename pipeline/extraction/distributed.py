@@ -33,7 +33,7 @@ from pipeline.engine.shifts import Shift
 from pipeline.extraction.actor import UNITS_PER_ACTOR, ExtractActor
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.placement import START_REPORT_SECONDS, actor_plan, cluster_nodes, joins_a_cluster, local_nodes, shift_batches, wait_until_started
-from pipeline.extraction.planning import ray_map
+from pipeline.extraction.planning import Mapper, ray_map
 from pipeline.extraction.progress import JobProgress, progress_counter
 from pipeline.extraction.runner import (
     Compactor,
@@ -42,6 +42,7 @@ from pipeline.extraction.runner import (
     finish,
     pca_sample,
     plan_job,
+    planned,
     preflight,
     progress,
 )
@@ -80,6 +81,11 @@ class UnitFlags:
     def __init__(self, shards: int, batches: int) -> None:
         self.columns = batches + 1 if batches > 1 else 1  # data parallel: one unit per shard
         self.flags = np.zeros((shards, self.columns), bool)
+
+    def grow(self, shards: int) -> None:
+        """Room for the shards the listing planned since."""
+        if shards > len(self.flags):
+            self.flags = np.concatenate([self.flags, np.zeros((shards - len(self.flags), self.columns), bool)])
 
     def _at(self, key: tuple[int, int | str | None]) -> tuple[int, int]:
         shard, batch = key
@@ -142,7 +148,8 @@ class ActorPoolScheduler:
         self.compactor = compactor
         self.sample = pca_sample(job)
         self.fresh = self._fresh_units(job.pending[len(self.sample) :])
-        self.exhausted = False  # every fresh unit was handed out
+        self.exhausted = False  # every fresh unit was handed out, and the listing is done
+        self.bar: JobProgress | None = None
 
     def _fresh_units(self, shards: Any) -> Iterator[Unit]:
         for shard in shards:
@@ -153,10 +160,22 @@ class ActorPoolScheduler:
         if self.queue:
             return self.queue.popleft()
         unit = next(self.fresh, None)
-        self.exhausted = unit is None
+        if unit is None and self.job.listing is not None:  # what the listing planned since, if anything
+            self._planned(self.job.extend(wait=0.0))
+            unit = next(self.fresh, None)
+        self.exhausted = unit is None and self.job.listing is None
         return unit
 
+    def _planned(self, shards: np.ndarray) -> None:
+        """Shards the listing planned while the run went on: fresh units, room in the bookkeeping."""
+        self.done.grow(self.job.shards)
+        if len(self.committed) < self.job.shards:
+            self.committed = np.concatenate([self.committed, np.zeros(self.job.shards - len(self.committed), bool)])
+        planned(self.job, shards, self.bar, self.compactor)
+        self.fresh = self._fresh_units(shards)
+
     def run(self, bar: JobProgress) -> None:
+        self.bar = bar
         if self.sample:
             self._fit_pca(bar)
         while self.queue or not self.exhausted or self.delayed or self.running:
@@ -353,8 +372,9 @@ class ActorPoolScheduler:
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
 
 
-def run_ray(config: ExtractConfig) -> RunSummary:
-    """Extract on a Ray cluster (the one `ray job submit` or RAY_ADDRESS names, else a local one)."""
+def run_ray(config: ExtractConfig, *, mapper: Mapper | None = None) -> RunSummary:
+    """Extract on a Ray cluster (the one `ray job submit` or RAY_ADDRESS names, else a local one).
+    `mapper`: what lists the dataset's inputs (default: Ray tasks over the cluster, `ray_map`)."""
     started = time.perf_counter()
     resolved = preflight(config)  # bad flags fail before Ray starts
     config = resolved.config
@@ -363,9 +383,20 @@ def run_ray(config: ExtractConfig) -> RunSummary:
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     count, resources, threads = actor_plan(config, *cluster_nodes())
-    job = plan_job(resolved, mapper=ray_map)
+    job = plan_job(resolved, mapper=mapper or ray_map)
+    try:
+        summary = _run_actors(job, started, count, resources, threads)
+    finally:
+        job.stop_listing()
+    summary.seconds = time.perf_counter() - started
+    finish(job, summary)
+    return summary
+
+
+def _run_actors(job: Job, started: float, count: int, resources: dict[str, float], threads: int) -> RunSummary:
+    """Start the actors and hand them every unit: the planned shards, and those the listing plans meanwhile."""
     summary = RunSummary.of(job)
-    if len(job.pending):
+    if len(job.pending) or job.listing is not None:
         batches = shift_batches(job, count)
         summary.shift_batches = len(batches)
         run_id = uuid.uuid4().hex[:8]
@@ -386,7 +417,4 @@ def run_ray(config: ExtractConfig) -> RunSummary:
             compactor.close()
             for actor in [counter, *(actor for _, actor in actors)]:
                 ray.kill(actor, no_restart=True)
-    summary.seconds = time.perf_counter() - started
-    finish(job, summary)
     return summary
-

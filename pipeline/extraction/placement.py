@@ -145,8 +145,8 @@ def shift_batches(job: Job, actors: int) -> list[tuple[Shift, ...]]:
     setting = job.resolved.config.split_shifts
     if job.resolved.config.adaptive_tol is not None:
         parts = 1  # adaptive views need all of an image's views in one place
-    elif setting == "auto":
-        parts = min(actors, len(shifts)) if job.images_in(job.pending) < actors else 1
+    elif setting == "auto":  # few images: known only once the whole dataset is listed
+        parts = min(actors, len(shifts)) if job.listing is None and job.images_in(job.pending) < actors else 1
     else:
         parts = min(int(setting), len(shifts))
     return split_shifts(shifts, parts)

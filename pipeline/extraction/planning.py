@@ -14,6 +14,8 @@ import contextlib
 import functools
 import logging
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -146,31 +148,96 @@ class Listed:
     repeated_keys: dict[str, Any] | None = None  # keys more than one input gives (repeated_keys.RepeatedKeys)
 
 
+class Listing:
+    """Inputs listed into parts of a new folder under plan/, rows numbered from `first_row`, by
+    `mapper` on a thread of its own: the caller takes the parts listed so far (`take`) and can
+    compute their shards while later inputs are listed. Raises, from `take`, what listing raised."""
+
+    def __init__(self, out: str, units: Iterable[Input], first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> None:
+        self.out, self.storage_options, self.mapper = out, storage_options, mapper
+        self.name = uuid.uuid4().hex[:12]
+        self.listed = Listed()
+        self.keys = RepeatedKeys()
+        self.next_row = first_row
+        self.done = False
+        self._results: queue.Queue[Any] = queue.Queue(maxsize=LISTED_AHEAD)
+        self._stop = threading.Event()
+        work = functools.partial(list_part, out, self.name, storage_options)
+        self._thread = threading.Thread(target=self._list, args=(work, units), name="listing", daemon=True)
+        self._thread.start()
+
+    def _list(self, work: Callable[[Any], PartFacts], units: Iterable[Input]) -> None:
+        try:
+            for facts in self.mapper(work, enumerate(units)):
+                self._results.put(facts)
+                if self._stop.is_set():
+                    return
+            self._results.put(_DONE)
+        except BaseException as error:  # handed to the caller, which raises it
+            self._results.put(error)
+
+    def take(self, wait: float | None) -> list[dict[str, Any]]:
+        """Index rows of the parts listed since the last call (first_row set), after waiting up to
+        `wait` seconds for one (None: until one comes or the listing ends)."""
+        rows: list[dict[str, Any]] = []
+        block, timeout = True, wait
+        while not self.done:
+            try:
+                result = self._results.get(block=block, timeout=timeout)
+            except queue.Empty:
+                break
+            block = False  # then whatever else is there already
+            if result is _DONE:
+                self.done = True
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                rows.append(self._counted(result))
+        return rows
+
+    def _counted(self, facts: PartFacts) -> dict[str, Any]:
+        row = {**facts.row, "first_row": self.next_row}
+        self.next_row += facts.row["count"]
+        self.listed.rows.append(row)
+        self.listed.items += facts.row["count"]
+        self.listed.errors += facts.row["errors"]
+        self.listed.reasons.extend(facts.reasons[: REASONS_KEPT - len(self.listed.reasons)])
+        self.keys.add(facts.key_hashes)
+        return row
+
+    def finish(self) -> Listed:
+        """Once `done`: what the listing found, with the keys more than one input gives, confirmed."""
+        self.listed.repeated_keys = self.keys.confirm(self.out, [r["path"] for r in self.listed.rows], self.storage_options, self.mapper)
+        if self.listed.repeated_keys:
+            log.warning("%s", describe_repeated(self.listed.repeated_keys))
+        return self.listed
+
+    def cancel(self) -> None:
+        """Stops listing (a failed or interrupted run); the parts written stay until removed."""
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._results.get_nowait()  # lets a mapper blocked on a full queue see the stop
+
+
+_DONE = object()
+LISTED_AHEAD = 4096  # parts listed but not yet taken: bounds what a slow driver holds
+
+
 def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, Listed]:
-    """List `units` into parts of a new listing folder, rows numbered from `first_row`.
-    Returns the folder's name (under plan/) and the index rows. A failure removes the folder."""
-    listing = uuid.uuid4().hex[:12]
-    listed = Listed()
-    keys = RepeatedKeys()
-    row = first_row
+    """List `units` into parts of a new listing folder, rows numbered from `first_row`, waiting for
+    the whole listing. Returns the folder's name (under plan/) and the index rows. A failure removes the folder."""
+    listing = Listing(out, units, first_row, storage_options, mapper)
     try:
         with tqdm(desc="listing", unit="input", dynamic_ncols=True, mininterval=1.0) as bar:
-            for facts in mapper(functools.partial(list_part, out, listing, storage_options), enumerate(units)):
-                listed.rows.append({**facts.row, "first_row": row})
-                row += facts.row["count"]
-                listed.items += facts.row["count"]
-                listed.errors += facts.row["errors"]
-                listed.reasons.extend(facts.reasons[: REASONS_KEPT - len(listed.reasons)])
-                keys.add(facts.key_hashes)
-                bar.update(1)
-                bar.set_postfix(items=listed.items, refresh=False)
-        listed.repeated_keys = keys.confirm(out, [r["path"] for r in listed.rows], storage_options, mapper)
-        if listed.repeated_keys:
-            log.warning("%s", describe_repeated(listed.repeated_keys))
+            while not listing.done:
+                bar.update(len(listing.take(None)))
+                bar.set_postfix(items=listing.listed.items, refresh=False)
+        return listing.name, listing.finish()
     except BaseException:
-        remove_listing(out, listing, storage_options)
+        listing.cancel()
+        remove_listing(out, listing.name, storage_options)
         raise
-    return listing, listed
 
 
 def remove_listing(out: str, listing: str, storage_options: dict[str, Any]) -> None:
@@ -184,25 +251,55 @@ def remove_listing(out: str, listing: str, storage_options: dict[str, Any]) -> N
                 os.rmdir(folder)
 
 
-def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, PlanIndex]:
-    """A new plan of the whole dataset: (its listing folder, its index). Raises SourceError naming
-    --dataset when nothing can be extracted."""
+def first_rows(listing: Listing, dataset: str, shard_size: int) -> list[dict[str, Any]]:
+    """The index rows a new plan starts from: listed until a whole first shard is planned and an
+    item of it or before is usable, or the listing ends. Raises SourceError naming --dataset when
+    nothing can be extracted, or when listing fails as a whole."""
+    rows: list[dict[str, Any]] = []
+    listed = listing.listed
     try:
-        listing, listed = list_inputs(out, dataset_inputs(dataset, storage_options), 0, storage_options, mapper)
+        while not listing.done and not (listed.items > listed.errors and listing.next_row >= shard_size):
+            rows += listing.take(None)
     except SourceError:
         raise
     except Exception as error:  # the dataset's root could be read, but listing it failed as a whole
         raise SourceError(f"--dataset {dataset} cannot be listed ({one_line(error)}); check the URI and --storage-options") from error
-    problem = None
     if not listed.items:
-        problem = f"--dataset {dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)"
-    elif listed.errors == listed.items:
+        raise SourceError(f"--dataset {dataset}: no images found (looked for image files, .tar shards, .parquet files and file lists)")
+    if listed.errors == listed.items:
         more = f"; and {listed.errors - len(listed.reasons)} more" if listed.errors > len(listed.reasons) else ""
-        problem = f"--dataset {dataset}: nothing usable, every input failed at listing: " + "; ".join(listed.reasons) + more
-    if problem:
-        remove_listing(out, listing, storage_options)
-        raise SourceError(problem)
-    return listing, PlanIndex.of(listed.rows, shard_size, listed.repeated_keys)
+        raise SourceError(f"--dataset {dataset}: nothing usable, every input failed at listing: " + "; ".join(listed.reasons) + more)
+    return rows
+
+
+def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, PlanIndex]:
+    """A new plan of the whole dataset, listed before it returns: (its listing folder, its index).
+    Raises SourceError naming --dataset when nothing can be extracted."""
+    listing = Listing(out, dataset_inputs(dataset, storage_options), 0, storage_options, mapper)
+    try:
+        rows = first_rows(listing, dataset, shard_size)
+        while not listing.done:
+            rows += listing.take(None)
+    except BaseException:
+        listing.cancel()
+        remove_listing(out, listing.name, storage_options)
+        raise
+    return listing.name, PlanIndex.of(rows, shard_size, listing.finish().repeated_keys)
+
+
+def remaining_inputs(dataset: str, index: PlanIndex, storage_options: dict[str, Any]) -> Iterator[Input]:
+    """The inputs of a listing a stopped run left unfinished, after the index's: the dataset's
+    inputs come in a stable order, so the first ones are those the index lists (checked: a dataset
+    changed meanwhile is refused, since rows would no longer follow its order)."""
+    listed = index.table.to_pylist()
+    inputs = dataset_inputs(dataset, storage_options)
+    for row, unit in zip(listed, inputs):
+        if (unit.kind, unit.uri, unit.start) != (row["kind"], row["input"], row["start"]):  # zip takes `listed` first: no input is lost
+            raise SourceError(
+                f"--dataset {dataset} changed while its first listing was unfinished (found {unit.uri} where {row['input']} was listed): "
+                "extract it again with --overwrite"
+            )
+    yield from inputs
 
 
 @dataclass

@@ -17,16 +17,25 @@ from tqdm import tqdm
 from pipeline.extraction.worker import Progress
 
 
+DESCRIPTIONS = {False: "extract", True: "extract (listing more)"}  # while the dataset is listed, the total grows
+
+
 class JobProgress:
     """The job's progress bar: images as each image group is computed (shares of an image while a
     shard's shifts are split across actors; error rows when their shard is done), every image of
     the run counted once, with views computed per second and the errors committed so far."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, listing: bool = False) -> None:
         bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-        self.bar = tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
+        self.bar = tqdm(total=total, unit="img", desc=DESCRIPTIONS[listing], dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
         self.views = 0
         self.errors = 0
+
+    def planned(self, images: int, listing: bool) -> None:
+        """`images` more to do: the dataset's listing planned them while the run went on (`listing`: it goes on)."""
+        self.bar.total += images
+        self.bar.set_description(DESCRIPTIONS[listing], refresh=False)
+        self.bar.refresh()
 
     def computed(self, images: float, views: int) -> None:
         self.views += views

@@ -1,10 +1,13 @@
 """Driver-side orchestration shared by every runner, and the in-process runner.
 
 `preflight` checks what needs no cluster (flags, --dataset, --out, weights) in seconds; `plan_job`
-then does the rest before the first image: check an existing output, list the dataset once into
-a saved plan (or extend it, --append), create the store, find the shards left to do. The driver
-holds the plan's index (a row per input) and a few bytes per shard, never a row per image.
-`run_local` then runs the shards in this process; the Ray runner distributes the same shards.
+then does the rest before the first image: check an existing output, start listing the dataset
+into a saved plan (or extend it, --append), create the store as soon as a first shard is planned,
+find the shards left to do. The listing goes on while shards are computed (`Job.extend` adds
+what it planned since), so the first result never waits for a billion URIs to be listed; a run
+stopped meanwhile leaves an index marked in progress, and a rerun lists on from where it stopped.
+The driver holds the plan's index (a row per input) and a few bytes per shard, never a row per
+image. `run_local` then runs the shards in this process; the Ray runner distributes the same shards.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +30,8 @@ from zarr.errors import ZarrUserWarning
 from pipeline.engine.models import ViT
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.extraction.flags import ConfigError
-from pipeline.extraction.listing import check_dataset
-from pipeline.extraction.planning import Appended, Mapper, list_inputs, local_mapper, new_inputs, plan_dataset
+from pipeline.extraction.listing import SourceError, check_dataset, dataset_inputs
+from pipeline.extraction.planning import Appended, Listing, Mapper, first_rows, list_inputs, local_mapper, new_inputs, remaining_inputs, remove_listing
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.reading import prefetch
 from pipeline.extraction.shards import ShardStats
@@ -59,6 +63,7 @@ from pipeline.store.uris import one_line, read_uri
 log = logging.getLogger("srt")
 
 PCA_SAMPLE_SHARDS = 2  # --pca-dims: the basis is fitted on the dense maps of the run's first shards
+LISTING_WAIT_SECONDS = 1.0  # a runner out of planned shards waits this long at a time for the listing
 
 # Shards written at once, so a shard's write (compression and file I/O, mostly outside the GIL)
 # overlaps the next shards' compute; 8 were no faster than 4 on a 16-vCPU GPU host (bench/RESULTS.md).
@@ -69,13 +74,40 @@ WRITERS = 4
 class Job:
     resolved: ResolvedConfig
     index: PlanIndex
-    pending: np.ndarray  # shards without a manifest part, in order
+    pending: np.ndarray  # planned shards without a manifest part, in order
     resumed: bool
     appended: Appended | None = None  # what --append added and found gone
+    listing: Listing | None = None  # the dataset's listing while it goes on (`extend`)
+    unplanned: list[dict[str, Any]] = field(default_factory=list)  # parts listed, not yet in the index
 
     @property
     def shards(self) -> int:
         return self.index.shards
+
+    def extend(self, wait: float) -> np.ndarray:
+        """The shards the listing planned since the last call (waiting up to `wait` seconds for a
+        part), each whole: the index written again (in progress, or complete once the listing is
+        done: then `listing` is None), the arrays grown to it. Runners call it when they have
+        nothing else to hand out."""
+        config = self.resolved.config
+        self.unplanned += self.listing.take(wait)
+        size = self.index.size + sum(row["count"] for row in self.unplanned)
+        if not self.listing.done and size // config.shard_size == self.index.ready:
+            return np.empty(0, np.int64)  # no new whole shard yet
+        repeated = self.listing.finish().repeated_keys if self.listing.done else None
+        index = self.index.extended(self.unplanned, repeated, complete=self.listing.done)
+        grow_store(open_group(config.out, "r+", config.storage_options, use_consolidated=False), index.size)
+        write_index(config.out, index, config.storage_options)  # the arrays first: an index never names rows past them
+        newly = np.arange(self.index.ready, index.ready)
+        self.index, self.unplanned = index, []
+        if self.listing.done:
+            self.listing = None
+        return newly
+
+    def stop_listing(self) -> None:
+        """A run that ends early (failed, interrupted) stops listing; what is planned stays, and a rerun lists on."""
+        if self.listing is not None:
+            self.listing.cancel()
 
     def images_in(self, shards: np.ndarray | list[int]) -> int:
         return self.index.images_in(shards)
@@ -118,28 +150,43 @@ def plan_job(resolved: ResolvedConfig, mapper: Mapper | None = None) -> Job:
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     resumed = check_existing(config.out, options, resolved.fingerprint(), overwrite=config.overwrite)
-    appended = None
+    appended, listing = None, None
     if resumed:
         index = read_index(config.out, config.shard_size, options)
         if index is None:
             raise StoreMismatchError(f"--out {config.out} has no plan index (plan/index.parquet): extract again into another --out, or pass --overwrite")
-        if config.append:
+        if not index.complete:
+            if config.append:
+                raise StoreMismatchError(f"--append: the first run's listing of --dataset into {config.out} is unfinished; rerun without --append to finish it first")
+            log.info("resuming the listing of --dataset after its first %d inputs (%d items planned)", len(index.table), index.items)
+            listing = Listing(config.out, remaining_inputs(config.dataset, index, options), index.size, options, mapper)
+        elif config.append:
             index, appended = append_to_plan(config, index, mapper)
         else:
             log.info(
                 "resuming the plan of %d items listed by the first run into %s: files added to --dataset since are not "
                 "extracted; pass --append to extract them too", index.items, config.out
             )
-    else:  # the old output (--overwrite) goes, and the new one is written, only once listing succeeded
-        listing, index = plan_dataset(config.dataset, config.out, config.shard_size, options, mapper)
+    else:  # the old output (--overwrite) goes, and the new one is written, only once a first shard is planned
+        listing = Listing(config.out, dataset_inputs(config.dataset, options), 0, options, mapper)
+        try:
+            rows = first_rows(listing, config.dataset, config.shard_size)
+        except BaseException:
+            listing.cancel()
+            remove_listing(config.out, listing.name, options)
+            raise
         if config.overwrite:
-            remove_output(config.out, options, keep=f"plan/{listing}")
+            remove_output(config.out, options, keep=f"plan/{listing.name}")
+        repeated = listing.finish().repeated_keys if listing.done else None
+        index = PlanIndex.of(rows, config.shard_size, repeated, complete=listing.done)
         write_index(config.out, index, options)
         create_store(resolved.store_spec(), index.size)
     if resumed and config.retry_errors:
         retry_error_rows(config.out, config.retry_errors, options)
-    committed = manifest_files(config.out, options).committed(index.shards)
-    return Job(resolved=resolved, index=index, pending=np.flatnonzero(~committed), resumed=resumed, appended=appended)
+    committed = manifest_files(config.out, options).committed(index.shards)[: index.ready]
+    job = Job(resolved=resolved, index=index, pending=np.flatnonzero(~committed), resumed=resumed, appended=appended)
+    job.listing = None if listing is None or listing.done else listing
+    return job
 
 
 def append_to_plan(config: ExtractConfig, index: PlanIndex, mapper: Mapper) -> tuple[PlanIndex, Appended]:
@@ -180,21 +227,27 @@ def interrupted_note(config: ExtractConfig) -> str:
 class Compactor:
     """Compacts the manifest parts of each group of GROUP_SHARDS shards into a range file as soon
     as the group's last pending shard commits, on a thread of the driver, so the end of a run (and
-    a resume) reads few files whatever the store's size. What is left (groups with failed shards,
-    the last one) is compacted by `finish`."""
+    a resume) reads few files whatever the store's size. A group the listing has not planned whole
+    waits. What is left (groups with failed shards, the last one) is compacted by `finish`."""
 
     def __init__(self, job: Job) -> None:
         config = job.resolved.config
-        self.out, self.options, self.shards = config.out, config.storage_options, job.shards
+        self.out, self.options, self.index = config.out, config.storage_options, job.index
         self.remaining = np.bincount(job.pending // GROUP_SHARDS, minlength=-(-job.shards // GROUP_SHARDS))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="compact")
         self.writing: list[Future[int]] = []
 
+    def planned(self, shards: np.ndarray, index: PlanIndex) -> None:
+        """More pending shards, of the plan `index` (the listing went on)."""
+        counts = np.bincount(shards // GROUP_SHARDS, minlength=-(-index.shards // GROUP_SHARDS))
+        counts[: len(self.remaining)] += self.remaining
+        self.remaining, self.index = counts, index
+
     def committed(self, shard: int) -> None:
         group = shard // GROUP_SHARDS
         self.remaining[group] -= 1
-        if self.remaining[group] == 0:
-            last = min(self.shards, (group + 1) * GROUP_SHARDS) - 1
+        last = min(self.index.shards, (group + 1) * GROUP_SHARDS) - 1
+        if self.remaining[group] == 0 and (self.index.complete or last < self.index.ready):
             self.writing.append(self.pool.submit(compact, self.out, self.options, group * GROUP_SHARDS, last))
 
     def close(self) -> None:
@@ -229,7 +282,7 @@ class RunSummary:
     def of(cls, job: Job) -> RunSummary:
         """A run's summary before any work: what earlier runs did, what --append found, keys repeated across inputs."""
         appended = job.appended.as_dict() if job.appended else None
-        return cls(shards_skipped=job.shards - len(job.pending), appended=appended, repeated_keys=job.index.repeated_keys)
+        return cls(shards_skipped=job.index.ready - len(job.pending), appended=appended, repeated_keys=job.index.repeated_keys)
 
     def add(self, stats: ShardStats, worker: str = "local") -> None:
         if not stats.committed:
@@ -303,10 +356,13 @@ def finish(job: Job, summary: RunSummary) -> None:
     """
     config = job.resolved.config
     out, options = config.out.rstrip("/"), config.storage_options
+    summary.repeated_keys = job.index.repeated_keys  # known once the listing is done, maybe after the run started
     compact(out, options)
+    group = open_group(out, "r+", options, use_consolidated=False)
+    grow_store(group, job.index.size)  # an array a worker made while the plan was smaller (a size bucket) grows too
     with warnings.catch_warnings():  # zarr notes our Parquet files and that consolidation is not yet in the v3 spec
         warnings.simplefilter("ignore", ZarrUserWarning)
-        zarr.consolidate_metadata(open_group(out, "r+", options, use_consolidated=False).store)
+        zarr.consolidate_metadata(group.store)
     stored = store_counts(out, options, job.shards)
     uri = f"{out}/summary.json"
     if summary.shards_done or not job.resumed:
@@ -352,18 +408,46 @@ def pca_sample(job: Job) -> list[int]:
 
 
 def progress(job: Job) -> JobProgress:
-    """The bar of a run: every pending image, the PCA fitting sample's included."""
-    return JobProgress(job.images_in(job.pending))
+    """The bar of a run: every pending image, the PCA fitting sample's included; while the dataset
+    is listed, the images planned so far (`planned` adds the rest)."""
+    return JobProgress(job.images_in(job.pending), listing=job.listing is not None)
 
 
-def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | None = None) -> RunSummary:
+def planned(job: Job, shards: np.ndarray, bar: JobProgress, compactor: Compactor) -> None:
+    """Shards the listing planned since: on the bar and for the compactor."""
+    bar.planned(job.images_in(shards), listing=job.listing is not None)
+    compactor.planned(shards, job.index)
+
+
+def pending_shards(job: Job, bar: JobProgress, compactor: Compactor) -> Iterator[int]:
+    """The job's pending shards in order, then those its listing plans while they are computed
+    (waiting for each, since this runner has nothing else to do)."""
+    yield from (int(shard) for shard in job.pending)
+    while job.listing is not None:
+        newly = job.extend(wait=LISTING_WAIT_SECONDS)
+        planned(job, newly, bar, compactor)
+        yield from (int(shard) for shard in newly)
+
+
+def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | None = None, mapper: Mapper | None = None) -> RunSummary:
     """Extract in this process, in three overlapping stages: the next shard is read and decoded
     (and copied to the GPU) while this one is computed and up to WRITERS earlier ones are written.
-    `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in)."""
+    `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in);
+    `mapper`: what lists the dataset's inputs (default: `local_mapper`)."""
     started = time.perf_counter()
-    job = plan_job(preflight(config))
+    job = plan_job(preflight(config), mapper)
+    try:
+        summary = _run_local(job, started, device, vit)
+    finally:
+        job.stop_listing()
+    summary.seconds = time.perf_counter() - started
+    finish(job, summary)
+    return summary
+
+
+def _run_local(job: Job, started: float, device: str | None, vit: ViT | None) -> RunSummary:
     summary = RunSummary.of(job)
-    if len(job.pending):
+    if len(job.pending) or job.listing is not None:
         worker = ShardWorker(job.resolved, job.reader(), vit=vit, device=device)
         summary.startup_seconds = time.perf_counter() - started
         compactor = Compactor(job)
@@ -381,7 +465,7 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
                     record(stats)
                     bar.advance(len(loaded.rows) - loaded.decoded)  # error rows, done without the model
                 job.pending = job.pending[len(sample) :]
-            loads = prefetch((worker.load(int(s)) for s in job.pending), depth=2)
+            loads = prefetch((worker.load(shard) for shard in pending_shards(job, bar, compactor)), depth=2)
             writing: collections.deque[Future[ShardStats]] = collections.deque()
             for loaded in loads:
                 computed = time.perf_counter()
@@ -393,6 +477,4 @@ def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | No
             for done in writing:
                 record(done.result())
         compactor.close()
-    summary.seconds = time.perf_counter() - started
-    finish(job, summary)
     return summary

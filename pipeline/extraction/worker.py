@@ -229,7 +229,7 @@ class ShardWorker:
             stats.committed = False
             return stats
         stats.views = sum(views_of.values())
-        write_shard(self.group, self.store_spec, loaded.shard, arrays.blocks, self.arrays)
+        write_shard(self.group, self.store_spec, loaded.shard, arrays.blocks, self.plan.index.size, self.arrays)
         itemsize = np.dtype(config.dtype).itemsize  # what was stored, not the empty rows
         stats.bytes_written = sum(len(rows) * math.prod(arrays.blocks[path].shape[1:]) * itemsize for path, rows in arrays.filled.items())
         rows = [self._manifest_row(row, item, views_of.get(i)) for i, (row, item) in enumerate(zip(loaded.rows, loaded.inputs))]

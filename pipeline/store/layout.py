@@ -269,18 +269,20 @@ def write_shard(
     spec: StoreSpec,
     shard: int,
     arrays: dict[str, np.ndarray],
+    plan_size: int,
     opened: dict[str, ObjectWriter] | None = None,
 ) -> None:
     """Write one whole work shard: `arrays` maps array paths to [rows in shard, ...] blocks, each
-    stored as whole objects (`pipeline.store.objects`). `opened`: writers of arrays already opened
-    by earlier calls (opening one reads its metadata), added to."""
+    stored as whole objects (`pipeline.store.objects`), of a plan of `plan_size` rows as the
+    writer knows it (it grows while the dataset is listed: the driver grows the arrays).
+    `opened`: writers of arrays already opened by earlier calls (opening one reads its metadata), added to."""
     start = shard * spec.shard_size
     opened = {} if opened is None else opened
     for path, block in arrays.items():
         if path not in opened:
-            array = group[path] if path in group else _create(group, path, (group.attrs["plan_size"], *block.shape[1:]), spec)
+            array = group[path] if path in group else _create(group, path, (plan_size, *block.shape[1:]), spec)
             opened[path] = ObjectWriter.of(array, spec.out, spec.storage_options)
-        opened[path].write(start, block.astype(spec.dtype, copy=False))
+        opened[path].write(start, block.astype(spec.dtype, copy=False), plan_size)
 
 
 def write_basis(group: zarr.Group, tap: Tap, basis: Basis, shards: list[int]) -> None:

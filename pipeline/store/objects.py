@@ -69,9 +69,11 @@ class ObjectWriter:
             return cls(array, array.metadata.chunk_grid.chunk_shape[0], True, chunk_compressor(sharding.codecs), **where)
         return cls(array, array.metadata.chunk_grid.chunk_shape[0], False, chunk_compressor(codecs), **where)
 
-    def write(self, start: int, block: np.ndarray) -> None:
-        """Store `block` as rows `start`.. of the array: every stored object it covers, whole."""
-        if start % self.rows or (len(block) != self.rows and start + len(block) != self.array.shape[0]):
+    def write(self, start: int, block: np.ndarray, rows_planned: int | None = None) -> None:
+        """Store `block` as rows `start`.. of the array: every stored object it covers, whole.
+        `rows_planned`: the array's rows now (default its shape when opened; it grows while a
+        dataset is being listed), so only the last block may be short."""
+        if start % self.rows or (len(block) != self.rows and start + len(block) != (rows_planned or self.array.shape[0])):
             raise ValueError(f"rows {start}..{start + len(block)} are not whole stored objects of {self.rows} rows")
         block = np.ascontiguousarray(block, dtype=self.array.dtype.newbyteorder("<"))
         parts = self._shard(block) if self.sharded else [self._chunk(block)]

@@ -5,9 +5,11 @@
 
 A part's rows are `first_row`, `first_row + 1`, ... (the index in every store array), and a row's
 shard is row // shard_size. Parts are written by whoever lists their input (anywhere on a
-cluster); the index is written last and atomically, so a plan exists once its index does, and an
-index only ever names parts that are whole. A driver holds the index (a row per input), never a
-row per image: `PlanReader` reads a shard's rows from the one or two parts it spans.
+cluster); the index is written after them and atomically, so a plan exists once its index does,
+and an index only ever names parts that are whole. While the dataset is still being listed (its
+first shards are computed meanwhile) the index says so (`complete` False) and is rewritten as the
+plan grows; a reader asked for rows past it reads it again. A driver holds the index (a row per
+input), never a row per image: `PlanReader` reads a shard's rows from the one or two parts it spans.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pipeline.store.schemas import PLAN_INDEX_SCHEMA, PLAN_PART_SCHEMA, PLAN_SCH
 PART_ROW_GROUP = 8192  # rows per Parquet row group of a part: what a shard's read fetches at least
 OPEN_PARTS = 4  # parts a reader keeps open (a shard spans at most two; readers go forward)
 REPEATED_KEYS = "repeated_keys"  # the index's Parquet metadata: keys more than one input gives (JSON)
+LISTING = "listing"  # the index's Parquet metadata: "in progress" while the dataset is being listed (absent: complete)
 
 
 def plan_dir(out: str) -> str:
@@ -67,6 +70,7 @@ class PlanIndex:
     table: pa.Table  # PLAN_INDEX_SCHEMA, ordered by first_row
     shard_size: int
     repeated_keys: dict[str, Any] | None = None  # image_ids more than one input gives (extraction.repeated_keys)
+    complete: bool = True  # False while the dataset's listing goes on: more parts will follow
 
     @cached_property
     def first_rows(self) -> np.ndarray:
@@ -92,6 +96,11 @@ class PlanIndex:
     @property
     def shards(self) -> int:
         return -(-self.size // self.shard_size)
+
+    @property
+    def ready(self) -> int:
+        """Shards whose rows are all planned: every one when the listing is complete, else the full ones."""
+        return self.shards if self.complete else self.size // self.shard_size
 
     @cached_property
     def shard_counts(self) -> np.ndarray:
@@ -123,14 +132,14 @@ class PlanIndex:
             i += 1
         return spans
 
-    def extended(self, rows: list[dict[str, Any]], repeated_keys: dict[str, Any] | None = None) -> PlanIndex:
-        """The plan with more parts after its rows (--append), and what their listing reported."""
+    def extended(self, rows: list[dict[str, Any]], repeated_keys: dict[str, Any] | None = None, complete: bool = True) -> PlanIndex:
+        """The plan with more parts after its rows (--append, a listing that goes on), what their listing reported."""
         table = pa.concat_tables([self.table, pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA)])
-        return PlanIndex(table, self.shard_size, _merged(self.repeated_keys, repeated_keys))
+        return PlanIndex(table, self.shard_size, _merged(self.repeated_keys, repeated_keys), complete)
 
     @classmethod
-    def of(cls, rows: list[dict[str, Any]], shard_size: int, repeated_keys: dict[str, Any] | None = None) -> PlanIndex:
-        return cls(pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA), shard_size, repeated_keys)
+    def of(cls, rows: list[dict[str, Any]], shard_size: int, repeated_keys: dict[str, Any] | None = None, complete: bool = True) -> PlanIndex:
+        return cls(pa.Table.from_pylist(rows, schema=PLAN_INDEX_SCHEMA), shard_size, repeated_keys, complete)
 
 
 def _merged(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -143,9 +152,12 @@ def _merged(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str,
 
 def write_index(out: str, index: PlanIndex, storage_options: dict[str, Any] | None = None) -> None:
     table = index.table
+    metadata = {**(table.schema.metadata or {})}
     if index.repeated_keys is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), REPEATED_KEYS: json.dumps(index.repeated_keys)})
-    put_atomically(index_uri(out), parquet_bytes(table), storage_options)
+        metadata[REPEATED_KEYS.encode()] = json.dumps(index.repeated_keys).encode()
+    if not index.complete:
+        metadata[LISTING.encode()] = b"in progress"
+    put_atomically(index_uri(out), parquet_bytes(table.replace_schema_metadata(metadata)), storage_options)
 
 
 def read_index(out: str, shard_size: int, storage_options: dict[str, Any] | None = None) -> PlanIndex | None:
@@ -156,8 +168,10 @@ def read_index(out: str, shard_size: int, storage_options: dict[str, Any] | None
     except FileNotFoundError:
         return None
     _check_version(table.schema, index_uri(out))
-    repeated = (table.schema.metadata or {}).get(REPEATED_KEYS.encode())
-    return PlanIndex(table.cast(PLAN_INDEX_SCHEMA), shard_size, json.loads(repeated) if repeated else None)
+    metadata = table.schema.metadata or {}
+    repeated = metadata.get(REPEATED_KEYS.encode())
+    complete = metadata.get(LISTING.encode()) != b"in progress"
+    return PlanIndex(table.cast(PLAN_INDEX_SCHEMA), shard_size, json.loads(repeated) if repeated else None, complete)
 
 
 def _check_version(schema: pa.Schema, where: str) -> None:
@@ -203,11 +217,18 @@ class PlanReader:
 
     def rows(self, shard: int) -> list[dict[str, Any]]:
         with self._lock:
+            if not self.index.complete and shard >= self.index.ready:  # planned since this reader's index was read
+                self._reread()
             tables = [
                 with_rows(self._slice(i, start, stop), int(self.index.first_rows[i]) + start, self.index.shard_size)
                 for i, start, stop in self.index.spans(shard)
             ]
         return pa.concat_tables(tables).to_pylist() if tables else []
+
+    def _reread(self) -> None:
+        index = read_index(self.out, self.index.shard_size, self.storage_options)
+        if index is not None:
+            self.index = index
 
     def _slice(self, part: int, start: int, stop: int) -> pa.Table:
         groups = range(start // PART_ROW_GROUP, (stop - 1) // PART_ROW_GROUP + 1)
