@@ -3,7 +3,7 @@ items, with no image ever decoded (listing reads names and tar headers only; dri
 that answer at once), so what is measured is the driver.
 
     python -m bench.bench_scale [--uris 1000000,10000000] [--tars 1000,5000] [--s3-tars 100]
-    python -m bench.bench_scale --only first-commit [--first-commit 1000000,4000000]
+    python -m bench.bench_scale --only first-commit [--first-commit 1000000,4000000] [--baseline DIR]
 
 - file lists of 1M and 10M `s3://` URIs (never fetched): planning time per item and the driver's
   peak memory, each size in a fresh process (`run_local`'s planning: the inputs listed on the
@@ -55,6 +55,16 @@ def status_mb(field: str) -> float:
 # ---------------------------------------------------------------------------- children (fresh processes)
 
 
+def planned_whole(job: Any) -> Any:
+    """The job with its whole dataset planned at once (a run plans the rest as its shards are computed)."""
+    if job.listing is not None:
+        job.started()
+        while not job.listing.done:
+            job.unplanned += job.listing.take(None)
+        job.pending = np.concatenate([job.pending, job.extend(0.0)])
+    return job
+
+
 def child_plan(dataset: str, out: str) -> dict[str, Any]:
     """Plan a new store in this fresh process: seconds, items, peak memory before and after."""
     from pipeline.extraction.config import ExtractConfig
@@ -64,11 +74,7 @@ def child_plan(dataset: str, out: str) -> dict[str, Any]:
     resolved = preflight(config)  # imports and model facts, before the clock and the memory mark
     before = status_mb("VmHWM")
     started = time.perf_counter()
-    job = plan_job(resolved)
-    if job.listing is not None:  # the whole listing, planned at once (a run plans it as its shards are computed)
-        while not job.listing.done:
-            job.unplanned += job.listing.take(None)
-        job.extend(0.0)
+    job = planned_whole(plan_job(resolved))
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "items": job.index.items, "shards": job.shards, "parts": len(job.index.table), "peak_before_mb": before, "peak_mb": status_mb("VmHWM")}
 
@@ -91,7 +97,7 @@ def child_drive(dataset: str, out: str) -> dict[str, Any]:
     from pipeline.extraction.config import ExtractConfig
     from pipeline.extraction.runner import plan_job, preflight
 
-    job = plan_job(preflight(ExtractConfig(dataset=dataset, out=out, **BASE_FLAGS)))
+    job = planned_whole(plan_job(preflight(ExtractConfig(dataset=dataset, out=out, **BASE_FLAGS))))
     job.pending = job.pending[:DRIVEN_SHARDS]
     ray.init(include_dashboard=False, log_to_driver=False)
     actors = [(f"instant-{i}", InstantActor.remote()) for i in range(2)]
@@ -138,10 +144,13 @@ CHILDREN = {
 }  # fmt: skip
 
 
-def in_child(kind: str, dataset: str, out: str) -> dict[str, Any]:
-    """A child's figures; it runs in a session of its own, ended whole afterwards (Ray's processes too)."""
+def in_child(kind: str, dataset: str, out: str, pipeline_from: str | None = None) -> dict[str, Any]:
+    """A child's figures; it runs in a session of its own, ended whole afterwards (Ray's processes
+    too). `pipeline_from`: a folder holding another version's `pipeline/`, imported instead."""
     command = [sys.executable, "-m", "bench.bench_scale", "--child", kind, dataset, out]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pipeline_from, str(Path(__file__).resolve().parent.parent)]))}
+    here = pipeline_from or Path(__file__).resolve().parent.parent  # `python -m` imports from its working directory first
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here, start_new_session=True, env=env)
     try:
         stdout, stderr = child.communicate()
     finally:
@@ -244,13 +253,14 @@ def main() -> None:
     parser.add_argument("--s3-tars", type=int, default=100)
     parser.add_argument("--first-commit", default="1000000,4000000", help="file list sizes timed to their first commit")
     parser.add_argument("--only", choices=("first-commit",), help="run one part of the bench")
+    parser.add_argument("--baseline", help="a folder holding an earlier version's pipeline/ (git archive REV pipeline | tar -x -C DIR), timed to the first commit side by side")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "DATASET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, dataset, out = args.child
         print(json.dumps(CHILDREN[kind](dataset, out)), flush=True)
         os._exit(0)  # a first-commit child's job is still running: end here, without waiting for it
-    first_commits([int(n) for n in args.first_commit.split(",")])
+    first_commits([int(n) for n in args.first_commit.split(",")], args.baseline)
     if args.only:
         return
 
@@ -280,27 +290,34 @@ def main() -> None:
     write_results(plans, drives, resume, per_tar, single, args.s3_tars)
 
 
-def first_commits(counts: list[int]) -> None:
-    """Seconds from start to the first committed shard, per file list size and runner."""
+def first_commits(counts: list[int], baseline: str | None) -> None:
+    """Seconds from start to the first committed shard, per file list size and runner (and with
+    an earlier version's pipeline, side by side)."""
     figures: dict[tuple[str, int], dict[str, Any]] = {}
+    versions = {"": None, **({" (baseline)": baseline} if baseline else {})}
     with tempfile.TemporaryDirectory(prefix="bench-first-") as root:
         for count in counts:
             listing = Path(root) / f"photos-{count}.txt"
             write_photo_list(listing, count)
-            for runner in ("local", "ray"):
-                figures[runner, count] = in_child(f"first-{runner}", str(listing), f"{root}/{runner}-{count}.zarr")
-                print("first commit", runner, count, figures[runner, count])
+            for version, pipeline_from in versions.items():
+                for runner in ("local", "ray"):
+                    key = (runner + version, count)
+                    figures[key] = in_child(f"first-{runner}", str(listing), f"{root}/{runner}{version.strip(' ()')}-{count}.zarr", pipeline_from)
+                    print("first commit", key, figures[key])
     low, high = min(counts), max(counts)
     rows = [
         [runner, f"{count:,}", f"{figures[runner, count]['seconds']:.1f}", f"**{figures[runner, count]['seconds'] / figures[runner, low]['seconds']:.2f}**", f"{figures[runner, count]['peak_mb']:.0f}"]
-        for runner in ("local", "ray") for count in counts
+        for runner in sorted({r for r, _ in figures}) for count in counts
     ]  # fmt: skip
     body = f"""
 A real job (ViT-Ti/16 at 32², 9 views, `--outputs cls,pooled`, shards of 32) on a file list whose
-first {PHOTOS} lines are photos and the rest paths of files that are not there, from the process's
-start until its first shard is committed; each in a fresh process, ended there. The listing goes
-on in the background once its first shard is planned, so the first result no longer waits for the
-whole plan (before this change: 6.9 s at 1M and 18.0 s at 4M with `--local`, 2.61×).
+first {PHOTOS} lines are photos and the rest paths of files that are not there, from the job's start
+(after the imports) until its first shard is committed; each in a fresh process, ended there. The
+driver lists the first input itself (no worker process to start) until a whole shard is planned;
+the rest is listed in the background once that shard is done, so the first result waits for
+neither the whole plan nor a listing competing with the model's start. "(baseline)" rows: the
+same children importing `--baseline`'s pipeline, the version before this change, which lists
+everything first (`git archive 6e8edf1 pipeline | tar -x -C /tmp/baseline`), in the same run.
 
 {table(["runner", "URIs", "s to the first commit", f"vs {low:,}", "peak MB by then"], rows)}
 

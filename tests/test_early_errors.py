@@ -40,7 +40,8 @@ def one_line_error(capsys, argv: list[str]) -> str:
     assert "Traceback" not in err and "Retry" not in err, err
     message = err.rstrip("\n").splitlines()[-1]
     assert message.startswith("extract.py: error: ") or ": error: " in message, err
-    return message.split(": error: ", 1)[1]
+    assert "usage:" not in err and message.endswith(" --help)"), err  # the error and where to look, no usage before it
+    return message.split(": error: ", 1)[1].rsplit(" (see ", 1)[0]
 
 
 def closed_port() -> int:
@@ -152,3 +153,23 @@ def test_actors_a_local_instance_could_never_place_are_refused_before_it_starts(
     message = one_line_error(capsys, small_argv(str(sample_paths[0].parent), str(tmp_path / "out.zarr")) + ["--cpus-per-actor", "1024"])
     assert message.startswith("--num-actors, --cpus-per-actor: 1 actors of 1024 CPUs each do not fit the cluster's 1 node(s)")
     assert message.endswith("and it cannot grow (no autoscaler); ask for less")
+
+
+@pytest.mark.parametrize("command", ["extract", "build_index", "query", "serve", "visualize", "eval_retrieval", "propagate", "saliency", "distill", "probe", "discover"])
+def test_a_bad_flag_is_one_line_pointing_to_help_and_no_flag_is_abbreviated(command, capsys):
+    import importlib
+
+    module = importlib.import_module(f"pipeline.commands.{command}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1, err  # not the 28-line usage first
+    assert ": error: " in err and err.strip().endswith("--help)"), err
+    assert module.build_parser().allow_abbrev is False  # a flag's prefix is never taken for the flag
+
+
+def test_a_misspelt_flag_is_not_taken_for_the_flag_it_begins(capsys):
+    from pipeline.commands.extract import build_parser
+
+    args, unknown = build_parser().parse_known_args(["--dataset", "d", "--out", "o", "--strid", "8"])
+    assert args.stride is None and unknown == ["--strid", "8"]

@@ -167,6 +167,11 @@ def test_every_bad_input_is_accounted_for_and_the_rest_completes(tmp_path):
     assert len(duplicates) == 1 and duplicates[0]["uri"].endswith("good.jpg")
     assert summary.errors == {"decode": 2, "empty": 1, "too_large": 1, "read": 1, "duplicate": 1}
     assert_store_matches_engine(store, {str(folder / n): d for n, (d, k, _) in files.items() if k is None}, cfg)
+    said = summary.render().splitlines()  # the first failed files by name, and how to list them all
+    start = next(i for i, line in enumerate(said) if line.startswith("failed"))
+    first_errors = [r for r in store.manifest.sort_by("row").to_pylist() if r["status"] == "error"][:3]
+    assert all(r["uri"] in line and f"{r['error_kind']}:" in line for r, line in zip(first_errors, said[start : start + 3], strict=True))
+    assert said[start + 3].strip() == f"all of them: duckdb -c \"SELECT uri, error_kind, error FROM '{out}/manifest/*.parquet' WHERE status = 'error'\""
 
 
 def test_rows_without_an_image_hold_zeros_in_blocks_an_earlier_shard_used(tmp_path):
@@ -235,7 +240,7 @@ def test_a_rerun_writes_a_missing_or_stale_summary_keeping_the_figures_it_knows(
     run_local(cfg)
     first = json.loads((out / "summary.json").read_text())
     shards = -(-len(sample_paths) // 2)
-    assert first["store"] == {"images": len(sample_paths), "ok": len(sample_paths), "errors": 0, "error_kinds": {}, "shards_committed": shards, "shards": shards}
+    assert first["store"] == {"images": len(sample_paths), "ok": len(sample_paths), "errors": 0, "error_kinds": {}, "error_examples": [], "shards_committed": shards, "shards": shards}
 
     (out / "summary.json").unlink()
     assert run_local(cfg).shards_done == 0
@@ -734,7 +739,13 @@ def test_a_resumed_run_says_its_plan_is_fixed(tmp_path, sample_paths, caplog):
     write_files(tmp_path / "in", {sample_paths[2].name: sample_paths[2].read_bytes()})  # added after the first run
     with caplog.at_level("INFO", logger="srt"):
         assert run_local(config(str(tmp_path / "in"), out)).images == 0
-    assert "resuming the plan of 2 items listed by the first run" in caplog.text and "pass --append to extract them too" in caplog.text
+    assert "resuming the plan of 2 items listed by the first run" in caplog.text
+    assert "--dataset has 1 new input(s) since (image files, containers or file-list ranges), not extracted: pass --append" in caplog.text
+    run_local(config(str(tmp_path / "in"), out, append=True))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="srt"):
+        run_local(config(str(tmp_path / "in"), out))
+    assert "--dataset holds nothing new since" in caplog.text
 
 
 def test_offline_pretrained_weights_fail_at_planning_in_one_line(tmp_path):

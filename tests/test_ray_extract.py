@@ -284,6 +284,17 @@ def test_the_progress_bar_counts_every_image_once_in_every_mode(tmp_path, photos
     assert bar.total == 12 and sum(bar.steps) == pytest.approx(12) and min(bar.steps) >= 0
     assert bar.n == pytest.approx(12) and summary.ok == 12
     assert float(bar.postfix.split("views_per_s=")[1].split(",")[0]) > 0
+    assert bar.format_dict["rate"] is None or "img/s" in str(bar)  # a rate in images per second, never s/img
+
+
+def test_the_bars_views_agree_with_the_summary_when_a_shard_commits_before_its_reports_are_read(tmp_path, photos, progress_bars, monkeypatch):
+    """The demo's bar said views_per_s=0.0: reports of a shard that committed before the driver read
+    them were dropped, views with the images."""
+    monkeypatch.setattr("pipeline.extraction.distributed.PROGRESS_SECONDS", 3600.0)  # the driver reads reports only once
+    summary = run_ray(config(str(photos), str(tmp_path / "out.zarr"), image_size=64, num_actors=1, cpus_per_actor=2, split_shifts="1", shard_size=12))
+    (bar,) = progress_bars
+    shown = float(bar.postfix.split("views_per_s=")[1].split(",")[0])
+    assert summary.views == 12 * 9 and shown * bar.format_dict["elapsed"] == pytest.approx(summary.views, rel=0.2)
 
 
 def extract_command(dataset: Path, out: Path, *flags: str) -> list[str]:

@@ -191,6 +191,25 @@ def test_query_by_image_id_and_by_new_file(retrieval_set, tmp_path):
     assert by_file[0]["image_id"] == record["image_id"] and by_file[0]["score"] == pytest.approx(1.0, abs=1e-2)
 
 
+def test_query_prints_a_table_with_a_header_json_lines_or_csv(retrieval_set, tmp_path, capsys):
+    import csv
+    import io
+    import json
+
+    from pipeline.commands.query import main as query_main
+
+    index = str(tmp_path / "index")
+    save_index(build_index(FeatureStore.open(retrieval_set["store"]), DescriptorSpec("pooled")), index)
+    printed = {}
+    for form in ("table", "json", "csv"):
+        assert query_main(["--index", index, "--image-id", "coffee_flip", "--k", "3", "--format", form]) == 0
+        printed[form] = capsys.readouterr().out.splitlines()
+    assert printed["table"][0].split() == ["query", "rank", "score", "image_id", "uri"] and len(printed["table"]) == 4
+    rows = [json.loads(line) for line in printed["json"]]
+    assert [r["rank"] for r in rows] == [0, 1, 2] and printed["table"][1].split()[3] == rows[0]["image_id"]
+    assert list(csv.DictReader(io.StringIO("\n".join(printed["csv"])))) == [{k: str(v) for k, v in r.items()} for r in rows]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -34,8 +34,9 @@ def committed(out: Path) -> bool:
 
 
 class Gate:
-    """A mapper (in this process) that lists the first `first` inputs, then holds the rest until
-    `until()` holds (or `timeout` passes), then lists them, or raises `stop` instead."""
+    """A mapper (in this process) that lists the first `first` inputs it is given, then holds the
+    rest until `until()` holds (or `timeout` passes), then lists them, or raises `stop` instead.
+    (A run lists its first input itself: the mapper gets the inputs after it.)"""
 
     def __init__(self, first: int, until: Callable[[], bool], *, stop: type[BaseException] | None = None, timeout: float = 60.0) -> None:
         self.first, self.until, self.stop, self.timeout = first, until, stop, timeout
@@ -63,7 +64,7 @@ def test_the_first_shards_are_computed_while_later_inputs_are_listed(tmp_path):
     out = tmp_path / "out.zarr"
     gate = Gate(2, lambda: committed(out))
     summary = run_local(config(str(tmp_path / "tars"), str(out), shard_size=2), mapper=gate)
-    assert gate.held_until is True  # a shard was committed while 3 of the 5 tars were still unlisted
+    assert gate.held_until is True  # a shard was committed while 2 of the 5 tars were still unlisted
     assert summary.ok == 3 * TARS and summary.shards_done == 8
     index = read_index(str(out), 2)
     assert index.complete and index.items == 3 * TARS
@@ -81,7 +82,7 @@ def test_a_run_stopped_while_listing_resumes_the_listing_where_it_stopped(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_local(config(str(tmp_path / "tars"), str(out), shard_size=2), mapper=Gate(2, lambda: committed(out), stop=KeyboardInterrupt))
     index = read_index(str(out), 2)
-    assert not index.complete and len(index.table) == 2 and index.items == 6  # two tars planned, the index says more will come
+    assert not index.complete and len(index.table) == 3 and index.items == 9  # three tars planned, the index says more will come
     with pytest.raises(StoreMismatchError, match="listing of --dataset .* is unfinished; rerun without --append"):
         run_local(config(str(tmp_path / "tars"), str(out), shard_size=2, append=True))
 

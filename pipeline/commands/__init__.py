@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 from pipeline import __version__
 
@@ -31,6 +32,17 @@ COMMANDS = {
     "srt-discover": "single-object boxes by TokenCut or LOST from a store, with CorLoc (jobs/discover.py)",
     "srt-serve": "search indexes in a browser: neighbours and feature pictures over HTTP (jobs/serve.py)",
 }
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every command: a bad flag is answered in one line, the error and a pointer to
+    --help (not the whole usage first), and flags are never abbreviated (`--strid 8` is no `--stride`)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def log_to_stderr() -> None:
@@ -55,7 +67,7 @@ def training_parser(description: str | None, config_type: type) -> argparse.Argu
     """The flags of a job that trains on a store (distillation, probes): its config's, --config, --local."""
     from pipeline.extraction.flags import CONFIG_FILE_HELP, add_arguments
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=description)
     add_arguments(parser, config_type)
     parser.add_argument("--config", help=CONFIG_FILE_HELP)
     parser.add_argument("--local", action="store_true", help="train in this process, without Ray")
@@ -70,10 +82,9 @@ def installed_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="srt",
         description="SRT feature pipeline. Commands:\n" + "\n".join(f"  {name:<20} {what}" for name, what in COMMANDS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"srt-pipeline {installed_version()}")
     parser.parse_args(argv)

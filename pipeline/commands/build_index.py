@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import (
     DESCRIPTORS,
@@ -31,7 +31,7 @@ def descriptor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--index", required=True, help="index folder URI")
     descriptor_arguments(parser)

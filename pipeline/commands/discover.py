@@ -24,7 +24,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.extraction.flags import parse_words
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.discovery import K_PATCHES, METHODS, box_to_original, discover, localized, mask_box
@@ -33,7 +33,7 @@ from pipeline.tasks.shared.tokencut import EPS, TAU
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--method", type=parse_words, default=("tokencut",), help=f"comma-separated, of {', '.join(METHODS)} (default: tokencut)")
     parser.add_argument("--boxes", default=None, help="ground-truth boxes: a folder of VOC .xml annotations, or a .csv with columns image,x0,y0,x1,y1")

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.retrieval.index import DESCRIPTORS, DescriptorSpec, exact_rankings
 from pipeline.tasks.retrieval.ranking import check_names, evaluate, load_ground_truth, named_by
@@ -47,7 +47,7 @@ def render(results: dict[str, dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--gt", required=True, help="ground truth: revisited .pkl or .csv")
     parser.add_argument("--store", action="append", required=True, help="feature store URI (repeat to compare)")
     parser.add_argument("--descriptor", action="append", choices=DESCRIPTORS, help="descriptor (repeat to compare; default pooled)")

@@ -12,9 +12,10 @@ A rerun with --append also lists --dataset again and extracts what was added to 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from pipeline.commands import log_to_stderr
+from pipeline.commands import CommandParser, log_to_stderr
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.distributed import run_ray
 from pipeline.extraction.flags import CONFIG_FILE_HELP, ConfigError, add_arguments, from_args, parse_with_config_file
@@ -24,10 +25,11 @@ from pipeline.store.layout import StoreMismatchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     add_arguments(parser, ExtractConfig)
     parser.add_argument("--config", help=CONFIG_FILE_HELP)
     parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    parser.add_argument("--verbose", action="store_true", help="log every flag at start, and Ray's own start-up messages")
     return parser
 
 
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     config: ExtractConfig | None = None  # until the flags are parsed, an interrupt has nothing to report on
     try:
         args = parse_with_config_file(parser, argv, ExtractConfig)
+        if args.verbose:
+            logging.getLogger("srt").setLevel(logging.DEBUG)
         config = from_args(args, ExtractConfig)
         summary = run_local(config) if args.local else run_ray(config)
     except (ConfigError, SourceError, StoreMismatchError) as error:

@@ -22,7 +22,7 @@ import sys
 import fsspec
 from tqdm import tqdm
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.segmentation.davis import DavisLayout, VideoResult, propagate_davis, score_results, summarize
 from pipeline.tasks.segmentation.propagation import PropagationSettings
@@ -76,7 +76,7 @@ def report(results: list[VideoResult], out: str, split: str, storage_options: di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--store", help="feature store extracted from the frames (--resize aspect)")
     parser.add_argument("--davis", required=True, help="DAVIS-2017 root (ImageSets, JPEGImages, Annotations)")
     parser.add_argument("--split", default="val", help="ImageSets/2017/<split>.txt (default: val)")

@@ -10,13 +10,14 @@ the store was made with (--pretrained or --weights; random-init stores reuse the
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 
 import fsspec
 import numpy as np
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.extraction.images import ImageError
 from pipeline.extraction.weights import load_store_model
 from pipeline.store.reader import FeatureStore
@@ -57,12 +58,13 @@ def query(index_uri: str, *, image_ids=(), images=(), k=10, pretrained=False, we
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--index", required=True, help="index folder URI (jobs/build_index.py)")
     parser.add_argument("--image-id", action="append", default=[], help="query by an image of the store: its image_id, file name or URI (repeatable)")
     parser.add_argument("--image", action="append", default=[], help="query with a new image file or URI (repeatable)")
     parser.add_argument("--k", type=int, default=10, help="matches per query (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="table (with a header), json (JSON lines) or csv (with a header)")
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
     add_store_flags(parser, layer=False, weights_for="for new query images")
     return parser
 
@@ -78,9 +80,27 @@ def main(argv: list[str] | None = None) -> int:
         rows = query(args.index, image_ids=args.image_id, images=args.image, k=args.k, pretrained=args.pretrained, weights=args.weights, storage_options=args.storage_options)
     except (ValueError, FileNotFoundError, KeyError) as error:
         parser.error(str(error))
-    for row in rows:
-        print(json.dumps(row) if args.json else f"{row['query'][:40]:40}  {row['rank']:3}  {row['score']:.4f}  {row['image_id']}  {row['uri']}")
+    print_rows(rows, "json" if args.json else args.format)
     return 0
+
+
+COLUMNS = ("query", "rank", "score", "image_id", "uri")
+FORMATS = ("table", "json", "csv")
+
+
+def print_rows(rows: list[dict], form: str) -> None:
+    """The matches on stdout: an aligned table with a header, JSON lines, or CSV with a header."""
+    if form == "json":
+        for row in rows:
+            print(json.dumps(row))
+    elif form == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(f"{'query':40}  {'rank':>4}  {'score':>6}  {'image_id':16}  uri")
+        for row in rows:
+            print(f"{row['query'][-40:]:40}  {row['rank']:4}  {row['score']:6.4f}  {row['image_id']:16}  {row['uri']}")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.segmentation.saliency import MaskFolder, scores, segment_store
 from pipeline.tasks.shared.tokencut import EPS, TAU
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--masks", default=None, help="folder of ground-truth PNG masks named like the images")
     parser.add_argument("--out", default=None, help="folder URI for predicted masks and scores.json")

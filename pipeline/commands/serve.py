@@ -16,13 +16,13 @@ import gc
 import logging
 import sys
 
-from pipeline.commands import add_store_flags, log_to_stderr
+from pipeline.commands import CommandParser, add_store_flags, log_to_stderr
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--index", action="append", required=True, help="index folder URI built by srt-index (repeatable: one service, several indexes)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

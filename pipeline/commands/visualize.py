@@ -14,13 +14,13 @@ import sys
 
 import fsspec
 
-from pipeline.commands import add_store_flags
+from pipeline.commands import CommandParser, add_store_flags
 from pipeline.store.reader import FeatureStore
 from pipeline.tasks.pictures import render
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--store", required=True, help="feature store URI")
     parser.add_argument("--out", required=True, help="PNG path or URI")
     parser.add_argument("--image-id", action="append", default=[], help="images to show: image_id, file name or URI (repeatable; default: the first 4 ok images)")

@@ -107,6 +107,15 @@ class ResolvedConfig:
         """Everything stored per image: block outputs, then attention keys."""
         return tuple(Tap("block", layer) for layer in self.layers) + tuple(Tap("keys", layer) for layer in self.keys)
 
+    def describe(self) -> str:
+        """One short line of what the run computes (the log's; every flag is in summary.json)."""
+        c = self.config
+        shifts = f"{len(self.shifts)} views" + (f", adaptive {c.adaptive_tol:g}" if c.adaptive_tol is not None else "")
+        return (
+            f"config: {c.model} ({self.weights_id if len(self.weights_id) <= 40 else self.weights_id[:37] + '...'}), layers {','.join(map(str, self.layers))}, {shifts}, stride {self.stride}, "
+            f"{c.resize} {c.image_size}, outputs {','.join(c.outputs)}" + (f", preset {c.preset}" if c.preset else "")
+        )
+
     def flags(self) -> dict[str, Any]:
         """Every flag as this run uses it (defaults resolved: blocks, shifts, stride, normalization),
         credential-like storage options masked: logged at start and kept in summary.json."""

@@ -40,11 +40,13 @@ from pipeline.extraction.runner import (
     Job,
     RunSummary,
     finish,
+    finished_already,
     pca_sample,
     plan_job,
     planned,
     preflight,
     progress,
+    run_resolved,
 )
 from pipeline.extraction.shards import ShardStats
 from pipeline.store.uris import one_line
@@ -208,10 +210,11 @@ class ActorPoolScheduler:
             self.counter = None
             return
         for shard, (images, views) in counts.items():
-            if not self.committed[shard]:
+            step = 0.0
+            if not self.committed[shard]:  # a committed shard's images are on the bar already; its views are not
                 step = min(images, self.limits.get(shard, self.job.images_in([shard])) - self.shown[shard])
                 self.shown[shard] += step
-                bar.computed(step, int(views))
+            bar.computed(step, int(views))
 
     def _fit_pca(self, bar: JobProgress) -> None:
         """--pca-dims: every unit needs the basis, so one actor fits it on the sample shards first."""
@@ -286,6 +289,7 @@ class ActorPoolScheduler:
     def _finish(self, running: Running, bar) -> None:
         unit, (name, _) = running.unit, running.actor
         self.load[name] -= 1
+        self.job.started()
         try:
             result = ray.get(running.ref)
         except RayError as error:
@@ -372,16 +376,34 @@ class ActorPoolScheduler:
                 self._start(Unit(unit.shard, unit.batch, unit.attempt), name, actor)
 
 
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def start_ray(joins: bool) -> None:
+    """Start or join Ray, saying in one plain line which and where its dashboard is: Ray's own
+    start-up lines (the dashboard's in colour codes, the token-auth notice) only with --verbose."""
+    verbose = log.isEnabledFor(logging.DEBUG)
+    if not verbose:
+        logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)  # "token authentication is enabled": it is, by design
+    context = ray.init(log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+    where = f"joined the Ray cluster at {context.address_info['gcs_address']}" if joins else "started a local Ray instance"
+    log.info("%s (dashboard: %s)", where, f"http://{context.dashboard_url}" if context.dashboard_url else "none")
+
+
 def run_ray(config: ExtractConfig, *, mapper: Mapper | None = None) -> RunSummary:
     """Extract on a Ray cluster (the one `ray job submit` or RAY_ADDRESS names, else a local one).
     `mapper`: what lists the dataset's inputs (default: Ray tasks over the cluster, `ray_map`)."""
     started = time.perf_counter()
     resolved = preflight(config)  # bad flags fail before Ray starts
     config = resolved.config
-    if not joins_a_cluster():  # a local instance of this machine's shape: actors that cannot fit fail before it starts
+    if finished_already(resolved):  # a rerun with nothing to compute starts no cluster
+        log.info("every shard of %s is committed: nothing to compute, no Ray cluster started", config.out)
+        return run_resolved(resolved, started)
+    joins = joins_a_cluster()
+    if not joins:  # a local instance of this machine's shape: actors that cannot fit fail before it starts
         actor_plan(config, local_nodes(), None)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        start_ray(joins)
     count, resources, threads = actor_plan(config, *cluster_nodes())
     job = plan_job(resolved, mapper=mapper or ray_map)
     try:
@@ -413,6 +435,7 @@ def _run_actors(job: Job, started: float, count: int, resources: dict[str, float
         try:
             with progress(job) as bar:
                 ActorPoolScheduler(job, actors, batches, summary, counter, compactor).run(bar)
+                bar.finished(summary.views)
         finally:
             compactor.close()
             for actor in [counter, *(actor for _, actor in actors)]:

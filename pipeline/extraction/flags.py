@@ -151,7 +151,7 @@ SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None, config_type: type) -> argparse.Namespace:
     """Parse `argv`, taking defaults from the `--config` file when one is given (so explicit flags
     win); an unknown key or a bad file fails naming `--config`."""
-    early = argparse.ArgumentParser(add_help=False)
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--config")
     path = early.parse_known_args(argv)[0].config
     if path:

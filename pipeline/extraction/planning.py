@@ -103,7 +103,11 @@ def local_mapper(dataset: str, storage_options: dict[str, Any]) -> Mapper:
     return thread_map(1 if isinstance(fs, LocalFileSystem) else LISTING_THREADS)
 
 
-@ray.remote(max_retries=3)
+# No CPU reserved: the listing goes on while the actors compute, and tasks that reserved CPUs would
+# keep an actor that asks for a node's CPUs from starting until the listing ends (bench_scale's
+# first commit at 4M URIs on Ray: 36 s, against 18 s). They mostly wait on storage, at most
+# LISTING_TASKS_PER_CPU per cluster CPU at once, spread over the nodes.
+@ray.remote(num_cpus=0, max_retries=3, scheduling_strategy="SPREAD")
 def _call(function: Callable[[Any], Any], argument: Any) -> Any:
     return function(argument)
 
@@ -149,26 +153,52 @@ class Listed:
 
 
 class Listing:
-    """Inputs listed into parts of a new folder under plan/, rows numbered from `first_row`, by
-    `mapper` on a thread of its own: the caller takes the parts listed so far (`take`) and can
-    compute their shards while later inputs are listed. Raises, from `take`, what listing raised."""
+    """Inputs listed into parts of a new folder under plan/, rows numbered from `first_row`: one at
+    a time in the caller's thread (`list_here`: a run's first shard, with no worker process to
+    start), then the rest by `mapper` on a thread of its own (`start`), while the caller computes
+    the shards of the parts listed so far (`take`). Raises, from `take`, what listing raised.
+    Started `held`, it lists nothing more until `release` (a run's start-up: model loads and the
+    first shard have the machine to themselves)."""
 
-    def __init__(self, out: str, units: Iterable[Input], first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> None:
+    def __init__(self, out: str, first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> None:
         self.out, self.storage_options, self.mapper = out, storage_options, mapper
         self.name = uuid.uuid4().hex[:12]
         self.listed = Listed()
         self.keys = RepeatedKeys()
         self.next_row = first_row
+        self.listed_here = 0  # inputs listed by `list_here`: the background listing numbers its parts after them
         self.done = False
         self._results: queue.Queue[Any] = queue.Queue(maxsize=LISTED_AHEAD)
         self._stop = threading.Event()
-        work = functools.partial(list_part, out, self.name, storage_options)
-        self._thread = threading.Thread(target=self._list, args=(work, units), name="listing", daemon=True)
-        self._thread.start()
+        self._go = threading.Event()
+
+    def list_here(self, unit: Input) -> dict[str, Any]:
+        """List one input in this thread, before `start`; its index row."""
+        facts = list_part(self.out, self.name, self.storage_options, (self.listed_here, unit))
+        self.listed_here += 1
+        return self._counted(facts)
+
+    def start(self, units: Iterable[Input], *, held: bool = False) -> Listing:
+        """List `units` in the background (`take` gives their rows); `held`: not before `release`."""
+        if not held:
+            self._go.set()
+        work = functools.partial(list_part, self.out, self.name, self.storage_options)
+        threading.Thread(target=self._list, args=(work, units), name="listing", daemon=True).start()
+        return self
+
+    def release(self) -> None:
+        self._go.set()
+
+    def _gated(self, units: Iterable[Input]) -> Iterator[Input]:
+        for unit in units:
+            self._go.wait()
+            if self._stop.is_set():
+                return
+            yield unit
 
     def _list(self, work: Callable[[Any], PartFacts], units: Iterable[Input]) -> None:
         try:
-            for facts in self.mapper(work, enumerate(units)):
+            for facts in self.mapper(work, enumerate(self._gated(units), start=self.listed_here)):
                 self._results.put(facts)
                 if self._stop.is_set():
                     return
@@ -215,6 +245,7 @@ class Listing:
     def cancel(self) -> None:
         """Stops listing (a failed or interrupted run); the parts written stay until removed."""
         self._stop.set()
+        self._go.set()
         with contextlib.suppress(queue.Empty):
             while True:
                 self._results.get_nowait()  # lets a mapper blocked on a full queue see the stop
@@ -227,7 +258,7 @@ LISTED_AHEAD = 4096  # parts listed but not yet taken: bounds what a slow driver
 def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, Listed]:
     """List `units` into parts of a new listing folder, rows numbered from `first_row`, waiting for
     the whole listing. Returns the folder's name (under plan/) and the index rows. A failure removes the folder."""
-    listing = Listing(out, units, first_row, storage_options, mapper)
+    listing = Listing(out, first_row, storage_options, mapper).start(units)
     try:
         with tqdm(desc="listing", unit="input", dynamic_ncols=True, mininterval=1.0) as bar:
             while not listing.done:
@@ -251,15 +282,19 @@ def remove_listing(out: str, listing: str, storage_options: dict[str, Any]) -> N
                 os.rmdir(folder)
 
 
-def first_rows(listing: Listing, dataset: str, shard_size: int) -> list[dict[str, Any]]:
-    """The index rows a new plan starts from: listed until a whole first shard is planned and an
-    item of it or before is usable, or the listing ends. Raises SourceError naming --dataset when
-    nothing can be extracted, or when listing fails as a whole."""
+def first_rows(listing: Listing, units: Iterator[Input], dataset: str, shard_size: int) -> list[dict[str, Any]]:
+    """The index rows a new plan starts from, listed in this thread from `units` until a whole
+    first shard is planned and an item of it or before is usable (the rest of `units` is left for
+    the background), or `units` ends. Raises SourceError naming --dataset when nothing can be
+    extracted, or when listing fails as a whole."""
     rows: list[dict[str, Any]] = []
     listed = listing.listed
     try:
-        while not listing.done and not (listed.items > listed.errors and listing.next_row >= shard_size):
-            rows += listing.take(None)
+        while not (listed.items > listed.errors and listing.next_row >= shard_size):
+            unit = next(units, None)
+            if unit is None:
+                break
+            rows.append(listing.list_here(unit))
     except SourceError:
         raise
     except Exception as error:  # the dataset's root could be read, but listing it failed as a whole
@@ -275,9 +310,11 @@ def first_rows(listing: Listing, dataset: str, shard_size: int) -> list[dict[str
 def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, PlanIndex]:
     """A new plan of the whole dataset, listed before it returns: (its listing folder, its index).
     Raises SourceError naming --dataset when nothing can be extracted."""
-    listing = Listing(out, dataset_inputs(dataset, storage_options), 0, storage_options, mapper)
+    listing = Listing(out, 0, storage_options, mapper)
+    units = iter(dataset_inputs(dataset, storage_options))
     try:
-        rows = first_rows(listing, dataset, shard_size)
+        rows = first_rows(listing, units, dataset, shard_size)
+        listing.start(units)
         while not listing.done:
             rows += listing.take(None)
     except BaseException:

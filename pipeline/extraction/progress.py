@@ -26,7 +26,8 @@ class JobProgress:
     the run counted once, with views computed per second and the errors committed so far."""
 
     def __init__(self, total: int, listing: bool = False) -> None:
-        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+        # images per second, never tqdm's seconds per image below one a second (a CPU run's first shards)
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
         self.bar = tqdm(total=total, unit="img", desc=DESCRIPTIONS[listing], dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
         self.views = 0
         self.errors = 0
@@ -46,6 +47,13 @@ class JobProgress:
         float rounding: the bar stops at its total, not a hair past it (tqdm would warn)."""
         self.bar.update(min(images, self.bar.total - self.bar.n))
         self._postfix()
+
+    def finished(self, views: int) -> None:
+        """The run is over: its views as the committed shards counted them (reports still on their
+        way from actors would be missing), so the bar's last rate agrees with the summary's."""
+        self.views = views
+        self._postfix()
+        self.bar.refresh()
 
     def count_errors(self, errors: int) -> None:
         """The error rows committed so far."""

@@ -13,6 +13,7 @@ image. `run_local` then runs the shards in this process; the Ray runner distribu
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import time
@@ -23,8 +24,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.errors import ZarrUserWarning
 
 from pipeline.engine.models import ViT
@@ -63,6 +66,7 @@ from pipeline.store.uris import one_line, read_uri
 log = logging.getLogger("srt")
 
 PCA_SAMPLE_SHARDS = 2  # --pca-dims: the basis is fitted on the dense maps of the run's first shards
+ERROR_EXAMPLES = 3  # failed images the summary names (the manifest lists them all)
 LISTING_WAIT_SECONDS = 1.0  # a runner out of planned shards waits this long at a time for the listing
 
 # Shards written at once, so a shard's write (compression and file I/O, mostly outside the GIL)
@@ -90,6 +94,7 @@ class Job:
         done: then `listing` is None), the arrays grown to it. Runners call it when they have
         nothing else to hand out."""
         config = self.resolved.config
+        self.started()  # nothing else to do: the listing must go on
         self.unplanned += self.listing.take(wait)
         size = self.index.size + sum(row["count"] for row in self.unplanned)
         if not self.listing.done and size // config.shard_size == self.index.ready:
@@ -103,6 +108,12 @@ class Job:
         if self.listing.done:
             self.listing = None
         return newly
+
+    def started(self) -> None:
+        """The run's first shard is done (or it needs more): the listing, held since the first
+        shard was planned so that start-up had the machine, goes on beside the work."""
+        if self.listing is not None:
+            self.listing.release()
 
     def stop_listing(self) -> None:
         """A run that ends early (failed, interrupted) stops listing; what is planned stays, and a rerun lists on."""
@@ -129,6 +140,7 @@ def preflight(config: ExtractConfig) -> ResolvedConfig:
     except NotWritableError as error:
         raise ConfigError("--out", str(error)) from error
     check_dataset(config.dataset, options)
+    check_existing(config.out, options, resolved.fingerprint(), overwrite=config.overwrite)  # a resume refused here, not after a cluster start
     if config.pretrained:
         try:
             fetch_pretrained_weights(config.model)
@@ -146,7 +158,8 @@ def plan_job(resolved: ResolvedConfig, mapper: Mapper | None = None) -> Job:
     config = resolved.config
     options = config.storage_options
     mapper = mapper or local_mapper(config.dataset, options)
-    log.info("config %s", json.dumps(resolved.flags(), default=str))
+    log.info("%s", resolved.describe())
+    log.debug("config %s", json.dumps(resolved.flags(), default=str))  # --verbose; summary.json keeps it too
     if not (config.pretrained or config.weights):
         log.warning("neither --pretrained nor --weights: using random-init weights (seed %d); features are for testing only", config.seed)
     resumed = check_existing(config.out, options, resolved.fingerprint(), overwrite=config.overwrite)
@@ -159,34 +172,51 @@ def plan_job(resolved: ResolvedConfig, mapper: Mapper | None = None) -> Job:
             if config.append:
                 raise StoreMismatchError(f"--append: the first run's listing of --dataset into {config.out} is unfinished; rerun without --append to finish it first")
             log.info("resuming the listing of --dataset after its first %d inputs (%d items planned)", len(index.table), index.items)
-            listing = Listing(config.out, remaining_inputs(config.dataset, index, options), index.size, options, mapper)
+            listing = Listing(config.out, index.size, options, mapper).start(remaining_inputs(config.dataset, index, options), held=True)
         elif config.append:
             index, appended = append_to_plan(config, index, mapper)
         else:
-            log.info(
-                "resuming the plan of %d items listed by the first run into %s: files added to --dataset since are not "
-                "extracted; pass --append to extract them too", index.items, config.out
-            )
+            log.info("%s", resume_note(config, index))
     else:  # the old output (--overwrite) goes, and the new one is written, only once a first shard is planned
-        listing = Listing(config.out, dataset_inputs(config.dataset, options), 0, options, mapper)
+        listing = Listing(config.out, 0, options, mapper)
+        units = iter(dataset_inputs(config.dataset, options))
         try:
-            rows = first_rows(listing, config.dataset, config.shard_size)
+            rows = first_rows(listing, units, config.dataset, config.shard_size)
         except BaseException:
-            listing.cancel()
             remove_listing(config.out, listing.name, options)
             raise
+        folder = f"plan/{listing.name}"
+        following = next(units, None)
+        if following is None:  # all listed already: a complete plan, nothing in the background
+            index, listing = PlanIndex.of(rows, config.shard_size, listing.finish().repeated_keys), None
+        else:  # the rest, once the first shard is done (`Job.started`)
+            index = PlanIndex.of(rows, config.shard_size, complete=False)
+            listing.start(itertools.chain([following], units), held=True)
         if config.overwrite:
-            remove_output(config.out, options, keep=f"plan/{listing.name}")
-        repeated = listing.finish().repeated_keys if listing.done else None
-        index = PlanIndex.of(rows, config.shard_size, repeated, complete=listing.done)
+            remove_output(config.out, options, keep=folder)
         write_index(config.out, index, options)
         create_store(resolved.store_spec(), index.size)
     if resumed and config.retry_errors:
         retry_error_rows(config.out, config.retry_errors, options)
     committed = manifest_files(config.out, options).committed(index.shards)[: index.ready]
-    job = Job(resolved=resolved, index=index, pending=np.flatnonzero(~committed), resumed=resumed, appended=appended)
-    job.listing = None if listing is None or listing.done else listing
-    return job
+    return Job(resolved=resolved, index=index, pending=np.flatnonzero(~committed), resumed=resumed, appended=appended, listing=listing)
+
+
+RELISTED_PARTS = 100  # a rerun lists a local dataset of at most this many plan parts again, to say what is new
+
+
+def resume_note(config: ExtractConfig, index: PlanIndex) -> str:
+    """What a rerun without --append says of the dataset: how many inputs were added since the
+    first run (listing a small local dataset again costs little), or that a rerun does not look."""
+    planned = f"resuming the plan of {index.items} items listed by the first run into {config.out}"
+    fs, _ = fsspec.core.url_to_fs(config.dataset, **config.storage_options)
+    if not isinstance(fs, LocalFileSystem) or len(index.table) > RELISTED_PARTS:
+        return f"{planned}: inputs added to --dataset since are not extracted; pass --append to extract them too"
+    units, _ = new_inputs(config.dataset, config.out, index, config.storage_options)
+    added = sum(len(unit.files) if unit.kind == "files" else 1 for unit in units)
+    if not added:
+        return f"{planned}; --dataset holds nothing new since"
+    return f"{planned}; --dataset has {added} new input(s) since (image files, containers or file-list ranges), not extracted: pass --append to extract them"
 
 
 def append_to_plan(config: ExtractConfig, index: PlanIndex, mapper: Mapper) -> tuple[PlanIndex, Appended]:
@@ -277,12 +307,14 @@ class RunSummary:
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
     appended: dict[str, Any] | None = None  # --append: what was added, what is gone (planning.Appended)
     repeated_keys: dict[str, Any] | None = None  # image_ids more than one input gives (repeated_keys)
+    error_examples: list[dict[str, Any]] = field(default_factory=list)  # the store's first error rows (uri, kind, error)
+    out: str = ""
 
     @classmethod
     def of(cls, job: Job) -> RunSummary:
         """A run's summary before any work: what earlier runs did, what --append found, keys repeated across inputs."""
         appended = job.appended.as_dict() if job.appended else None
-        return cls(shards_skipped=job.index.ready - len(job.pending), appended=appended, repeated_keys=job.index.repeated_keys)
+        return cls(shards_skipped=job.index.ready - len(job.pending), appended=appended, repeated_keys=job.index.repeated_keys, out=job.resolved.config.out)
 
     def add(self, stats: ShardStats, worker: str = "local") -> None:
         if not stats.committed:
@@ -332,6 +364,10 @@ class RunSummary:
         ]
         if self.errors:
             lines.append("errors      " + ", ".join(f"{kind}: {n}" for kind, n in self.errors.most_common(5)))
+        for i, e in enumerate(self.error_examples):  # the store's first failed images, by name (the manifest's ids are hashes)
+            lines.append(f"{'failed' if i == 0 else '':12}{e['uri']}  {e['error_kind']}: {str(e['error']).splitlines()[0][:100]}")
+        if self.error_examples:
+            lines.append(f"{'':12}all of them: duckdb -c \"SELECT uri, error_kind, error FROM '{self.out}/manifest/*.parquet' WHERE status = 'error'\"")
         if self.appended:
             a = self.appended
             lines.append(f"appended    {a['items']} items in {a['inputs']} inputs from row {a['first_row']}" + (f"; {a['removed']} inputs gone since (kept)" if a["removed"] else ""))
@@ -364,6 +400,7 @@ def finish(job: Job, summary: RunSummary) -> None:
         warnings.simplefilter("ignore", ZarrUserWarning)
         zarr.consolidate_metadata(group.store)
     stored = store_counts(out, options, job.shards)
+    summary.error_examples = stored["error_examples"]
     uri = f"{out}/summary.json"
     if summary.shards_done or not job.resumed:
         run = summary.as_dict()
@@ -384,12 +421,13 @@ def store_counts(out: str, storage_options: dict[str, Any], shards: int) -> dict
     """What a store holds, from its manifest read one file at a time: images, ok, errors by kind,
     shards committed of all."""
     listed = manifest_files(out, storage_options)  # one listing for the rows and the shards
-    rows, kinds = error_counts(listed)
+    rows, kinds, examples = error_counts(listed, ERROR_EXAMPLES)
     return {
         "images": rows,
         "ok": rows - sum(kinds.values()),
         "errors": sum(kinds.values()),
         "error_kinds": dict(kinds.most_common()),
+        "error_examples": examples,
         "shards_committed": listed.count(),
         "shards": shards,
     }
@@ -429,13 +467,29 @@ def pending_shards(job: Job, bar: JobProgress, compactor: Compactor) -> Iterator
         yield from (int(shard) for shard in newly)
 
 
+def finished_already(resolved: ResolvedConfig) -> bool:
+    """Whether a rerun has nothing to compute, decided from the store alone (no cluster needed): its
+    plan is complete, every shard is committed, and no flag asks for more (--append, --retry-errors,
+    --overwrite)."""
+    c = resolved.config
+    if c.append or c.retry_errors or c.overwrite or stored_provenance(c.out, c.storage_options) is None:
+        return False
+    index = read_index(c.out, c.shard_size, c.storage_options)
+    return index is not None and index.complete and bool(manifest_files(c.out, c.storage_options).committed(index.shards).all())
+
+
 def run_local(config: ExtractConfig, *, device: str | None = None, vit: ViT | None = None, mapper: Mapper | None = None) -> RunSummary:
     """Extract in this process, in three overlapping stages: the next shard is read and decoded
     (and copied to the GPU) while this one is computed and up to WRITERS earlier ones are written.
     `vit`: an already loaded model of the config's weights (the data-plane bench passes a stand-in);
     `mapper`: what lists the dataset's inputs (default: `local_mapper`)."""
     started = time.perf_counter()
-    job = plan_job(preflight(config), mapper)
+    return run_resolved(preflight(config), started, device=device, vit=vit, mapper=mapper)
+
+
+def run_resolved(resolved: ResolvedConfig, started: float, *, device: str | None = None, vit: ViT | None = None, mapper: Mapper | None = None) -> RunSummary:
+    """`run_local` on a config `preflight` checked; the Ray runner's too when nothing is left to compute."""
+    job = plan_job(resolved, mapper)
     try:
         summary = _run_local(job, started, device, vit)
     finally:
@@ -454,6 +508,7 @@ def _run_local(job: Job, started: float, device: str | None, vit: ViT | None) ->
         with progress(job) as bar, ThreadPoolExecutor(WRITERS, thread_name_prefix="commit") as writers:
 
             def record(stats: ShardStats) -> None:
+                job.started()
                 summary.add(stats)
                 if stats.committed:
                     compactor.committed(stats.shard)
@@ -476,5 +531,6 @@ def _run_local(job: Job, started: float, device: str | None, vit: ViT | None) ->
                 bar.advance(len(loaded.rows) - loaded.decoded)
             for done in writing:
                 record(done.result())
+            bar.finished(summary.views)
         compactor.close()
     return summary

@@ -188,14 +188,20 @@ def read_manifest(out: str, storage_options: dict[str, Any] | None = None, colum
     return table.sort_by("row") if "row" in table.column_names else table
 
 
-def error_counts(listed: ManifestFiles) -> tuple[int, Counter]:
-    """(rows, error rows by kind) of every committed row, one file at a time: what a driver
-    reports of a store whatever its size."""
-    rows, kinds = 0, Counter()
-    for table in listed.tables(["error_kind"]):
+def error_counts(listed: ManifestFiles, examples: int = 0) -> tuple[int, Counter, list[dict[str, Any]]]:
+    """(rows, error rows by kind, the first `examples` error rows' uri, error_kind and error) of
+    every committed row, one file at a time: what a driver reports of a store whatever its size.
+    Only files holding the examples are read beyond their error_kind column."""
+    rows, kinds, found = 0, Counter(), []
+    for path in listed.files():
+        table = _read(listed.fs, path, ["error_kind"])
         rows += table.num_rows
-        kinds.update({entry["values"]: entry["counts"] for entry in pc.value_counts(table.column(0).drop_null()).to_pylist()})
-    return rows, kinds
+        errors = table.column(0).drop_null()
+        kinds.update({entry["values"]: entry["counts"] for entry in pc.value_counts(errors).to_pylist()})
+        if len(errors) and len(found) < examples:
+            detail = _read(listed.fs, path, ["uri", "error_kind", "error"])
+            found += detail.filter(pc.is_valid(detail.column("error_kind"))).slice(0, examples - len(found)).to_pylist()
+    return rows, kinds, found
 
 
 def shards_with_errors(listed: ManifestFiles, kinds: tuple[str, ...]) -> tuple[set[int], int]:
