@@ -179,3 +179,26 @@ def test_every_readme_command_parses_and_resolves(script, argv, monkeypatch, tmp
             resolve(config)
     except ConfigError as error:
         pytest.fail(f"{script} {' '.join(argv)}: {error}")
+
+
+def demo_commands() -> list[list[str]]:
+    """`make demo`'s commands as the Makefile writes them, `$(PYTHON)` this interpreter."""
+    recipe = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return [shlex.split(line.strip().replace("$(PYTHON)", sys.executable)) for line in recipe if line.startswith("\t")]
+
+
+@pytest.mark.timeout(300)
+def test_the_demo_prints_short_plain_lines_when_not_on_a_terminal(tmp_path):
+    """What a new user sees in a log or CI: one line per message, none over 200 characters, no
+    colour codes, no carriage returns (the bar writes a line at a time), and the summary."""
+    (tmp_path / "data").mkdir()
+    subprocess.run(["cp", "-r", str(ROOT / "data" / "samples"), str(tmp_path / "data")], check=True)
+    said = ""
+    for command in demo_commands():
+        command = [str(ROOT / word) if word.startswith("jobs/") else word for word in command]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+        assert done.returncode == 0, done.stderr[-2000:]
+        said += done.stdout + done.stderr
+    assert "\x1b" not in said and "\r" not in said
+    assert not [line for line in said.splitlines() if len(line) > 200]
+    assert "images      4 (4 ok, 0 errors)" in said and "started a local Ray instance" in said and (tmp_path / "out" / "samples.png").exists()

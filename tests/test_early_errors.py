@@ -173,3 +173,28 @@ def test_a_misspelt_flag_is_not_taken_for_the_flag_it_begins(capsys):
 
     args, unknown = build_parser().parse_known_args(["--dataset", "d", "--out", "o", "--strid", "8"])
     assert args.stride is None and unknown == ["--strid", "8"]
+
+
+@pytest.mark.parametrize(("model", "first_guess"), [("vit_smal_patch16_224", "vit_small_patch16_224"), ("vit_small_patch16_224.dinoo", "vit_small_patch16_224.dino")])
+def test_an_unknown_model_suggests_the_nearest_timm_names(tmp_path, sample_paths, capsys, no_cluster, model, first_guess):
+    argv = small_argv(str(sample_paths[0].parent), str(tmp_path / "out.zarr"))
+    argv[argv.index("--model") + 1] = model
+    message = one_line_error(capsys, argv)
+    assert message.startswith(f"--model: unknown timm model {model!r}: did you mean {first_guess}, ")
+
+
+def test_a_resume_refused_for_another_config_is_refused_before_ray(tmp_path, sample_paths, capsys, no_cluster):
+    out = tmp_path / "out.zarr"
+    assert extract_main([*small_argv(str(sample_paths[0].parent), str(out)), "--local"]) == 0
+    capsys.readouterr()
+    message = one_line_error(capsys, [*small_argv(str(sample_paths[0].parent), str(out)), "--stride", "16"])
+    assert message.startswith(f"--out {out} was written with a different config") and "stride" in message
+
+
+def test_a_rerun_with_nothing_to_do_starts_no_ray_and_prints_the_summary(tmp_path, sample_paths, capsys, no_cluster):
+    out = tmp_path / "out.zarr"
+    assert extract_main([*small_argv(str(sample_paths[0].parent), str(out)), "--local"]) == 0
+    capsys.readouterr()
+    assert extract_main(small_argv(str(sample_paths[0].parent), str(out))) == 0  # on Ray, but ray.init would fail the test
+    said = capsys.readouterr().out
+    assert "images      0 (0 ok, 0 errors); 2 shards already done" in said and f"features    {out}" in said

@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.commands.visualize import main as visualize_main
 from pipeline.extraction.runner import run_local
 from pipeline.store.reader import FeatureStore
-from pipeline.tasks.pictures import TILE, pca_rgb
+from pipeline.tasks.pictures import LABEL_HEIGHT, TILE, pca_rgb
 from tests.test_extract_local import config
 
 
@@ -40,6 +40,8 @@ def test_visualize_writes_one_row_of_three_tiles_per_image(tmp_path, sample_path
     assert visualize_main(argv) == 0
     first = png.read_bytes()
     picture = Image.open(io.BytesIO(first))
-    assert picture.size == (3 * TILE, 2 * TILE)  # square inputs: square tiles
+    assert picture.size == (3 * TILE, LABEL_HEIGHT + 2 * TILE)  # square inputs: square tiles, under the columns' names
+    strip = np.asarray(picture.convert("L"))[:LABEL_HEIGHT]
+    assert all((strip[:, x * TILE : (x + 1) * TILE] < 128).any() for x in range(3)), "each column is named"
     visualize_main(argv)
     assert png.read_bytes() == first, "the same store gives the same picture"

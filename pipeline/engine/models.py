@@ -8,6 +8,7 @@ requested tap as a token grid [B, C, h, w] with its prefix tokens kept apart.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import io
 import warnings
@@ -305,14 +306,22 @@ def seed_of(identity: str) -> int:
     return int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
 
 
+def nearest_models(name: str, count: int = 3) -> list[str]:
+    """timm's model names closest to a misspelt one (its pretrained tags too: `vit_small_patch16_224.dino`)."""
+    names = timm.list_pretrained() if "." in name else timm.list_models()
+    return difflib.get_close_matches(name, names, n=count, cutoff=0.8)
+
+
 def _create(name: str, *, pretrained: bool, seed: int) -> VisionTransformer:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
     except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(f"unknown timm model {name!r}: see timm.list_models('vit_*')") from error
+        if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
+            close = nearest_models(name)
+            hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('vit_*')"
+            raise ValueError(f"unknown timm model {name!r}: {hint}") from error
         raise
     except TypeError as error:  # a non-ViT family rejects dynamic_img_size
         raise ValueError(f"{name!r} is not a Vision Transformer the SRT engine can tap ({error})") from error

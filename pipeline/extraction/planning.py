@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 import ray
 from fsspec.implementations.local import LocalFileSystem
 from ray.exceptions import RayTaskError
-from tqdm import tqdm
 
 from pipeline.extraction.listing import (
     FILES_PER_INPUT,
@@ -42,6 +41,7 @@ from pipeline.extraction.listing import (
     list_ranges,
     list_tail,
 )
+from pipeline.extraction.progress import progress_bar
 from pipeline.extraction.repeated_keys import RepeatedKeys, key_hashes
 from pipeline.extraction.repeated_keys import describe as describe_repeated
 from pipeline.store.plan import PlanIndex, part_path, plan_dir, save_part
@@ -260,7 +260,7 @@ def list_inputs(out: str, units: Iterable[Input], first_row: int, storage_option
     the whole listing. Returns the folder's name (under plan/) and the index rows. A failure removes the folder."""
     listing = Listing(out, first_row, storage_options, mapper).start(units)
     try:
-        with tqdm(desc="listing", unit="input", dynamic_ncols=True, mininterval=1.0) as bar:
+        with progress_bar(desc="listing", unit="input") as bar:
             while not listing.done:
                 bar.update(len(listing.take(None)))
                 bar.set_postfix(items=listing.listed.items, refresh=False)

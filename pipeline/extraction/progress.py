@@ -7,7 +7,8 @@ within shards, never an image.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 import ray
 from ray.exceptions import RayError
@@ -18,6 +19,30 @@ from pipeline.extraction.worker import Progress
 
 
 DESCRIPTIONS = {False: "extract", True: "extract (listing more)"}  # while the dataset is listed, the total grows
+LOGGED_EVERY_SECONDS = 30.0  # a bar that is not on a terminal writes a line this often
+
+
+class Lines:
+    """Where a progress bar writes when stderr is not a terminal (a log file, CI, `ray job logs`):
+    each refresh becomes a line of its own, never carriage returns piling up into one long line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(**options: Any) -> tqdm:
+    """A tqdm bar: live on a terminal; elsewhere a line every LOGGED_EVERY_SECONDS (and at the end)."""
+    if sys.stderr.isatty():
+        return tqdm(dynamic_ncols=True, mininterval=1.0, **options)
+    return tqdm(file=Lines(sys.stderr), ncols=100, mininterval=LOGGED_EVERY_SECONDS, ascii=True, **options)
 
 
 class JobProgress:
@@ -28,7 +53,7 @@ class JobProgress:
     def __init__(self, total: int, listing: bool = False) -> None:
         # images per second, never tqdm's seconds per image below one a second (a CPU run's first shards)
         bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
-        self.bar = tqdm(total=total, unit="img", desc=DESCRIPTIONS[listing], dynamic_ncols=True, mininterval=1.0, bar_format=bar_format)
+        self.bar = progress_bar(total=total, unit="img", desc=DESCRIPTIONS[listing], bar_format=bar_format)
         self.views = 0
         self.errors = 0
 

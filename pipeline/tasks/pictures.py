@@ -1,6 +1,6 @@
 """Pictures of feature maps: project maps to RGB with one PCA fitted on all of them, tile them;
 `render` draws stored images as original | plain ViT features | SRT features (srt-visualize,
-srt-serve).
+srt-serve), each column named above it.
 
 One PCA over every map shown (plain and SRT, all images) keeps colours comparable across the
 picture; component signs are fixed (largest loading positive) so the same maps always give the
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.engine.models import ViT
 from pipeline.engine.srt import SRT
@@ -25,6 +25,8 @@ from pipeline.store.reader import FeatureStore
 
 MAX_FIT_CELLS = 50_000
 TILE = 256  # width of each tile of a rendered picture
+LABEL_HEIGHT = 28  # the strip above the tiles naming each column
+COLUMNS = ("original (model input)", "plain ViT features", "SRT features")
 
 
 def pca_rgb(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -47,13 +49,18 @@ def tile(image: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray((image * 255).round().astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
 
 
-def grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
-    """Rows of equally sized tiles as one picture."""
+def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = ()) -> Image.Image:
+    """Rows of equally sized tiles as one picture, under a strip naming each column when `labels` are given."""
     width, height = rows[0][0].size
-    canvas = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    top = LABEL_HEIGHT if labels else 0
+    canvas = Image.new("RGB", (width * max(len(r) for r in rows), top + height * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=16)
+    for x, label in enumerate(labels):
+        draw.text((x * width + width / 2, top / 2), label, fill="black", font=font, anchor="mm")
     for y, row in enumerate(rows):
         for x, picture in enumerate(row):
-            canvas.paste(picture, (x * width, y * height))
+            canvas.paste(picture, (x * width, top + y * height))
     return canvas
 
 
@@ -90,4 +97,4 @@ def render(
         height, width = original.shape[:2]
         size = (TILE, round(TILE * height / width))
         rows.append([tile(original, size), tile(colours[2 * i], size), tile(colours[2 * i + 1], size)])
-    return grid(rows)
+    return grid(rows, COLUMNS)
