@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -26,9 +28,9 @@ from pipeline.tasks.probes.config import ProbeConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_flags(section: str = "Flags") -> dict[str, str]:
-    """{flag: shown default} of the flag table in the README section `## {section}`."""
-    text = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+def readme_flags(section: str = "Extraction (srt-extract)") -> dict[str, str]:
+    """{flag: shown default} of the flag table in docs/flags.md's section `## {section}` (the README points there)."""
+    text = (ROOT / "docs" / "flags.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"^\| `(--[a-z0-9-]+)[^`]*` \| `([^`]*)` \|", text, re.MULTILINE))
 
 
@@ -45,7 +47,7 @@ def shown(field: dataclasses.Field) -> str:
     return "{}" if default == {} else str(default)
 
 
-JOBS = [("Flags", ExtractConfig, build_parser), ("Self-distillation", DistillConfig, build_distill_parser), ("Probes and object discovery", ProbeConfig, build_probe_parser)]
+JOBS = [("Extraction (srt-extract)", ExtractConfig, build_parser), ("Self-distillation (srt-distill)", DistillConfig, build_distill_parser), ("Probes (srt-probe)", ProbeConfig, build_probe_parser)]
 
 
 @pytest.mark.parametrize(("section", "config_type", "_"), JOBS)
@@ -65,7 +67,7 @@ def test_cli_flags_and_defaults_come_from_the_config(section, config_type, parse
     for name, default in cli.items():
         if not parser._option_string_actions["--" + name.replace("_", "-")].required:
             assert default == getattr(config, name), name
-    assert set(readme_flags(section)) == {"--" + name.replace("_", "-") for name in cli} | {"--local", "--config"} | ({"--verbose"} if section == "Flags" else set())
+    assert set(readme_flags(section)) == {"--" + name.replace("_", "-") for name in cli} | {"--local", "--config"} | ({"--verbose"} if section.startswith("Extraction") else set())
 
 
 def test_ci_runs_the_readme_test_command():
@@ -202,3 +204,56 @@ def test_the_demo_prints_short_plain_lines_when_not_on_a_terminal(tmp_path):
     assert "\x1b" not in said and "\r" not in said
     assert not [line for line in said.splitlines() if len(line) > 200]
     assert "images      4 (4 ok, 0 errors)" in said and "started a local Ray instance" in said and (tmp_path / "out" / "samples.png").exists()
+
+
+def walkthrough() -> list[str]:
+    """The command lines of the README's "Your own images in five commands", as written."""
+    section = (ROOT / "README.md").read_text().split("\n## Your own images in five commands\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)[1]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.timeout(400)
+def test_the_readme_walkthrough_runs_as_written(tmp_path, sample_paths):
+    """Each line in a shell, in the environment `make test` made (the activate line's PATH): a
+    folder of photos to features, an index, a query, the page, and photos added later."""
+    import time
+    import urllib.request
+
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    for path in sample_paths:
+        (photos / path.name).write_bytes(path.read_bytes())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    lines = walkthrough()
+    assert [line.split()[0] for line in lines] == ["srt-extract", "srt-index", "srt-query", "srt-serve", "srt-extract", "srt-index"]
+    said = {}
+    for number, line in enumerate(lines):
+        if line.startswith("srt-serve"):  # runs until stopped: ask it one search, then stop it
+            server = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        with urllib.request.urlopen("http://127.0.0.1:8000/api/search?image=coffee.jpg&k=2", timeout=5) as answer:
+                            said[number] = json.loads(answer.read())
+                        break
+                    except OSError:
+                        time.sleep(0.5)
+            finally:
+                server.terminate()
+                server.wait(30)
+            continue
+        if line.startswith("srt-extract") and "--append" in line:
+            (photos / "coffee-again.jpg").write_bytes((photos / "coffee.jpg").read_bytes())  # a photo added since
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
+        said[number] = done.stdout
+    assert "images      4 (4 ok, 0 errors)" in said[0] and said[3]["results"][0]["uri"].endswith("coffee.jpg")
+    table = said[2].splitlines()
+    assert table[0].split() == ["query", "rank", "score", "image_id", "uri"] and len(table) == 4 and table[1].split()[-1].endswith("coffee.jpg")
+    assert "appended    1 items" in said[4]
+    from pipeline.tasks.retrieval.index import load_index
+
+    assert load_index(str(tmp_path / "my_photos.index")).index.ntotal == 5  # the added photo is indexed too
