@@ -20,7 +20,8 @@ from bench.results import table, write_section
 from pipeline.extraction.config import ExtractConfig, resolve
 from pipeline.extraction.distributed import ActorPoolScheduler
 from pipeline.extraction.progress import JobProgress, ProgressCounter
-from pipeline.extraction.runner import Compactor, Job, RunSummary
+from pipeline.extraction.runner import Compactor, Job
+from pipeline.extraction.summary import RunSummary
 from pipeline.extraction.shards import ShardStats
 from pipeline.store.plan import PlanIndex
 

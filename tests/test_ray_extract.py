@@ -20,7 +20,8 @@ from pipeline.extraction.config import resolve
 from pipeline.extraction.distributed import ACTOR_PREFIX, UNITS_PER_ACTOR, ActorPoolScheduler, run_ray
 from pipeline.extraction.listing import SourceError
 from pipeline.extraction.progress import JobProgress
-from pipeline.extraction.runner import Compactor, Job, RunSummary, run_local
+from pipeline.extraction.runner import Compactor, Job, run_local
+from pipeline.extraction.summary import RunSummary
 from pipeline.extraction.shards import ShardStats
 from pipeline.store.plan import PlanIndex
 from pipeline.store.reader import FeatureStore

@@ -423,3 +423,19 @@ def test_the_page_in_a_real_browser(server, served, tmp_path):
     finally:
         browser.quit()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_the_404_hint_names_an_image_with_features_not_an_error_row(tmp_path, sample_paths):
+    """The manifest's first row is a file that is no image: the hint must skip it."""
+    folder = tmp_path / "images"
+    write_files(folder, {"0-broken.jpg": b"not an image", sample_paths[0].name: sample_paths[0].read_bytes()})
+    store = str(tmp_path / "store.zarr")
+    run_local(ExtractConfig(dataset=str(folder), out=store, model="vit_tiny_patch16_224", image_size=32, radius=1, stride=8))
+    assert FeatureStore.open(store).manifest.sort_by("row").column("status").to_pylist() == ["error", "ok"]
+    index = str(tmp_path / "store.index")
+    save_index(build_index(FeatureStore.open(store), DescriptorSpec("pooled")), index)
+    with TestClient(create_app(Catalog([index])), raise_server_exceptions=False) as client:
+        detail = client.get("/api/search", params={"image": "nothing-like-it"}).json()["detail"]
+    assert detail.endswith(f"(e.g. {sample_paths[0].name})"), detail
+    with pytest.raises(KeyError, match=rf"\(e\.g\. {sample_paths[0].name}\)"):
+        FeatureStore.open(store).find("nothing-like-it")

@@ -1,7 +1,9 @@
 """Extraction: a dataset through source -> decode -> SRT -> store -> manifest, in-process or on Ray.
 
     listing      a dataset's inputs (files, globs, file lists, tars, Parquet), each listed into its items
-    planning     the plan made input by input (threads, or Ray tasks), extended by --append
+    repeated_keys  keys more than one input gives, found in fixed memory and counted exactly
+    planning     the plan made input by input (threads, or Ray tasks), listed on while shards compute
+    appending    what --append adds to a plan, and what is gone from the dataset since
     reading      read the planned bytes: merged byte ranges, retries with backoff, prefetch
     images       decode, orient, resize and normalize; the pixel <-> feature-cell transform
     jpeg_library the library that decodes JPEGs into tensors: TorchCodec, else torchvision.io
@@ -13,10 +15,12 @@
     config       the extraction job's typed config: validation, provenance, resume fingerprint
     shards       a work shard between the worker's steps: loaded inputs, arrays on the host, commit stats
     worker       one shard through read -> decode -> SRT -> store -> manifest
-    runner       driver steps (checks before any cluster, plan, resume, summary) and the in-process runner
+    runner       driver steps (checks before any cluster, plan, resume) and the in-process runner
+    summary      what a run did and what its store holds: the printed summary, summary.json
     progress     the progress bar, and the Ray counter actors report image groups to
     placement    how many actors with what resources, fitted to the cluster or refused naming flags
     actor        the Ray extraction actor: one model, units read, computed and written in it
+    units        the Ray runner's units of work: whole shards, shift batches, commits, and their state
     distributed  the Ray runner: actor pool, scheduler, split shifts, retries, stragglers
     raydata      SRT in Ray Data pipelines (`SRTPredictor`), a store as a Ray Dataset
 

@@ -22,7 +22,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,8 +37,6 @@ from pipeline.extraction.progress import JobProgress, progress_counter
 from pipeline.extraction.runner import (
     Compactor,
     Job,
-    RunSummary,
-    finish,
     finished_already,
     pca_sample,
     plan_job,
@@ -49,6 +46,8 @@ from pipeline.extraction.runner import (
     run_resolved,
 )
 from pipeline.extraction.shards import ShardStats
+from pipeline.extraction.summary import RunSummary, finish
+from pipeline.extraction.units import Running, Unit, UnitFlags
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
@@ -59,57 +58,6 @@ MIN_STRAGGLER_SECONDS = 60.0
 PROGRESS_SECONDS = 0.5
 COUNTER_TIMEOUT_SECONDS = 10.0  # a counter that does not answer in this long is given up
 DURATION_WINDOW = 256  # the usual unit time (stragglers) is the median of this many latest units
-
-
-@dataclass
-class Unit:
-    """One schedulable piece of work; `batch` is None for a whole shard, "commit" for a split commit."""
-
-    shard: int
-    batch: int | str | None = None
-    attempt: int = 0
-    not_before: float = 0.0
-    payloads: list[Any] = field(default_factory=list)  # commit units: the batches' payload refs
-
-    @property
-    def key(self) -> tuple[int, int | str | None]:
-        return (self.shard, self.batch)
-
-
-class UnitFlags:
-    """Which units are finished, as a byte per unit of the plan (shard x shift batch, and the split
-    commit), so the scheduler's state stays a few bytes per shard however many are done."""
-
-    def __init__(self, shards: int, batches: int) -> None:
-        self.columns = batches + 1 if batches > 1 else 1  # data parallel: one unit per shard
-        self.flags = np.zeros((shards, self.columns), bool)
-
-    def grow(self, shards: int) -> None:
-        """Room for the shards the listing planned since."""
-        if shards > len(self.flags):
-            self.flags = np.concatenate([self.flags, np.zeros((shards - len(self.flags), self.columns), bool)])
-
-    def _at(self, key: tuple[int, int | str | None]) -> tuple[int, int]:
-        shard, batch = key
-        return shard, 0 if batch is None else self.columns - 1 if batch == "commit" else int(batch)
-
-    def __contains__(self, key: tuple[int, int | str | None]) -> bool:
-        return bool(self.flags[self._at(key)])
-
-    def add(self, key: tuple[int, int | str | None]) -> None:
-        self.flags[self._at(key)] = True
-
-    def discard(self, key: tuple[int, int | str | None]) -> None:
-        self.flags[self._at(key)] = False
-
-
-@dataclass
-class Running:
-    unit: Unit
-    actor: Any
-    ref: Any  # the small result to wait on
-    payload: Any = None  # split compute: the big result, left in the object store
-    started: float = field(default_factory=time.monotonic)
 
 
 class ActorPoolScheduler:

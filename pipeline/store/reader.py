@@ -34,6 +34,10 @@ from pipeline.store.schemas import READABLE_STORE_FORMATS
 from pipeline.store.uris import normalize_uri
 
 
+class AmbiguousName(KeyError):
+    """A name (a file name or stem) that more than one image of the store has."""
+
+
 class FeatureStore:
     """Read a feature store: its config, its manifest, and features by `image_id`.
 
@@ -102,7 +106,7 @@ class FeatureStore:
         if len(found) == 1:
             return found[0]
         if found:
-            raise KeyError(f"{name!r} names {len(found)} images of {self.uri} ({', '.join(found[:5])}); give its image_id or its full URI")
+            raise AmbiguousName(f"{name!r} names {len(found)} images of {self.uri} ({', '.join(found[:5])}); give its image_id or its full URI")
         example = self.example_name()
         raise KeyError(f"no image {name!r} in {self.uri}: give an image_id, a URI or a file name from its manifest" + (f" (e.g. {example})" if example else ""))
 

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.extraction.images import ImageError, Prepared, decode_scaled
 from pipeline.extraction.reading import read_bytes
 from pipeline.extraction.weights import load_store_model
-from pipeline.store.reader import FeatureStore
+from pipeline.store.reader import AmbiguousName, FeatureStore
 from pipeline.store.uris import one_line, read_uri
 from pipeline.tasks.pictures import render
 from pipeline.tasks.retrieval.index import QueryEncoder, RetrievalIndex, load_index, vectors_of
@@ -110,9 +110,9 @@ class Catalog:
         """The image_id of a row of the store, or 404 with an image to try (an ok one)."""
         try:
             return served.store.find(name)
-        except KeyError as error:
-            if "names" in error.args[0]:  # several images: the store's own message lists their ids
-                raise ServiceError(404, f"{quoted(name)} names several images of index {served.name}; give an image_id or a full URI") from None
+        except AmbiguousName:
+            raise ServiceError(404, f"{quoted(name)} names several images of index {served.name}; give an image_id or a full URI") from None
+        except KeyError:
             example = served.store.example_name()
             hint = f" (e.g. {example})" if example else ""
             raise ServiceError(404, f"no image {quoted(name)} in index {served.name}: give an image_id, a URI or a file name from its manifest{hint}") from None
