@@ -1,6 +1,6 @@
 """The folder listing is the architecture: subpackages by concern, layered, checked on every test run.
 
-The contracts live in pyproject.toml ([tool.importlinter]); README: How it is built.
+The contracts live in pyproject.toml ([tool.importlinter]); docs/internals.md: How it is built.
 """
 
 from __future__ import annotations

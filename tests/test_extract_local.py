@@ -766,8 +766,8 @@ def test_a_config_file_gives_the_flags_and_flags_override_it(tmp_path, sample_pa
     text = {".yaml": yaml.safe_dump(values), ".json": json.dumps(values), ".toml": "\n".join(
         f"{k} = {json.dumps(v)}" for k, v in values.items() if k != "storage_options") + '\n[storage_options]\nanon = false\nsecret = "hunter2"\n'}[suffix]  # fmt: skip
     (tmp_path / f"run{suffix}").write_text(text)
-    with caplog.at_level("INFO", logger="srt"):
-        assert extract_main(["--config", str(tmp_path / f"run{suffix}"), "--image-size", "32", "--local"]) == 0
+    with caplog.at_level("DEBUG", logger="srt"):  # --verbose: every flag logged, credentials masked
+        assert extract_main(["--config", str(tmp_path / f"run{suffix}"), "--image-size", "32", "--local", "--verbose"]) == 0
     store = FeatureStore.open(str(tmp_path / "out.zarr"))
     assert (store.config["image_size"], store.layers) == (32, [5, 11])  # the flag won, the file gave the rest
     summary = json.loads((tmp_path / "out.zarr" / "summary.json").read_text())

@@ -68,7 +68,8 @@ def test_job_submit_extracts_into_a_store(tmp_path, sample_paths, ray_head):
     assert done.returncode != 0 and "error: --out: try/job.zarr is relative" in done.stdout + done.stderr
 
     # `ray start` nodes have no autoscaler: actors they cannot place fail at once instead of waiting.
-    crowded = [*job[: job.index("--")], "--", *job[job.index("--") + 1 :], "--num-actors", "3", "--cpus-per-actor", "1"]
+    crowded = [*job, "--num-actors", "3", "--cpus-per-actor", "1"]
+    crowded[crowded.index("--out") + 1] = str(tmp_path / "crowded.zarr")  # a new store: a finished one would need no actors at all
     done = subprocess.run(crowded, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0, done.stdout + done.stderr
     assert "3 actors of 1 CPUs each do not fit the cluster's 1 node(s) (2 CPUs): 2 fit, and it cannot grow" in done.stdout + done.stderr
