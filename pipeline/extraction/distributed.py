@@ -47,7 +47,7 @@ from pipeline.extraction.runner import (
 )
 from pipeline.extraction.shards import ShardStats
 from pipeline.extraction.summary import RunSummary, finish
-from pipeline.extraction.units import Running, Unit, UnitFlags
+from pipeline.extraction.units import Running, Unit, UnitFlags, grown
 from pipeline.store.uris import one_line
 
 log = logging.getLogger("srt")
@@ -119,8 +119,7 @@ class ActorPoolScheduler:
     def _planned(self, shards: np.ndarray) -> None:
         """Shards the listing planned while the run went on: fresh units, room in the bookkeeping."""
         self.done.grow(self.job.shards)
-        if len(self.committed) < self.job.shards:
-            self.committed = np.concatenate([self.committed, np.zeros(self.job.shards - len(self.committed), bool)])
+        self.committed = grown(self.committed, self.job.shards)
         planned(self.job, shards, self.bar, self.compactor)
         self.fresh = self._fresh_units(shards)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -302,14 +303,31 @@ def first_rows(listing: Listing, units: Iterator[Input], dataset: str, shard_siz
     return rows
 
 
-def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, PlanIndex]:
-    """A new plan of the whole dataset, listed before it returns: (its listing folder, its index).
-    Raises SourceError naming --dataset when nothing can be extracted."""
+def start_listing(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[Listing, list[dict[str, Any]]]:
+    """A new plan's listing: the index rows of its first whole shard (`first_rows`, in this thread),
+    and the dataset's other inputs started held in the background (`release` lets them go; `done`
+    at once when there are none). A failure removes what was listed."""
     listing = Listing(out, 0, storage_options, mapper)
     units = iter(dataset_inputs(dataset, storage_options))
     try:
         rows = first_rows(listing, units, dataset, shard_size)
-        listing.start(units)
+        following = next(units, None)
+    except BaseException:
+        remove_listing(out, listing.name, storage_options)
+        raise
+    if following is None:
+        listing.done = True
+    else:
+        listing.start(itertools.chain([following], units), held=True)
+    return listing, rows
+
+
+def plan_dataset(dataset: str, out: str, shard_size: int, storage_options: dict[str, Any], mapper: Mapper) -> tuple[str, PlanIndex]:
+    """A new plan of the whole dataset, listed before it returns: (its listing folder, its index).
+    Raises SourceError naming --dataset when nothing can be extracted."""
+    listing, rows = start_listing(dataset, out, shard_size, storage_options, mapper)
+    listing.release()
+    try:
         while not listing.done:
             rows += listing.take(None)
     except BaseException:

@@ -41,8 +41,12 @@ Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 def key_hashes(items: pa.Table) -> np.ndarray:
     """64-bit hashes of the keys of a part's usable rows (not the listing's error rows: their ids
     are derived from the URI, and within-input duplicates already carry a unique id)."""
-    usable = items.filter(pc.and_(pc.is_null(items.column("error_kind")), pc.is_null(items.column("duplicate_of"))))
-    return _hashes(usable.column("image_id").to_pylist())
+    return _hashes(_usable(items).column("image_id").to_pylist())
+
+
+def _usable(items: pa.Table) -> pa.Table:
+    """A part's rows that are images to read: no listing error, no duplicate within the input."""
+    return items.filter(pc.and_(pc.is_null(items.column("error_kind")), pc.is_null(items.column("duplicate_of"))))
 
 
 def _hashes(keys: list[str]) -> np.ndarray:
@@ -95,7 +99,7 @@ def _matches(out: str, storage_options: dict[str, Any], wanted: frozenset[int], 
     """(key, uri) of a part's usable rows whose key hash is flagged; runs wherever the mapper sends it."""
     with fsspec.open(f"{plan_dir(out)}/{path}", "rb", **storage_options) as handle:
         items = pq.read_table(handle, columns=["image_id", "uri", "error_kind", "duplicate_of"])
-    usable = items.filter(pc.and_(pc.is_null(items.column("error_kind")), pc.is_null(items.column("duplicate_of"))))
+    usable = _usable(items)
     keys = usable.column("image_id").to_pylist()
     hit = np.isin(_hashes(keys), np.fromiter(wanted, np.uint64, len(wanted)))
     uris = usable.column("uri").to_pylist()

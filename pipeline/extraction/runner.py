@@ -13,7 +13,6 @@ image. `run_local` then runs the shards in this process; the Ray runner distribu
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import logging
 import time
@@ -29,9 +28,9 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.engine.models import ViT
 from pipeline.extraction.config import ExtractConfig, ResolvedConfig, resolve
 from pipeline.extraction.flags import ConfigError
-from pipeline.extraction.listing import check_dataset, dataset_inputs
+from pipeline.extraction.listing import check_dataset
 from pipeline.extraction.appending import Appended, new_inputs
-from pipeline.extraction.planning import Listing, Mapper, first_rows, list_inputs, local_mapper, remaining_inputs, remove_listing
+from pipeline.extraction.planning import Listing, Mapper, list_inputs, local_mapper, remaining_inputs, start_listing
 from pipeline.extraction.progress import JobProgress
 from pipeline.extraction.reading import prefetch
 from pipeline.extraction.shards import ShardStats
@@ -91,8 +90,7 @@ class Job:
         config = self.resolved.config
         self.started()  # nothing else to do: the listing must go on
         self.unplanned += self.listing.take(wait)
-        size = self.index.size + sum(row["count"] for row in self.unplanned)
-        if not self.listing.done and size // config.shard_size == self.index.ready:
+        if not self.listing.done and self.listing.next_row // config.shard_size == self.index.ready:
             return np.empty(0, np.int64)  # no new whole shard yet
         repeated = self.listing.finish().repeated_keys if self.listing.done else None
         index = self.index.extended(self.unplanned, repeated, complete=self.listing.done)
@@ -173,20 +171,11 @@ def plan_job(resolved: ResolvedConfig, mapper: Mapper | None = None) -> Job:
         else:
             log.info("%s", resume_note(config, index))
     else:  # the old output (--overwrite) goes, and the new one is written, only once a first shard is planned
-        listing = Listing(config.out, 0, options, mapper)
-        units = iter(dataset_inputs(config.dataset, options))
-        try:
-            rows = first_rows(listing, units, config.dataset, config.shard_size)
-        except BaseException:
-            remove_listing(config.out, listing.name, options)
-            raise
+        # the first shard listed here, the rest in the background once that shard is done (`Job.started`)
+        listing, rows = start_listing(config.dataset, config.out, config.shard_size, options, mapper)
         folder = f"plan/{listing.name}"
-        following = next(units, None)
-        if following is None:  # all listed already: a complete plan, nothing in the background
-            index, listing = PlanIndex.of(rows, config.shard_size, listing.finish().repeated_keys), None
-        else:  # the rest, once the first shard is done (`Job.started`)
-            index = PlanIndex.of(rows, config.shard_size, complete=False)
-            listing.start(itertools.chain([following], units), held=True)
+        index = PlanIndex.of(rows, config.shard_size, listing.finish().repeated_keys if listing.done else None, complete=listing.done)
+        listing = None if listing.done else listing
         if config.overwrite:
             remove_output(config.out, options, keep=folder)
         write_index(config.out, index, options)

@@ -37,8 +37,7 @@ class UnitFlags:
 
     def grow(self, shards: int) -> None:
         """Room for the shards the listing planned since."""
-        if shards > len(self.flags):
-            self.flags = np.concatenate([self.flags, np.zeros((shards - len(self.flags), self.columns), bool)])
+        self.flags = grown(self.flags, shards)
 
     def _at(self, key: tuple[int, int | str | None]) -> tuple[int, int]:
         shard, batch = key
@@ -61,3 +60,8 @@ class Running:
     ref: Any  # the small result to wait on
     payload: Any = None  # split compute: the big result, left in the object store
     started: float = field(default_factory=time.monotonic)
+
+
+def grown(flags: np.ndarray, rows: int) -> np.ndarray:
+    """`flags` with False rows added up to `rows` (the plan grew while its listing went on)."""
+    return flags if len(flags) >= rows else np.concatenate([flags, np.zeros((rows - len(flags), *flags.shape[1:]), flags.dtype)])
